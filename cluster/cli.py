@@ -1,0 +1,275 @@
+"""``vismem``: the command line, thin over the Python API.
+
+Every command prints progress as it goes; with ``--json`` its last line is one JSON object.
+Errors print one line naming what was wrong and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+DESCRIPTION = """\
+vismem: a visual memory. An encoder trained on procedural images only (it never sees a real
+image) turns real images into vectors; the vectors live in a sharded FAISS memory; images are
+classified by k-nearest-neighbour search plus a vote, with the neighbours that made each answer.
+
+Storage arguments are fsspec URLs: a local path, file://, s3://bucket/prefix, memory://.
+Ray: a local Ray on 127.0.0.1 is started unless --address or RAY_ADDRESS names a cluster
+(under `ray job submit` the job joins its cluster by itself).
+"""
+
+EPILOG = """\
+examples:
+  vismem demo                                     # the whole pipeline on the bundled digits
+  vismem demo --train-minutes 10 --store s3://bucket/vismem
+  vismem encoder train --minutes 5 --out runs/enc1
+  vismem embed --collection s3://bucket/images --encoder runs/enc1/encoder --out s3://bucket/emb
+  vismem index build --embeddings s3://bucket/emb --memory s3://bucket/mem --shards 4
+  vismem serve --memory s3://bucket/mem --port 8000
+  vismem classify --url http://127.0.0.1:8000 --rule softmax cat.jpg dog.png
+"""
+
+
+def add_common(p: argparse.ArgumentParser, ray: bool = True) -> None:
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    if ray:
+        p.add_argument("--address", default=None,
+                       help="Ray cluster address (default: RAY_ADDRESS, else a local Ray on 127.0.0.1)")
+
+
+def parser() -> argparse.ArgumentParser:
+    from cluster.demo import DemoConfig
+    from encoder.config import PRESETS
+    from index.voting import RULES
+    from procdata.generators import GENERATORS
+
+    d = DemoConfig()
+    top = argparse.ArgumentParser(prog="vismem", description=DESCRIPTION, epilog=EPILOG,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = top.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    demo = sub.add_parser(
+        "demo", help="run the main job end to end on the embedded defaults",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Stream procedural images from Ray Train workers and train a small DINO ViT on them only; "
+                    "batch-embed the real images (scikit-learn's digits) with Ray Data; build a sharded FAISS "
+                    "memory; serve it with Ray Serve on 127.0.0.1; classify the held-out images through the router "
+                    "with four voting rules; print kNN accuracy for the procedural encoder, the same network "
+                    "untrained, and raw pixels; write an HTML report. Re-running reuses the trained encoder and "
+                    "embeddings under --store unless --fresh.")
+    demo.add_argument("--store", default=d.store, help="object store URL for every artefact (local folder or s3://)")
+    demo.add_argument("--train-minutes", type=float, default=d.train_minutes, help="training time budget")
+    demo.add_argument("--train-steps", type=int, default=None,
+                      help="stop training after this many steps (reproducible runs; the time budget still applies)")
+    demo.add_argument("--preset", default=d.preset, choices=sorted(PRESETS), help="encoder and DINO recipe")
+    demo.add_argument("--workers", type=int, default=d.workers, help="Ray Train workers (processes) for training")
+    demo.add_argument("--generators", default=",".join(d.generators),
+                      help=f"comma-separated procedural generators, from: {', '.join(GENERATORS)}")
+    demo.add_argument("--seed", type=int, default=d.seed, help="seed of data, initialisation and split")
+    demo.add_argument("--shards", type=int, default=d.shards, help="number of FAISS shards in the memory")
+    demo.add_argument("-k", type=int, default=d.k, help="neighbours per query")
+    demo.add_argument("--port", type=int, default=d.port, help="HTTP port of the router on 127.0.0.1 (0: a free port)")
+    demo.add_argument("--fresh", action="store_true", help="retrain and re-embed even if outputs exist in --store")
+    add_common(demo)
+
+    enc = sub.add_parser("encoder", help="train encoders").add_subparsers(dest="action", metavar="ACTION", required=True)
+    train = enc.add_parser("train", help="DINO on procedural data in Ray Train (resumes from the last checkpoint)",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    train.add_argument("--preset", default="tiny-cpu", choices=sorted(PRESETS), help="encoder and DINO recipe")
+    train.add_argument("--out", required=True, help="URL for checkpoints; the encoder is exported to OUT/encoder")
+    train.add_argument("--workers", type=int, default=None, help="Ray Train workers (default: the preset's)")
+    train.add_argument("--gpus", action="store_true", help="one GPU per worker, NCCL")
+    train.add_argument("--data", default=None, help="comma-separated generators (default: the preset's)")
+    train.add_argument("--max-minutes", type=float, default=None, help="time budget (default: the preset's)")
+    train.add_argument("--max-steps", type=int, default=None, help="step budget (default: the preset's)")
+    train.add_argument("--seed", type=int, default=None, help="seed (default: 0)")
+    add_common(train)
+
+    embed = sub.add_parser("embed", help="embed a real image collection into Parquet with Ray Data (resumable)",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    embed.add_argument("--collection", required=True,
+                       help="folder tree ROOT/<label>/<image> or Parquet with an 'image' column, any fsspec URL")
+    embed.add_argument("--encoder", required=True,
+                       help="encoder checkpoint URL, random-init:PRESET, or raw-pixels:SIZE")
+    embed.add_argument("--out", required=True, help="output URL: part-NNNNN.parquet per partition + errors.jsonl")
+    embed.add_argument("--partition-size", type=int, default=512, help="images per output file")
+    embed.add_argument("--concurrency", type=int, default=2, help="encoder actors in the pool")
+    add_common(embed)
+
+    idx = sub.add_parser("index", help="build memories").add_subparsers(dest="action", metavar="ACTION", required=True)
+    build = idx.add_parser("build", help="embedding Parquet → sharded FAISS memory with a manifest",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    build.add_argument("--embeddings", required=True, help="URL written by `vismem embed`")
+    build.add_argument("--memory", required=True, help="memory root URL (a new version if one exists)")
+    build.add_argument("--shards", type=int, default=2, help="number of shards")
+    build.add_argument("--factory", default=None,
+                       help="FAISS factory string (default: Flat below 100k vectors, IVF-PQ above)")
+    add_common(build, ray=False)
+
+    mem = sub.add_parser("memory", help="inspect memories").add_subparsers(dest="action", metavar="ACTION", required=True)
+    info = mem.add_parser("info", help="what a memory holds: version, count, encoder, shards")
+    info.add_argument("--memory", required=True, help="memory root URL")
+    info.add_argument("--version", type=int, default=None, help="a past version (default: current)")
+    add_common(info, ray=False)
+
+    serve = sub.add_parser("serve", help="serve a memory over HTTP with Ray Serve (until Ctrl-C)",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    serve.add_argument("--memory", required=True, help="memory root URL")
+    serve.add_argument("--host", default="127.0.0.1", help="HTTP bind address")
+    serve.add_argument("--port", type=int, default=8000, help="HTTP port")
+    serve.add_argument("--replicas", type=int, default=1, help="replicas per shard searcher")
+    serve.add_argument("--shard-timeout", type=float, default=10.0, help="seconds before a shard counts as failed")
+    add_common(serve)
+
+    for name, what in (("classify", "classify images through a running router"),
+                       ("query", "nearest neighbours of images through a running router")):
+        q = sub.add_parser(name, help=what, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        q.add_argument("images", nargs="+", help="image files (any fsspec URL)")
+        q.add_argument("--url", default="http://127.0.0.1:8000", help="router base URL")
+        q.add_argument("-k", type=int, default=10, help="neighbours per query")
+        if name == "classify":
+            q.add_argument("--rule", default="plurality", choices=RULES, help="voting rule")
+        add_common(q, ray=False)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr)
+    try:
+        result = COMMANDS[(args.command, getattr(args, "action", None))](args)
+    except KeyboardInterrupt:
+        print("vismem: interrupted", file=sys.stderr)
+        return 130
+    except (FileNotFoundError, ValueError, PermissionError, TimeoutError, RuntimeError, OSError) as e:
+        print(f"vismem {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result, default=str))
+    return 0
+
+
+def cmd_demo(args) -> dict:
+    from cluster.demo import DemoConfig, run_demo
+    cfg = DemoConfig(store=args.store, train_minutes=args.train_minutes, train_steps=args.train_steps,
+                     preset=args.preset, workers=args.workers, generators=tuple(args.generators.split(",")),
+                     seed=args.seed, shards=args.shards, k=args.k, port=args.port, address=args.address,
+                     fresh=args.fresh)
+    validate_demo(cfg)
+    return run_demo(cfg)
+
+
+def validate_demo(cfg) -> None:
+    """Bad options fail before Ray starts."""
+    from encoder.config import preset
+    from procdata.generators import get_generator
+    for name in cfg.generators:
+        get_generator(name)
+    preset(cfg.preset)
+    for field in ("workers", "shards", "k"):
+        if getattr(cfg, field) <= 0:
+            raise ValueError(f"--{field} must be positive")
+    if cfg.train_minutes <= 0:
+        raise ValueError("--train-minutes must be positive")
+
+
+def cmd_train(args) -> dict:
+    from cluster.runtime import init_ray, shutdown
+    from encoder.config import preset
+    from encoder.train import train
+    cfg = preset(args.preset, workers=args.workers, use_gpu=True if args.gpus else None,
+                 generators=tuple(args.data.split(",")) if args.data else None, max_minutes=args.max_minutes,
+                 max_steps=args.max_steps, seed=args.seed)
+    init_ray(args.address)
+    try:
+        url = train(cfg, args.out)
+    finally:
+        shutdown()
+    print(f"encoder: {url}")
+    return {"encoder": url}
+
+
+def cmd_embed(args) -> dict:
+    from dataclasses import asdict
+
+    from cluster.runtime import init_ray, shutdown
+    from index.embed_job import embed_collection
+    init_ray(args.address)
+    try:
+        summary = embed_collection(args.collection, args.encoder, args.out, args.partition_size, args.concurrency)
+    finally:
+        shutdown()
+    print(f"{summary.images} vectors in {summary.partitions} partitions at {summary.out}; {summary.errors} unreadable")
+    return asdict(summary)
+
+
+def cmd_build(args) -> dict:
+    from dataclasses import asdict
+
+    from index.build import build_memory
+    manifest = build_memory(args.embeddings, args.memory, args.shards, args.factory)
+    print(f"memory {args.memory}: version {manifest.version}, {manifest.count} vectors, {manifest.factory}, "
+          f"shards {[s.count for s in manifest.shards]}")
+    return asdict(manifest)
+
+
+def cmd_info(args) -> dict:
+    from dataclasses import asdict
+
+    from index.manifest import list_versions, read_manifest
+    m = read_manifest(args.memory, args.version)
+    print(f"memory {args.memory}, version {m.version} (versions {list_versions(args.memory)})\n"
+          f"  {m.count} vectors of dim {m.dim}, {m.metric}, {m.factory}\n  encoder {m.encoder['name']}\n"
+          f"  shards: {[s.count for s in m.shards]}")
+    return asdict(m)
+
+
+def cmd_serve(args) -> dict:
+    import time
+
+    from cluster.runtime import init_ray, shutdown
+    from index.serve import start
+    init_ray(args.address)
+    try:
+        start(args.memory, host=args.host, port=args.port, replicas=args.replicas, shard_timeout_s=args.shard_timeout)
+        print(f"serving {args.memory} on http://{args.host}:{args.port} (POST /classify, /search; GET /info, /docs); "
+              "Ctrl-C to stop", flush=True)
+        while True:
+            time.sleep(3600)
+    finally:
+        shutdown()
+
+
+def cmd_client(args) -> dict:
+    import base64
+
+    import fsspec
+
+    from cluster.demo import post
+    images = []
+    for uri in args.images:
+        with fsspec.open(uri, "rb") as f:
+            images.append(base64.b64encode(f.read()).decode())
+    body = {"images": images, "k": args.k}
+    if args.command == "classify":
+        body["rule"] = args.rule
+    answer = post(f"{args.url.rstrip('/')}/{args.command if args.command == 'classify' else 'search'}", body)
+    for uri, result in zip(args.images, answer["results"]):
+        head = f"{uri}: {result['decision']}" if "decision" in result else f"{uri}:"
+        print(head + ("  (PARTIAL: shards %s missing)" % answer["missing_shards"] if answer["partial"] else ""))
+        for n in result["neighbours"]:
+            print(f"    {n['similarity']:.3f}  {n['label']!s:12s} {n['uri']}" + (f"  w={n['weight']:.3g}" if "weight" in n else ""))
+    return answer
+
+
+COMMANDS = {("demo", None): cmd_demo, ("encoder", "train"): cmd_train, ("embed", None): cmd_embed,
+            ("index", "build"): cmd_build, ("memory", "info"): cmd_info, ("serve", None): cmd_serve,
+            ("classify", None): cmd_client, ("query", None): cmd_client}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""The main job, end to end: procedural data → DINO encoder → Ray Data embedding → sharded
+FAISS memory → Ray Serve router → kNN classification of held-out real images → report.
+
+Runs on the embedded defaults (local Ray on 127.0.0.1, a local folder as the object store,
+scikit-learn's bundled digits as the real images) and, unchanged, as a Ray job on a cluster with
+``--store s3://...``.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import logging
+import os
+import socket
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+
+import fsspec
+import numpy as np
+
+log = logging.getLogger("vismem.demo")
+RULES = ("plurality", "distance", "softmax", "rank")
+
+
+@dataclass
+class DemoConfig:
+    store: str = "vismem-demo"              # fsspec URL of the object store (a local folder by default)
+    train_minutes: float = 3.0
+    train_steps: int | None = None          # stop after this many steps (for reproducible runs)
+    preset: str = "tiny-cpu"
+    workers: int = 2
+    generators: tuple[str, ...] = ("kml_mixup", "shader", "dead_leaves")
+    seed: int = 0
+    shards: int = 2
+    k: int = 10
+    port: int = 0                           # 0: a free port
+    report_examples: int = 12
+    address: str | None = None              # Ray cluster address; None: local Ray (or RAY_ADDRESS)
+    fresh: bool = False                     # retrain and re-embed even if outputs exist
+
+
+class Stages:
+    """Prints numbered stage banners with elapsed times (the CLI's progress skeleton)."""
+
+    def __init__(self, total: int, echo=print):
+        self.total, self.n, self.echo, self.start = total, 0, echo, time.time()
+        self.times: dict[str, float] = {}
+
+    def __call__(self, title: str):
+        stages = self
+
+        class Stage:
+            def __enter__(self):
+                stages.n += 1
+                self.t = time.time()
+                stages.echo(f"\n[{stages.n}/{stages.total}] {title}  (t+{time.time() - stages.start:.0f}s)")
+                return self
+
+            def __exit__(self, *exc):
+                if exc[0] is None:
+                    stages.times[title] = round(time.time() - self.t, 1)
+                    stages.echo(f"      done in {time.time() - self.t:.1f}s")
+
+        return Stage()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(url: str, body: dict, timeout: float = 120) -> dict:
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.load(response)
+    except urllib.error.HTTPError as e:
+        raise RuntimeError(f"{url} answered {e.code}: {e.read().decode(errors='replace')[:500]}") from None
+
+
+def wait_ready(url: str, timeout: float = 120) -> dict:
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return json.load(response)
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            if time.time() > deadline:
+                raise TimeoutError(f"the router at {url} did not answer within {timeout}s") from None
+            time.sleep(0.5)
+
+
+def read_labels(embeddings_url: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    from index.embed_job import embedding_matrix, read_embeddings
+    table = read_embeddings(embeddings_url)
+    return embedding_matrix(table), np.array(table.column("label").to_pylist(), dtype=object), table.column("uri").to_pylist()
+
+
+def classify_over_http(base: str, query_uris: list[str], k: int, rule: str, batch: int = 64) -> list[dict]:
+    results = []
+    for start in range(0, len(query_uris), batch):
+        images = []
+        for uri in query_uris[start:start + batch]:
+            with fsspec.open(uri, "rb") as f:
+                images.append(base64.b64encode(f.read()).decode())
+        answer = post(f"{base}/classify", {"images": images, "k": k, "rule": rule})
+        if answer["partial"]:
+            raise RuntimeError(f"shards {answer['missing_shards']} did not answer; the accuracy would be wrong")
+        results.extend(answer["results"])
+    return results
+
+
+def run_demo(cfg: DemoConfig, echo=print) -> dict:
+    """Run every stage; return ``{"accuracy": {...}, "report": url, ...}``."""
+    import ray
+
+    from cluster.runtime import init_ray, shutdown
+    from encoder.config import preset
+    from encoder.train import train
+    from eval.datasets import write_digits
+    from eval.knn import knn_accuracy
+    from eval.report import write_report
+    from index.build import build_memory
+    from index.embed_job import embed_collection
+    from index.serve import start
+
+    store = cfg.store.rstrip("/")
+    if "://" not in store:
+        store = os.path.abspath(store)
+    fs, _ = fsspec.core.url_to_fs(store)
+    stages = Stages(7, echo)
+    owns_ray = not ray.is_initialized()          # shut down only the Ray this run started
+    try:
+        with stages("start Ray"):
+            init_ray(cfg.address)
+            echo(f"      resources: {ray.cluster_resources()}")
+
+        with stages("write the real images (scikit-learn digits) to the object store"):
+            digits = write_digits(f"{store}/collections/digits")
+            echo(f"      {digits['counts']['memory']} memory images at {digits['memory']}, "
+                 f"{digits['counts']['queries']} held-out queries at {digits['queries']}")
+
+        encoder_url = f"{store}/runs/demo/encoder"
+        with stages(f"train DINO on procedural images only ({', '.join(cfg.generators)}), "
+                    f"{cfg.workers} Ray Train workers, {cfg.train_steps or 'no'} step limit, {cfg.train_minutes} min"):
+            if cfg.fresh or not fs.exists(f"{encoder_url}/config.json"):
+                if cfg.fresh and fs.exists(f"{store}/runs/demo"):
+                    fs.rm(f"{store}/runs/demo", recursive=True)
+                tcfg = preset(cfg.preset, generators=tuple(cfg.generators), seed=cfg.seed, workers=cfg.workers,
+                              max_minutes=cfg.train_minutes, max_steps=cfg.train_steps or 10**9)
+                encoder_url = train(tcfg, f"{store}/runs/demo")
+            else:
+                echo(f"      reusing {encoder_url} (pass --fresh to retrain)")
+            with fsspec.open(f"{encoder_url}/provenance.json") as f:
+                provenance = json.load(f)
+            echo(f"      encoder {encoder_url}: {provenance['steps']} steps, {provenance['images_seen']} procedural images")
+
+        specs = {"procedural": encoder_url, "random_init": f"random-init:{cfg.preset}:{cfg.seed}",
+                 "raw_pixels": f"raw-pixels:{preset(cfg.preset).arch.img_size}"}
+        embeddings = {}
+        with stages("batch-embed the real images with Ray Data (encoder actor pool), 3 encoders"):
+            for name, spec in specs.items():
+                for split in ("memory", "queries"):
+                    out = f"{store}/embeddings/{name}/{split}"
+                    if cfg.fresh and fs.exists(out):
+                        fs.rm(out, recursive=True)
+                    summary = embed_collection(digits[split], spec, out, partition_size=256)
+                    embeddings[name, split] = out
+                    echo(f"      {name:11s} {split:7s}: {summary.images} vectors (d={summary.dim}), "
+                         f"{summary.computed}/{summary.partitions} partitions computed, {summary.errors} unreadable")
+
+        memory_url = f"{store}/memory"
+        with stages(f"build the memory: {cfg.shards} FAISS shards + manifest"):
+            if fs.exists(memory_url):
+                fs.rm(memory_url, recursive=True)
+            manifest = build_memory(embeddings["procedural", "memory"], memory_url, cfg.shards)
+            echo(f"      {memory_url}: version {manifest.version}, {manifest.count} vectors, {manifest.factory}, "
+                 f"shards {[s.count for s in manifest.shards]}")
+
+        port = cfg.port or free_port()
+        base = f"http://127.0.0.1:{port}"
+        accuracy: dict[str, dict[str, float]] = {}
+        with stages(f"serve the memory (Ray Serve router + {cfg.shards} shard searchers on {base}) and classify "
+                    f"the held-out images through it"):
+            start(memory_url, host="127.0.0.1", port=port)
+            info = wait_ready(f"{base}/info")
+            echo(f"      router up: {info['count']} vectors in shards {info['shards']}")
+            _, query_labels, query_uris = read_labels(embeddings["procedural", "queries"])
+            served: dict[str, list[dict]] = {}
+            for rule in RULES:
+                served[rule] = classify_over_http(base, query_uris, cfg.k, rule)
+            accuracy["procedural"] = {rule: float(np.mean([r["decision"] == t for r, t in zip(served[rule], query_labels)]))
+                                      for rule in RULES}
+
+        with stages("baselines (same kNN, same votes) and the report"):
+            for name in ("random_init", "raw_pixels"):
+                mem, mem_labels, _ = read_labels(embeddings[name, "memory"])
+                qry, qry_labels, _ = read_labels(embeddings[name, "queries"])
+                accuracy[name] = knn_accuracy(mem, mem_labels, qry, qry_labels, cfg.k)
+            mem, mem_labels, _ = read_labels(embeddings["procedural", "memory"])
+            qry, qry_labels, _ = read_labels(embeddings["procedural", "queries"])
+            local = knn_accuracy(mem, mem_labels, qry, qry_labels, cfg.k)
+            if any(abs(local[r] - accuracy["procedural"][r]) > 1e-9 for r in RULES):
+                log.warning("served accuracy %s differs from in-process kNN %s", accuracy["procedural"], local)
+            picks = np.random.default_rng(cfg.seed).choice(len(query_uris), min(cfg.report_examples, len(query_uris)),
+                                                          replace=False)
+            examples = [{"query_uri": query_uris[i], "truth": query_labels[i], "rule": "softmax",
+                         **{key: served["softmax"][i][key] for key in ("decision", "neighbours")}} for i in picks]
+            report = write_report(f"{store}/report.html", "vismem demo: procedural perception, explicit memory",
+                                  accuracy, examples, {"encoder": encoder_url, "memory": memory_url, "k": cfg.k,
+                                                       "trained on": f"{provenance['images_seen']} procedural images "
+                                                                     f"({', '.join(provenance['generators'])}), no real data"})
+    finally:
+        shutdown(ray_too=owns_ray)
+    echo("\nkNN top-1 on held-out digits (k=%d)" % cfg.k)
+    echo(f"  {'encoder':12s}" + "".join(f"{r:>11s}" for r in RULES))
+    for name, acc in accuracy.items():
+        echo(f"  {name:12s}" + "".join(f"{100 * acc[r]:10.1f}%" for r in RULES))
+    echo(f"\nreport: {report}")
+    return {"accuracy": accuracy, "report": report, "encoder": encoder_url, "memory": memory_url,
+            "stage_seconds": stages.times, "config": dataclasses.asdict(cfg)}

@@ -1,0 +1,5 @@
+"""encoder: DINO self-supervised training on procedural images, and the Encoder that embeds."""
+
+from encoder.embed import Encoder
+
+__all__ = ["Encoder"]

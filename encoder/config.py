@@ -1,0 +1,121 @@
+"""Encoder and DINO training configuration: one dataclass, named presets, laptop defaults.
+
+``tiny-cpu`` is what trains in minutes on two CPU cores; ``vit-s16`` is the source paper's recipe
+(DINO ViT-S/16, 224 px, 2×224 + 8×96 crops, output dimension 65536).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ArchConfig:
+    """What ``config.json`` of an encoder checkpoint holds: enough to rebuild the backbone."""
+
+    arch: str = "vit"
+    img_size: int = 32
+    patch_size: int = 4
+    embed_dim: int = 192
+    depth: int = 4
+    num_heads: int = 3
+    mlp_ratio: float = 4.0
+    crop_ratio: float = 1.0          # resize to img_size / crop_ratio, then centre-crop img_size
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.25, 0.25, 0.25)
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "config") -> "ArchConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        missing = [name for name in ("img_size", "patch_size", "embed_dim", "depth", "num_heads") if name not in data]
+        if missing:
+            raise ValueError(f"{source}: missing field(s) {', '.join(missing)}; is this a vismem encoder checkpoint?")
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown field(s) {', '.join(unknown)}")
+        cfg = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        if cfg.img_size % cfg.patch_size:
+            raise ValueError(f"{source}: img_size {cfg.img_size} is not a multiple of patch_size {cfg.patch_size}")
+        if cfg.embed_dim % cfg.num_heads:
+            raise ValueError(f"{source}: embed_dim {cfg.embed_dim} is not a multiple of num_heads {cfg.num_heads}")
+        return cfg
+
+
+@dataclass
+class TrainConfig:
+    """DINO on procedural data. Schedules run over ``progress`` in [0, 1]: the larger of
+    step / max_steps and elapsed / (max_minutes), so a time-budgeted run still anneals fully."""
+
+    preset: str = "tiny-cpu"
+    arch: ArchConfig = field(default_factory=ArchConfig)
+    # data
+    generators: tuple[str, ...] = ("kml_mixup", "shader", "dead_leaves")
+    seed: int = 0
+    batch_size: int = 64                 # per worker
+    # budget: whichever comes first
+    max_steps: int = 100_000
+    max_minutes: float | None = 3.0
+    # DINO
+    out_dim: int = 4096
+    head_hidden: int = 512
+    head_bottleneck: int = 128
+    global_crop_scale: tuple[float, float] = (0.4, 1.0)
+    local_crops: int = 4
+    local_size: int = 16
+    local_crop_scale: tuple[float, float] = (0.1, 0.4)
+    student_temp: float = 0.1
+    teacher_temp: float = 0.04
+    warmup_teacher_temp: float = 0.04
+    teacher_temp_warmup: float = 0.3     # fraction of the run
+    center_momentum: float = 0.9
+    momentum_teacher: float = 0.996
+    # optimisation
+    lr: float = 5e-4                     # at batch 256; scaled by global batch / 256
+    min_lr: float = 1e-6
+    warmup: float = 0.1                  # fraction of the run
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    clip_grad: float = 3.0
+    freeze_last_layer: float = 0.05      # fraction of the run
+    # runtime
+    workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    checkpoint_every: int = 200
+    log_every: int = 20
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        data = dict(data)
+        arch = ArchConfig.from_dict(data.pop("arch"), "train config")
+        return cls(arch=arch, **{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+PRESETS: dict[str, TrainConfig] = {
+    "tiny-cpu": TrainConfig(),
+    "vit-t16": TrainConfig(
+        preset="vit-t16",
+        arch=ArchConfig(img_size=224, patch_size=16, embed_dim=192, depth=12, num_heads=3,
+                        crop_ratio=224 / 256, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
+        out_dim=65536, head_hidden=2048, head_bottleneck=256, local_crops=8, local_size=96,
+        local_crop_scale=(0.05, 0.4), batch_size=64, max_minutes=None, use_gpu=True,
+        checkpoint_every=1000, log_every=50, warmup_teacher_temp=0.04, teacher_temp=0.04),
+    "vit-s16": TrainConfig(
+        preset="vit-s16",
+        arch=ArchConfig(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6,
+                        crop_ratio=224 / 256, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
+        out_dim=65536, head_hidden=2048, head_bottleneck=256, local_crops=8, local_size=96,
+        local_crop_scale=(0.05, 0.4), batch_size=64, max_minutes=None, use_gpu=True,
+        checkpoint_every=1000, log_every=50, freeze_last_layer=0.01),
+}
+
+
+def preset(name: str, **overrides) -> TrainConfig:
+    """A copy of preset ``name`` with ``overrides`` (None values are ignored)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return dataclasses.replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})

@@ -1,0 +1,196 @@
+"""DINO training on procedural data in Ray Train's TorchTrainer (gloo on CPU, NCCL on GPUs).
+
+Every worker streams its own procedural batches (procdata.stream), so no data moves between
+processes. Rank 0 decides when to stop (step or time budget) and broadcasts it, so all workers
+take the same number of steps. Checkpoints are Ray Train checkpoints on any fsspec URL; a
+restarted run (or one with ``--resume``) continues from the latest.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import tempfile
+import time
+
+import fsspec
+import pyarrow.fs
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+from ray.train.torch import TorchTrainer
+
+from encoder.augment import multi_crop
+from encoder.backbone import build_backbone
+from encoder.checkpoint import CONFIG, PROVENANCE, WEIGHTS, load_train_state, save_train_state, write_artifact
+from encoder.config import TrainConfig
+from encoder.dino import DINOHead, DINOLoss, MultiCropWrapper, cosine, ema_update, param_groups
+from procdata.stream import ProceduralStream, StreamConfig
+
+log = logging.getLogger("vismem.encoder.train")
+
+
+def provenance(cfg: TrainConfig, images_seen: int, steps: int) -> dict:
+    """What the encoder was trained on: generators and seeds only, never real data."""
+    return {"data": "procedural only", "generators": list(cfg.generators), "seed": cfg.seed,
+            "per_worker_seed_layout": "image index = ((epoch*steps_per_epoch + step)*workers + rank)*batch + i",
+            "workers": cfg.workers, "batch_size_per_worker": cfg.batch_size, "steps": steps,
+            "images_seen": images_seen, "preset": cfg.preset, "method": "DINO"}
+
+
+def train_loop_per_worker(config: dict) -> None:
+    cfg = TrainConfig.from_dict(config)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    torch.manual_seed(cfg.seed)                      # same initial weights on every worker
+
+    n_crops = 2 + cfg.local_crops
+    student = MultiCropWrapper(build_backbone(cfg.arch), DINOHead(cfg.arch.embed_dim, cfg.out_dim, cfg.head_hidden,
+                                                                  cfg.head_bottleneck))
+    teacher = copy.deepcopy(student)
+    for p in teacher.parameters():
+        p.requires_grad = False
+    loss_fn = DINOLoss(cfg.out_dim, n_crops, cfg.student_temp, cfg.center_momentum).to(device)
+    optimizer = torch.optim.AdamW(param_groups(student))
+    step, elapsed, images_seen = 0, 0.0, 0
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state = load_train_state(d)
+        student.load_state_dict(state["student"])
+        teacher.load_state_dict(state["teacher"])
+        optimizer.load_state_dict(state["optimizer"])
+        loss_fn.center.copy_(state["center"].to(device))
+        step, elapsed, images_seen = state["step"], state["elapsed"], state["images_seen"]
+        if rank == 0:
+            log.info("resumed from step %d (%.1f min in)", step, elapsed / 60)
+    teacher.to(device)
+    student = ray.train.torch.prepare_model(student)
+    student_module = student.module if hasattr(student, "module") else student
+
+    stream = ProceduralStream(StreamConfig(cfg.generators, cfg.seed, cfg.arch.img_size, cfg.batch_size,
+                                           steps_per_epoch=10_000), rank, world, str(device))
+    aug_rng = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+    lr_peak = cfg.lr * cfg.batch_size * world / 256
+    use_amp = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda") if use_amp else None
+    window = {"start": time.time(), "data": 0.0, "images": 0}
+    started = time.time() - elapsed
+
+    while True:
+        progress = max(step / cfg.max_steps if cfg.max_steps > 0 else 1.0,
+                       (time.time() - started) / 60 / cfg.max_minutes if cfg.max_minutes else 0.0)
+        flag = torch.tensor([progress], device=device)
+        if dist.is_initialized():
+            dist.broadcast(flag, 0)                    # rank 0's clock decides for everyone
+        progress = float(flag)
+        if progress >= 1.0:
+            break
+        t0 = time.time()
+        images = stream.batch(step // 10_000, step % 10_000)[1]
+        crops = multi_crop(images, cfg.arch.img_size, cfg.global_crop_scale, cfg.local_size, cfg.local_crop_scale,
+                           cfg.local_crops, cfg.arch.mean, cfg.arch.std, aug_rng)
+        window["data"] += time.time() - t0
+
+        lr = cosine(progress, lr_peak, cfg.min_lr, cfg.warmup)
+        optimizer.param_groups[0]["lr"] = optimizer.param_groups[1]["lr"] = lr
+        optimizer.param_groups[0]["weight_decay"] = cosine(progress, cfg.weight_decay, cfg.weight_decay_end)
+        teacher_temp = (cosine(progress / cfg.teacher_temp_warmup, cfg.teacher_temp, cfg.teacher_temp, 1.0,
+                               cfg.warmup_teacher_temp) if cfg.teacher_temp_warmup > 0 else cfg.teacher_temp)
+        with torch.autocast(device.type, enabled=use_amp):
+            teacher_out = teacher(crops[:2])
+            student_out = student(crops)
+            loss = loss_fn(student_out, teacher_out, teacher_temp)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"DINO loss is {loss.item()} at step {step}; lower the learning rate")
+        optimizer.zero_grad(set_to_none=True)
+        if scaler:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.clip_grad)
+        if progress < cfg.freeze_last_layer:
+            for p in student_module.head.last_layer.parameters():
+                p.grad = None
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        ema_update(teacher, student_module, cosine(progress, cfg.momentum_teacher, 1.0))
+        step += 1
+        images_seen += cfg.batch_size * world
+        window["images"] += cfg.batch_size * world
+
+        if step % cfg.log_every == 0:
+            seconds = time.time() - window["start"]
+            metrics = {"step": step, "loss": loss.item(), "lr": lr, "progress": progress,
+                       "images_per_s": window["images"] / seconds, "data_share": window["data"] / seconds}
+            if rank == 0:
+                log.info("step %d loss %.4f lr %.2e %.0f img/s data %.0f%% progress %.0f%%", step, metrics["loss"], lr,
+                         metrics["images_per_s"], 100 * metrics["data_share"], 100 * progress)
+            window = {"start": time.time(), "data": 0.0, "images": 0}
+        if step % cfg.checkpoint_every == 0:
+            report(cfg, rank, step, time.time() - started, images_seen, student_module, teacher, optimizer, loss_fn,
+                   {"step": step, "loss": loss.item()})
+    report(cfg, rank, step, time.time() - started, images_seen, student_module, teacher, optimizer, loss_fn,
+           {"step": step, "loss": float("nan") if step == 0 else loss.item(), "final": True})
+
+
+def report(cfg, rank, step, elapsed, images_seen, student, teacher, optimizer, loss_fn, metrics) -> None:
+    """Every worker reports; rank 0 attaches the checkpoint (an encoder artifact + train state)."""
+    with tempfile.TemporaryDirectory() as d:
+        checkpoint = None
+        if rank == 0:
+            write_artifact(d, teacher.backbone.state_dict(), cfg.arch, provenance(cfg, images_seen, step))
+            save_train_state(d, {"student": student.state_dict(), "teacher": teacher.state_dict(),
+                                 "optimizer": optimizer.state_dict(), "center": loss_fn.center.cpu(),
+                                 "step": step, "elapsed": elapsed, "images_seen": images_seen})
+            checkpoint = ray.train.Checkpoint.from_directory(d)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def storage_for(url: str) -> tuple[str, pyarrow.fs.FileSystem]:
+    """(path, pyarrow filesystem) for an fsspec URL, as Ray Train's RunConfig takes them."""
+    fs, path = fsspec.core.url_to_fs(url)
+    if fs.protocol in ("file", ("file", "local")) or "file" in fs.protocol:
+        path = os.path.abspath(path)
+        os.makedirs(path, exist_ok=True)
+    return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+
+
+def train(cfg: TrainConfig, out_url: str, name: str = "dino", max_failures: int = 1) -> str:
+    """Run DINO training; return the URL of the exported encoder (``out_url/encoder``)."""
+    storage_path, storage_fs = storage_for(out_url)
+    trainer = TorchTrainer(
+        train_loop_per_worker, train_loop_config=cfg.to_dict(),
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
+                                               resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage_path, storage_filesystem=storage_fs,
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)))
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training under {out_url}/{name} produced no checkpoint")
+    return export(result.checkpoint, out_url.rstrip("/") + "/encoder")
+
+
+def export(checkpoint: ray.train.Checkpoint, url: str) -> str:
+    """Copy the encoder artifact (not the train state) of ``checkpoint`` to ``url``; pointer-last."""
+    fs, path = fsspec.core.url_to_fs(url)
+    with checkpoint.as_directory() as d:
+        fs.makedirs(path, exist_ok=True)
+        for name in (WEIGHTS, PROVENANCE, CONFIG):            # config last: it marks completeness
+            fs.put_file(os.path.join(d, name), f"{path}/{name}")
+        with open(os.path.join(d, PROVENANCE)) as f:
+            log.info("exported encoder to %s (%s)", url, json.load(f).get("images_seen"))
+    return url

@@ -1,0 +1,268 @@
+"""Procedural image generators: batched torch functions of (seed, indices, size, device).
+
+Every generator draws its per-image parameters from a random stream seeded by
+``(generator, seed, index)`` alone, then renders the whole batch at once. So one image's pixels
+depend only on its own ``(seed, index)``: the same image comes out whatever batch it is generated
+in, in any process, on the same device type. Images are uint8 tensors ``[n, 3, size, size]``.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+Generator = Callable[..., torch.Tensor]
+GENERATORS: dict[str, Generator] = {}
+
+
+def register(name: str):
+    def wrap(fn: Generator) -> Generator:
+        GENERATORS[name] = fn
+        fn.generator_name = name
+        return fn
+
+    return wrap
+
+
+def get_generator(name: str) -> Generator:
+    if name not in GENERATORS:
+        raise ValueError(f"unknown generator {name!r}; choose one of: {', '.join(sorted(GENERATORS))}")
+    return GENERATORS[name]
+
+
+def generate(name: str, seed: int, indices: Sequence[int] | torch.Tensor, size: int = 32,
+             device: str | torch.device = "cpu") -> torch.Tensor:
+    """Images ``indices`` of generator ``name`` under ``seed``: uint8 ``[n, 3, size, size]``."""
+    if size <= 0:
+        raise ValueError(f"image size must be positive, got {size}")
+    indices = [int(i) for i in indices]
+    if any(i < 0 for i in indices):
+        raise ValueError("image indices must be non-negative")
+    return get_generator(name)(seed, indices, size, torch.device(device))
+
+
+def image_rngs(name: str, seed: int, indices: Sequence[int]) -> list[torch.Generator]:
+    """One CPU torch.Generator per image, seeded from (generator name, seed, index) only."""
+    tag = zlib.crc32(name.encode())
+    rngs = []
+    for index in indices:
+        state = np.random.SeedSequence([tag, int(seed) & 0xFFFFFFFF, int(seed) >> 32, int(index)])
+        rngs.append(torch.Generator().manual_seed(int(state.generate_state(1, np.uint64)[0] >> 1)))
+    return rngs
+
+
+def per_image(rngs: list[torch.Generator], shape: Sequence[int] = (), low: float = 0.0,
+              high: float = 1.0) -> torch.Tensor:
+    """Uniform draws of ``shape`` for every image, stacked to ``[n, *shape]`` (CPU, float32)."""
+    return torch.stack([torch.rand(tuple(shape), generator=g) for g in rngs]) * (high - low) + low
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    return (images.clamp(0, 1) * 255 + 0.5).to(torch.uint8)
+
+
+def pixel_grid(size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixel-centre coordinates in [0, 1), as ``[1, 1, size, size]`` y and x planes."""
+    axis = (torch.arange(size, device=device, dtype=torch.float32) + 0.5) / size
+    y, x = torch.meshgrid(axis, axis, indexing="ij")
+    return y[None, None], x[None, None]
+
+
+@register("dead_leaves")
+def dead_leaves(seed: int, indices: Sequence[int], size: int, device: torch.device,
+                shapes: int = 48, r_min: float = 0.03, r_max: float = 1.0, texture: float = 0.15) -> torch.Tensor:
+    """Occluding discs and rotated rectangles with radius density ∝ r⁻³ on [r_min, r_max]·size.
+
+    Shapes are painted back to front, so each pixel shows the last shape that covers it; the
+    radius law makes the image statistics scale-invariant, as in natural images.
+    """
+    rngs = image_rngs("dead_leaves", seed, indices)
+    n = len(indices)
+    u = per_image(rngs, (shapes, 8))
+    radius = inverse_cdf_power3(u[..., 0], r_min, r_max)              # [n, K], fraction of size
+    cy, cx = u[..., 1], u[..., 2]
+    angle = u[..., 3] * math.pi
+    aspect = 0.3 + 0.7 * u[..., 4]
+    is_disc = u[..., 5] < 0.5
+    colours = per_image(rngs, (shapes, 3))
+    background = per_image(rngs, (3,))
+    noise = torch.stack([torch.randn(3, size, size, generator=g) for g in rngs])
+
+    to = dict(device=device)
+    radius, cy, cx, angle, aspect, is_disc = (t.to(**to)[..., None, None]
+                                             for t in (radius, cy, cx, angle, aspect, is_disc))
+    y, x = pixel_grid(size, device)
+    dy, dx = y - cy, x - cx                                           # [n, K, S, S]
+    disc = dx * dx + dy * dy <= radius * radius
+    ry = (dx * torch.sin(angle) + dy * torch.cos(angle)).abs()
+    rx = (dx * torch.cos(angle) - dy * torch.sin(angle)).abs()
+    rect = (rx <= radius) & (ry <= radius * aspect)
+    covered = torch.where(is_disc, disc, rect)
+    # Topmost shape per pixel: the highest shape number that covers it (0 = background).
+    order = torch.arange(1, shapes + 1, device=device)[None, :, None, None]
+    top = (covered * order).amax(dim=1)                               # [n, S, S]
+    palette = torch.cat([background[:, None], colours], dim=1).to(device)  # [n, K+1, 3]
+    image = torch.gather(palette, 1, top.flatten(1)[..., None].expand(-1, -1, 3))
+    image = image.view(n, size, size, 3).permute(0, 3, 1, 2)
+    return to_uint8(image + texture * 0.25 * noise.to(device))
+
+
+def inverse_cdf_power3(u: torch.Tensor, r_min: float, r_max: float) -> torch.Tensor:
+    """Samples of the density p(r) ∝ r⁻³ on [r_min, r_max] from uniforms ``u``."""
+    a, b = r_min ** -2, r_max ** -2
+    return (a - u * (a - b)) ** -0.5
+
+
+@register("spectral")
+def spectral(seed: int, indices: Sequence[int], size: int, device: torch.device,
+             alpha_range: tuple[float, float] = (1.0, 3.0)) -> torch.Tensor:
+    """Colour noise with amplitude spectrum 1/f^α, α drawn per image from ``alpha_range``."""
+    rngs = image_rngs("spectral", seed, indices)
+    alpha = per_image(rngs, (), *alpha_range).to(device)
+    white = torch.stack([torch.randn(3, size, size, generator=g) for g in rngs]).to(device)
+    fy = torch.fft.fftfreq(size, device=device)[:, None]
+    fx = torch.fft.fftfreq(size, device=device)[None, :]
+    freq = torch.sqrt(fx * fx + fy * fy).clamp_min(1.0 / size)
+    amplitude = freq[None, None] ** -alpha[:, None, None, None]
+    field = torch.fft.ifft2(torch.fft.fft2(white) * amplitude).real
+    lo = field.amin(dim=(2, 3), keepdim=True)
+    hi = field.amax(dim=(2, 3), keepdim=True)
+    return to_uint8((field - lo) / (hi - lo + 1e-8))
+
+
+@register("shader")
+def shader(seed: int, indices: Sequence[int], size: int, device: torch.device, warps: int = 3,
+           waves: int = 4) -> torch.Tensor:
+    """Random shader-like programs: domain-warped periodic fields through a cosine palette.
+
+    Each image's program is drawn from a small grammar: a coordinate field (cartesian, polar or
+    radial), ``warps`` sine domain warps of random frequency and strength, a sum of ``waves``
+    oriented waves, a shaping op (identity, |·|, fract, smoothstep bands), and a palette
+    ``a + b·cos(2π(c·v + d))``. Ops are selected per image by one-hot weights so the batch stays
+    a single tensor program.
+    """
+    rngs = image_rngs("shader", seed, indices)
+    n = len(indices)
+    p = per_image(rngs, (64,)).to(device)
+    take = iter(range(64))
+
+    def nxt(low=0.0, high=1.0):
+        return (p[:, next(take)] * (high - low) + low)[:, None, None]
+
+    y, x = pixel_grid(size, device)
+    y, x = (y[0] - 0.5) * 2, (x[0] - 0.5) * 2                          # [1, S, S] in [-1, 1]
+    zoom, rot = nxt(0.5, 3.0), nxt(0, 2 * math.pi)
+    u = (x * torch.cos(rot) - y * torch.sin(rot)) * zoom
+    v = (x * torch.sin(rot) + y * torch.cos(rot)) * zoom
+    coord_kind = (nxt() * 3).long()
+    radius, theta = torch.sqrt(u * u + v * v), torch.atan2(v, u)
+    u, v = (torch.where(coord_kind == 1, radius, torch.where(coord_kind == 2, theta, u)),
+            torch.where(coord_kind == 1, theta * nxt(1, 4).round(), torch.where(coord_kind == 2, radius * 3, v)))
+    for _ in range(warps):
+        strength, freq, phase = nxt(0, 1.2), nxt(0.5, 6), nxt(0, 2 * math.pi)
+        u, v = u + strength * torch.sin(freq * v + phase), v + strength * torch.cos(freq * u - phase)
+    value = torch.zeros(n, size, size, device=device)
+    for _ in range(waves):
+        angle, freq, phase, weight = nxt(0, math.pi), nxt(1, 12), nxt(0, 2 * math.pi), nxt(0.2, 1)
+        value = value + weight * torch.sin(freq * (u * torch.cos(angle) + v * torch.sin(angle)) + phase)
+    value = value / waves
+    shape_kind = (nxt() * 4).long()
+    bands = nxt(2, 8)
+    value = torch.where(shape_kind == 1, value.abs() * 2 - 1,
+            torch.where(shape_kind == 2, torch.frac(value * bands) * 2 - 1,
+            torch.where(shape_kind == 3, torch.tanh(value * bands), value)))
+    a = torch.stack([nxt(0.3, 0.7) for _ in range(3)], 1)
+    b = torch.stack([nxt(0.2, 0.5) for _ in range(3)], 1)
+    c = torch.stack([nxt(0.3, 1.5) for _ in range(3)], 1)
+    d = torch.stack([nxt(0, 1) for _ in range(3)], 1)
+    image = a + b * torch.cos(2 * math.pi * (c * value[:, None] + d))
+    return to_uint8(image)
+
+
+DEFAULT_SOURCES = ("shader", "dead_leaves", "spectral")
+
+
+def child_seed(seed: int, slot: int) -> int:
+    """A seed for the ``slot``-th source image of a mixer, distinct from ``seed`` and other slots."""
+    return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(seed) >> 32, 7919, slot])
+               .generate_state(1, np.uint64)[0] >> 1)
+
+
+def mixed_sources(name: str, seed: int, indices: Sequence[int], size: int, device: torch.device,
+                  slots: int, sources: Sequence[str]) -> list[torch.Tensor]:
+    """``slots`` source batches for a mixer; each image picks each slot's generator at random."""
+    rngs = image_rngs(name, seed, indices)
+    choice = (per_image(rngs, (slots,)) * len(sources)).long().clamp_max(len(sources) - 1)
+    out = []
+    for slot in range(slots):
+        batch = torch.empty(len(indices), 3, size, size, dtype=torch.uint8, device=device)
+        for k, source in enumerate(sources):
+            rows = (choice[:, slot] == k).nonzero().flatten().tolist()
+            if rows:
+                batch[rows] = generate(source, child_seed(seed, slot), [indices[r] for r in rows], size, device)
+        out.append(batch)
+    return out
+
+
+def two_means_mask(images: torch.Tensor, iterations: int = 3) -> torch.Tensor:
+    """Soft mask in [0, 1] from 2-means clustering of each image's RGB pixels (the KML mask)."""
+    n = images.shape[0]
+    pixels = images.flatten(2).transpose(1, 2)                          # [n, P, 3]
+    brightness = pixels.mean(-1)
+    centres = torch.stack([pixels[torch.arange(n), brightness.argmin(1)],
+                           pixels[torch.arange(n), brightness.argmax(1)]], 1)  # [n, 2, 3]
+    for _ in range(iterations):
+        assign = torch.cdist(pixels, centres).argmin(-1)                 # [n, P]
+        for k in range(2):
+            member = (assign == k).float()[..., None]
+            count = member.sum(1)
+            centres[:, k] = torch.where(count > 0, (pixels * member).sum(1) / count.clamp_min(1), centres[:, k])
+    mask = (torch.cdist(pixels, centres).argmin(-1) == 1).float()
+    return mask.view(n, 1, *images.shape[2:])
+
+
+def blur3(mask: torch.Tensor) -> torch.Tensor:
+    return F.avg_pool2d(F.pad(mask, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+
+
+@register("kml")
+def kml(seed: int, indices: Sequence[int], size: int, device: torch.device,
+        sources: Sequence[str] = DEFAULT_SOURCES, mask_size: int = 256) -> torch.Tensor:
+    """K-means leaves: a 2-means mask of one image composites two others, ``a·m + b·(1−m)``.
+
+    As in the source paper: cluster the first image's RGB at ``mask_size`` (3 iterations), blur
+    the mask 3×3, resize it to the output size and blur again.
+    """
+    guide, a, b = (t.float() / 255 for t in mixed_sources("kml", seed, indices, size, device, 3, sources))
+    work = min(mask_size, size)
+    if work != size:
+        guide = F.interpolate(guide, size=(work, work), mode="bilinear", antialias=True, align_corners=False)
+    mask = blur3(two_means_mask(guide))
+    if work != size:
+        mask = F.interpolate(mask, size=(size, size), mode="bilinear", align_corners=False)
+    mask = blur3(mask)
+    return to_uint8(a * mask + b * (1 - mask))
+
+
+@register("kml_mixup")
+def kml_mixup(seed: int, indices: Sequence[int], size: int, device: torch.device,
+              sources: Sequence[str] = DEFAULT_SOURCES) -> torch.Tensor:
+    """The source paper's best data: the mean of two KML images."""
+    first = kml(child_seed(seed, 101), indices, size, device, sources=sources).float()
+    second = kml(child_seed(seed, 102), indices, size, device, sources=sources).float()
+    return ((first + second) / 2 + 0.5).to(torch.uint8)
+
+
+@register("mixup")
+def mixup(seed: int, indices: Sequence[int], size: int, device: torch.device, k: int = 3,
+          concentration: float = 1.0, sources: Sequence[str] = DEFAULT_SOURCES) -> torch.Tensor:
+    """Mix of ``k`` source images with Dirichlet(concentration) weights drawn per image."""
+    images = torch.stack([t.float() for t in mixed_sources("mixup", seed, indices, size, device, k, sources)], 1)
+    weights = torch.tensor(np.stack([np.random.default_rng(child_seed(seed, 1000 + i)).dirichlet([concentration] * k)
+                                     for i in indices]), dtype=torch.float32, device=device)
+    return ((images * weights[:, :, None, None, None]).sum(1) + 0.5).clamp(0, 255).to(torch.uint8)

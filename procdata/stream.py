@@ -1,0 +1,61 @@
+"""Streaming procedural data for training: batches generated on the fly, no storage.
+
+Each (worker, epoch) reads a disjoint, reproducible slice of one endless index space, so two
+Ray Train workers never see the same image and a resumed run regenerates exactly the batches it
+would have seen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from procdata.generators import generate, get_generator
+
+
+@dataclass
+class StreamConfig:
+    generators: tuple[str, ...] = ("kml_mixup", "shader", "dead_leaves")
+    seed: int = 0
+    size: int = 32
+    batch_size: int = 64
+    steps_per_epoch: int = 1000
+
+    def __post_init__(self):
+        for name in self.generators:
+            get_generator(name)
+        if self.size <= 0 or self.batch_size <= 0 or self.steps_per_epoch <= 0:
+            raise ValueError("size, batch_size and steps_per_epoch must be positive")
+
+
+@dataclass
+class ProceduralStream:
+    """Iterates ``[batch, 3, size, size]`` uint8 batches for one worker of ``world_size``.
+
+    Batch ``step`` of ``epoch`` on ``rank`` holds images ``base .. base+batch`` of generator
+    ``generators[step % len(generators)]`` with ``base`` unique to (epoch, step, rank).
+    """
+
+    config: StreamConfig = field(default_factory=StreamConfig)
+    rank: int = 0
+    world_size: int = 1
+    device: str = "cpu"
+
+    def batch(self, epoch: int, step: int) -> tuple[str, torch.Tensor]:
+        cfg = self.config
+        name = cfg.generators[step % len(cfg.generators)]
+        global_batch = (epoch * cfg.steps_per_epoch + step) * self.world_size + self.rank
+        base = global_batch * cfg.batch_size
+        return name, generate(name, cfg.seed, range(base, base + cfg.batch_size), cfg.size, self.device)
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[torch.Tensor]:
+        for step in range(start_step, self.config.steps_per_epoch):
+            yield self.batch(epoch, step)[1]
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        epoch = 0
+        while True:
+            yield from self.epoch(epoch)
+            epoch += 1
