@@ -138,7 +138,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cluster.runtime import loopback_only
     args = parser().parse_args(argv)
+    loopback_only(getattr(args, "address", None))          # before anything imports ray
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr)
     try:

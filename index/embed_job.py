@@ -118,7 +118,7 @@ def embed_collection(collection_url: str, encoder_spec: str, out_url: str, parti
         ds = ray.data.from_items([{"partition": json.dumps(p.to_dict())} for p in pending],
                                  override_num_blocks=len(pending))
         ds = ds.map_batches(EmbedPartitions, fn_constructor_args=(encoder_spec, out_url, batch_size), batch_size=1,
-                            concurrency=max(1, min(concurrency, len(pending))),
+                            compute=ray.data.ActorPoolStrategy(size=max(1, min(concurrency, len(pending)))),
                             num_gpus=1 if use_gpu else None, num_cpus=None if use_gpu else 0.5)
         ds.take_all()
     return summarise(fs, root, out_url, encoder, partitions, len(pending))

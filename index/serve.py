@@ -11,7 +11,6 @@ HTTP API (JSON):
     POST /classify  same, plus "rule": plurality|distance|softmax|rank
 """
 
-from __future__ import annotations
 
 import asyncio
 import base64
@@ -46,6 +45,19 @@ class ShardSearcher:
         ends = np.cumsum([len(q) for q in queries])
         return [{key: value[end - len(q):end, :want] for key, value in found.items()}
                 for q, end, want in zip(queries, ends, ks)]
+
+
+def neighbour_list(found: dict, row: int, weights: np.ndarray | None = None) -> list[dict]:
+    out = []
+    for col, nid in enumerate(found["ids"][row]):
+        if nid < 0:
+            continue
+        item = {"id": int(nid), "label": found["labels"][row, col], "uri": found["uris"][row, col],
+                "similarity": float(found["similarities"][row, col]), "shard": int(found["shards"][row, col])}
+        if weights is not None:
+            item["weight"] = float(weights[col])
+        out.append(item)
+    return out
 
 
 class Query(BaseModel):
@@ -130,19 +142,6 @@ class Router:
         return {**self.envelope(missing), "rule": q.rule, "results": [
             {"decision": v.decisions[row], "scores": v.scores[row],
              "neighbours": neighbour_list(found, row, v.weights[row])} for row in range(len(v.decisions))]}
-
-
-def neighbour_list(found: dict, row: int, weights: np.ndarray | None = None) -> list[dict]:
-    out = []
-    for col, nid in enumerate(found["ids"][row]):
-        if nid < 0:
-            continue
-        item = {"id": int(nid), "label": found["labels"][row, col], "uri": found["uris"][row, col],
-                "similarity": float(found["similarities"][row, col]), "shard": int(found["shards"][row, col])}
-        if weights is not None:
-            item["weight"] = float(weights[col])
-        out.append(item)
-    return out
 
 
 def build_app(memory_url: str, version: int | None = None, nprobe: int | None = None, shard_timeout_s: float = 10.0,

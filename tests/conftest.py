@@ -11,6 +11,10 @@ import time
 
 import pytest
 
+from cluster.runtime import loopback_only
+
+loopback_only()          # before anything imports ray: the tests' Ray listens on 127.0.0.1 only
+
 
 def free_port() -> int:
     with socket.socket() as s:
