@@ -205,7 +205,9 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
             mem, mem_labels, _ = read_labels(embeddings["procedural", "memory"])
             qry, qry_labels, _ = read_labels(embeddings["procedural", "queries"])
             local = knn_accuracy(mem, mem_labels, qry, qry_labels, cfg.k)
-            if any(abs(local[r] - accuracy["procedural"][r]) > 1e-9 for r in RULES):
+            # The router embeds the query images itself, in other batches than Ray Data did, so a
+            # near-tie may flip; anything beyond that would be a bug in the fan-out or merge.
+            if any(abs(local[r] - accuracy["procedural"][r]) > 0.01 for r in RULES):
                 log.warning("served accuracy %s differs from in-process kNN %s", accuracy["procedural"], local)
             picks = np.random.default_rng(cfg.seed).choice(len(query_uris), min(cfg.report_examples, len(query_uris)),
                                                           replace=False)
