@@ -148,12 +148,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("vismem: interrupted", file=sys.stderr)
         return 130
-    except (FileNotFoundError, ValueError, PermissionError, TimeoutError, RuntimeError, OSError) as e:
-        print(f"vismem {args.command}: error: {e}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 (one line for people; -v shows the traceback)
+        if args.verbose:
+            raise
+        print(f"vismem {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(result, default=str))
     return 0
+
+
+def one_line(e: Exception) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) < 400 else text[:400] + " ... (run with -v for the whole error)"
 
 
 def cmd_demo(args) -> dict:
@@ -200,10 +207,11 @@ def cmd_embed(args) -> dict:
     from dataclasses import asdict
 
     from cluster.runtime import init_ray, shutdown
-    from index.embed_job import embed_collection
+    from index.embed_job import plan_embedding, run_embedding
+    plan = plan_embedding(args.collection, args.encoder, args.out, args.partition_size)
     init_ray(args.address)
     try:
-        summary = embed_collection(args.collection, args.encoder, args.out, args.partition_size, args.concurrency)
+        summary = run_embedding(plan, args.concurrency)
     finally:
         shutdown()
     print(f"{summary.images} vectors in {summary.partitions} partitions at {summary.out}; {summary.errors} unreadable")

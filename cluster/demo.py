@@ -50,7 +50,7 @@ class Stages:
         self.total, self.n, self.echo, self.start = total, 0, echo, time.time()
         self.times: dict[str, float] = {}
 
-    def __call__(self, title: str):
+    def __call__(self, key: str, title: str):
         stages = self
 
         class Stage:
@@ -62,7 +62,7 @@ class Stages:
 
             def __exit__(self, *exc):
                 if exc[0] is None:
-                    stages.times[title] = round(time.time() - self.t, 1)
+                    stages.times[key] = round(time.time() - self.t, 1)
                     stages.echo(f"      done in {time.time() - self.t:.1f}s")
 
         return Stage()
@@ -136,17 +136,17 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
     stages = Stages(7, echo)
     owns_ray = not ray.is_initialized()          # shut down only the Ray this run started
     try:
-        with stages("start Ray"):
+        with stages("ray", "start Ray"):
             init_ray(cfg.address)
             echo(f"      resources: {ray.cluster_resources()}")
 
-        with stages("write the real images (scikit-learn digits) to the object store"):
+        with stages("data", "write the real images (scikit-learn digits) to the object store"):
             digits = write_digits(f"{store}/collections/digits")
             echo(f"      {digits['counts']['memory']} memory images at {digits['memory']}, "
                  f"{digits['counts']['queries']} held-out queries at {digits['queries']}")
 
         encoder_url = f"{store}/runs/demo/encoder"
-        with stages(f"train DINO on procedural images only ({', '.join(cfg.generators)}), "
+        with stages("train", f"train DINO on procedural images only ({', '.join(cfg.generators)}), "
                     f"{cfg.workers} Ray Train workers, {cfg.train_steps or 'no'} step limit, {cfg.train_minutes} min"):
             if cfg.fresh or not fs.exists(f"{encoder_url}/config.json"):
                 if cfg.fresh and fs.exists(f"{store}/runs/demo"):
@@ -163,7 +163,7 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
         specs = {"procedural": encoder_url, "random_init": f"random-init:{cfg.preset}:{cfg.seed}",
                  "raw_pixels": f"raw-pixels:{preset(cfg.preset).arch.img_size}"}
         embeddings = {}
-        with stages("batch-embed the real images with Ray Data (encoder actor pool), 3 encoders"):
+        with stages("embed", "batch-embed the real images with Ray Data (encoder actor pool), 3 encoders"):
             for name, spec in specs.items():
                 for split in ("memory", "queries"):
                     out = f"{store}/embeddings/{name}/{split}"
@@ -175,7 +175,7 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
                          f"{summary.computed}/{summary.partitions} partitions computed, {summary.errors} unreadable")
 
         memory_url = f"{store}/memory"
-        with stages(f"build the memory: {cfg.shards} FAISS shards + manifest"):
+        with stages("build", f"build the memory: {cfg.shards} FAISS shards + manifest"):
             if fs.exists(memory_url):
                 fs.rm(memory_url, recursive=True)
             manifest = build_memory(embeddings["procedural", "memory"], memory_url, cfg.shards)
@@ -185,7 +185,7 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
         port = cfg.port or free_port()
         base = f"http://127.0.0.1:{port}"
         accuracy: dict[str, dict[str, float]] = {}
-        with stages(f"serve the memory (Ray Serve router + {cfg.shards} shard searchers on {base}) and classify "
+        with stages("serve", f"serve the memory (Ray Serve router + {cfg.shards} shard searchers on {base}) and classify "
                     f"the held-out images through it"):
             start(memory_url, host="127.0.0.1", port=port)
             info = wait_ready(f"{base}/info")
@@ -197,7 +197,7 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
             accuracy["procedural"] = {rule: float(np.mean([r["decision"] == t for r, t in zip(served[rule], query_labels)]))
                                       for rule in RULES}
 
-        with stages("baselines (same kNN, same votes) and the report"):
+        with stages("baselines", "baselines (same kNN, same votes) and the report"):
             for name in ("random_init", "raw_pixels"):
                 mem, mem_labels, _ = read_labels(embeddings[name, "memory"])
                 qry, qry_labels, _ = read_labels(embeddings[name, "queries"])

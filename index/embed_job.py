@@ -101,10 +101,22 @@ def check_job(fs, root: str, out_url: str, job: dict) -> None:
         write_bytes_atomic(fs, path, json.dumps(job, indent=2).encode())
 
 
-def embed_collection(collection_url: str, encoder_spec: str, out_url: str, partition_size: int = 512,
-                     concurrency: int = 2, batch_size: int = 256) -> EmbedSummary:
-    """Embed every image of ``collection_url`` into Parquet under ``out_url`` (resumable)."""
-    encoder = Encoder.load(encoder_spec)                 # fail fast on a bad encoder, before any work
+@dataclass
+class EmbeddingPlan:
+    """What an embedding job will do, worked out (and checked) before any Ray work starts."""
+
+    collection: str
+    encoder_spec: str
+    out: str
+    encoder: Encoder
+    partitions: list[Partition]
+    pending: list[Partition]
+
+
+def plan_embedding(collection_url: str, encoder_spec: str, out_url: str, partition_size: int = 512) -> EmbeddingPlan:
+    """List the collection, load the encoder and check the output folder: every bad input fails
+    here, before Ray starts and before anything is written beside the job record."""
+    encoder = Encoder.load(encoder_spec)
     partitions = list_partitions(collection_url, partition_size)
     fs, root = fsspec.core.url_to_fs(out_url)
     root = root.rstrip("/")
@@ -113,15 +125,28 @@ def embed_collection(collection_url: str, encoder_spec: str, out_url: str, parti
                                   "partition_size": partition_size})
     pending = [p for p in partitions if not fs.exists(f"{root}/{part_name(p.number)}")]
     log.info("%s: %d partitions, %d to embed", collection_url, len(partitions), len(pending))
-    if pending:
+    return EmbeddingPlan(collection_url, encoder_spec, out_url, encoder, partitions, pending)
+
+
+def run_embedding(plan: EmbeddingPlan, concurrency: int = 2, batch_size: int = 256) -> EmbedSummary:
+    """Embed the plan's pending partitions on a pool of Ray actors, then summarise."""
+    if plan.pending:
         use_gpu = bool(ray.cluster_resources().get("GPU"))
-        ds = ray.data.from_items([{"partition": json.dumps(p.to_dict())} for p in pending],
-                                 override_num_blocks=len(pending))
-        ds = ds.map_batches(EmbedPartitions, fn_constructor_args=(encoder_spec, out_url, batch_size), batch_size=1,
-                            compute=ray.data.ActorPoolStrategy(size=max(1, min(concurrency, len(pending)))),
+        ds = ray.data.from_items([{"partition": json.dumps(p.to_dict())} for p in plan.pending],
+                                 override_num_blocks=len(plan.pending))
+        ds = ds.map_batches(EmbedPartitions, fn_constructor_args=(plan.encoder_spec, plan.out, batch_size), batch_size=1,
+                            compute=ray.data.ActorPoolStrategy(size=max(1, min(concurrency, len(plan.pending)))),
                             num_gpus=1 if use_gpu else None, num_cpus=None if use_gpu else 0.5)
         ds.take_all()
-    return summarise(fs, root, out_url, encoder, partitions, len(pending))
+    fs, root = fsspec.core.url_to_fs(plan.out)
+    return summarise(fs, root.rstrip("/"), plan.out, plan.encoder, plan.partitions, len(plan.pending))
+
+
+def embed_collection(collection_url: str, encoder_spec: str, out_url: str, partition_size: int = 512,
+                     concurrency: int = 2, batch_size: int = 256) -> EmbedSummary:
+    """Embed every image of ``collection_url`` into Parquet under ``out_url`` (resumable)."""
+    plan = plan_embedding(collection_url, encoder_spec, out_url, partition_size)
+    return run_embedding(plan, concurrency, batch_size)
 
 
 def summarise(fs, root: str, out_url: str, encoder: Encoder, partitions: list[Partition], computed: int) -> EmbedSummary:
