@@ -98,3 +98,37 @@ def test_malformed_requests(served, body, message):
     base, _, _ = served
     status, answer = call(f"{base}/classify", body)
     assert status == 422 and message in json.dumps(answer)
+
+
+def test_failed_or_slow_shard_gives_a_partial_answer(served):
+    import asyncio
+
+    from ray import serve
+
+    from index.manifest import read_manifest
+    from index.serve import Router, ShardSearcher
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0})
+    class BrokenShard:
+        async def search(self, queries, k):
+            raise RuntimeError("disk gone")
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0})
+    class SlowShard:
+        async def search(self, queries, k):
+            await asyncio.sleep(8)     # well past the router's 2 s shard timeout
+
+    base, memory_url, colours = served
+    version = read_manifest(memory_url).version
+    good = ShardSearcher.options(name="Good-0").bind(memory_url, version, 0)
+    app = Router.bind(memory_url, version, good, BrokenShard.bind(), SlowShard.bind(), shard_timeout_s=2.0)
+    serve.run(app, name="degraded", route_prefix="/degraded")
+    try:
+        images = [base64.b64encode(png(c)).decode() for c in colours.values()]
+        status, answer = call(f"{base}/degraded/classify", {"images": images, "k": 3})
+        assert status == 200
+        assert answer["partial"] is True and answer["missing_shards"] == [1, 2]
+        assert all(n["shard"] == 0 for r in answer["results"] for n in r["neighbours"])
+        assert all(n["id"] % 3 == 0 for r in answer["results"] for n in r["neighbours"])
+    finally:
+        serve.delete("degraded")
