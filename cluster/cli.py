@@ -76,6 +76,33 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--fresh", action="store_true", help="retrain and re-embed even if outputs exist in --store")
     add_common(demo)
 
+    proc = sub.add_parser("procdata", help="procedural images: write shards, preview, benchmark").add_subparsers(
+        dest="action", metavar="ACTION", required=True)
+    gen = proc.add_parser("generate", help="write a procedural data set as Parquet shards with Ray actors (resumable)",
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    gen.add_argument("--generator", required=True, help=f"one of: {', '.join(GENERATORS)}")
+    gen.add_argument("--n", type=int, required=True, help="number of images")
+    gen.add_argument("--size", type=int, default=64, help="image side in pixels")
+    gen.add_argument("--out", required=True, help="output URL: shard-NNNNN.parquet files and manifest.json")
+    gen.add_argument("--seed", type=int, default=0, help="data set seed: image i is a function of (generator, seed, i)")
+    gen.add_argument("--shard-size", type=int, default=1000, help="images per shard")
+    gen.add_argument("--format", default="png", choices=("png", "jpeg"), help="image encoding")
+    gen.add_argument("--workers", type=int, default=None, help="writer actors (default: one per CPU, or per GPU)")
+    add_common(gen)
+    prev = proc.add_parser("preview", help="a labelled grid of samples of every generator (PNG)",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    prev.add_argument("--out", required=True, help="PNG file URL")
+    prev.add_argument("--size", type=int, default=64, help="sample side in pixels")
+    prev.add_argument("--per-row", type=int, default=8, help="samples per generator")
+    prev.add_argument("--seed", type=int, default=0, help="seed")
+    add_common(prev, ray=False)
+    bench = proc.add_parser("bench", help="images/s of every generator, one core and all cores (and GPU)",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    bench.add_argument("--sizes", default="64,224", help="comma-separated image sizes")
+    bench.add_argument("--generators", default=",".join(GENERATORS), help="comma-separated generators")
+    bench.add_argument("--seconds", type=float, default=2.0, help="measuring time per figure")
+    add_common(bench, ray=False)
+
     enc = sub.add_parser("encoder", help="train encoders").add_subparsers(dest="action", metavar="ACTION", required=True)
     train = enc.add_parser("train", help="DINO on procedural data in Ray Train (resumes from the last checkpoint)",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -187,6 +214,56 @@ def validate_demo(cfg) -> None:
         raise ValueError("--train-minutes must be positive")
 
 
+def cmd_generate(args) -> dict:
+    from tqdm import tqdm
+
+    from cluster.runtime import init_ray, shutdown
+    from procdata.shards import ShardJob, write_shards
+    job = ShardJob(args.generator, args.n, args.size, args.out, args.seed, args.shard_size, args.format)
+    job.check()
+    init_ray(args.address)
+    bar = tqdm(total=args.n, unit="img", desc=f"{args.generator} → {args.out}", file=sys.stderr)
+
+    def progress(done, total, rate):
+        bar.total = total
+        bar.n = done
+        bar.set_postfix_str(f"{rate:.0f} img/s")
+        bar.refresh()
+
+    try:
+        manifest = write_shards(job, args.workers, progress)
+    finally:
+        bar.close()
+        shutdown()
+    print(f"{job.shards} shards at {args.out} ({manifest['written_this_run']} written now, the rest existed)")
+    return manifest
+
+
+def cmd_preview(args) -> dict:
+    from procdata.preview import write_preview
+    if args.size <= 0 or args.per_row <= 0:
+        raise ValueError("--size and --per-row must be positive")
+    write_preview(args.out, size=args.size, per_row=args.per_row, seed=args.seed)
+    print(f"preview grid: {args.out}")
+    return {"preview": args.out}
+
+
+def cmd_bench(args) -> dict:
+    from procdata.bench import bench
+    from procdata.generators import get_generator
+    names = args.generators.split(",")
+    for name in names:
+        get_generator(name)
+    records = []
+    for record in bench(names, [int(s) for s in args.sizes.split(",")], seconds=args.seconds):
+        records.append(record)
+        print(json.dumps(record) if args.json else
+              f"{record['generator']:12s} {record['size']:4d}px {record['device']:5s} x{record['workers']:<3d} "
+              f"{record['images_per_s']:10.1f} images/s", flush=True)
+    args.json = False                      # the records are already one JSON object per line
+    return {"results": records}
+
+
 def cmd_train(args) -> dict:
     from cluster.runtime import init_ray, shutdown
     from encoder.config import preset
@@ -252,7 +329,7 @@ def cmd_serve(args) -> dict:
         while True:
             time.sleep(3600)
     finally:
-        shutdown()
+        shutdown(serve_too=True)
 
 
 def cmd_client(args) -> dict:
@@ -277,7 +354,8 @@ def cmd_client(args) -> dict:
     return answer
 
 
-COMMANDS = {("demo", None): cmd_demo, ("encoder", "train"): cmd_train, ("embed", None): cmd_embed,
+COMMANDS = {("demo", None): cmd_demo, ("procdata", "generate"): cmd_generate, ("procdata", "preview"): cmd_preview,
+            ("procdata", "bench"): cmd_bench, ("encoder", "train"): cmd_train, ("embed", None): cmd_embed,
             ("index", "build"): cmd_build, ("memory", "info"): cmd_info, ("serve", None): cmd_serve,
             ("classify", None): cmd_client, ("query", None): cmd_client}
 

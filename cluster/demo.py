@@ -218,7 +218,7 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
                                                        "trained on": f"{provenance['images_seen']} procedural images "
                                                                      f"({', '.join(provenance['generators'])}), no real data"})
     finally:
-        shutdown(ray_too=owns_ray)
+        shutdown(ray_too=owns_ray, serve_too=True)
     echo("\nkNN top-1 on held-out digits (k=%d)" % cfg.k)
     echo(f"  {'encoder':12s}" + "".join(f"{r:>11s}" for r in RULES))
     for name, acc in accuracy.items():

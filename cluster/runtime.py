@@ -46,12 +46,12 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     log.info("started a local Ray on 127.0.0.1: %s", ray.cluster_resources())
 
 
-def shutdown(ray_too: bool = True) -> None:
-    """Stop Serve (if it runs) and, unless ``ray_too`` is False, Ray itself."""
+def shutdown(ray_too: bool = True, serve_too: bool = False) -> None:
+    """Stop Serve (when ``serve_too``) and, unless ``ray_too`` is False, Ray itself."""
     import ray
     from ray import serve
 
-    if ray.is_initialized():
+    if serve_too and ray.is_initialized():
         try:
             serve.shutdown()
         except Exception as e:  # noqa: BLE001 (Serve may never have started)
