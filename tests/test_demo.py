@@ -11,8 +11,9 @@ from cluster.demo import DemoConfig, run_demo
 @pytest.mark.slow
 def test_demo_end_to_end(ray_local, tmp_path):
     store = str(tmp_path / "store")
-    cfg = DemoConfig(store=store, train_minutes=10, train_steps=60, workers=2, seed=0, shards=2, k=10)
+    cfg = DemoConfig(store=store, train_minutes=10, train_steps=150, workers=2, seed=0, shards=2, k=10)
     result = run_demo(cfg)
+    print("accuracy:", result["accuracy"])
 
     acc = result["accuracy"]
     assert set(acc) == {"procedural", "random_init", "raw_pixels"}
@@ -26,7 +27,7 @@ def test_demo_end_to_end(ray_local, tmp_path):
 
     with open(f"{result['encoder']}/provenance.json") as f:
         provenance = json.load(f)
-    assert provenance["data"] == "procedural only" and provenance["steps"] == 60
+    assert provenance["data"] == "procedural only" and provenance["steps"] == 150
     assert provenance["generators"] == list(cfg.generators)
     with open(f"{store}/memory/manifest.json") as f:
         assert json.load(f)["current"] == 1
