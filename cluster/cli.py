@@ -217,11 +217,10 @@ def validate_demo(cfg) -> None:
 def cmd_generate(args) -> dict:
     from tqdm import tqdm
 
-    from cluster.runtime import init_ray, shutdown
+    from cluster.runtime import ray_session
     from procdata.shards import ShardJob, write_shards
     job = ShardJob(args.generator, args.n, args.size, args.out, args.seed, args.shard_size, args.format)
     job.check()
-    init_ray(args.address)
     bar = tqdm(total=args.n, unit="img", desc=f"{args.generator} → {args.out}", file=sys.stderr)
 
     def progress(done, total, rate):
@@ -230,11 +229,9 @@ def cmd_generate(args) -> dict:
         bar.set_postfix_str(f"{rate:.0f} img/s")
         bar.refresh()
 
-    try:
+    with ray_session(args.address):
         manifest = write_shards(job, args.workers, progress)
-    finally:
-        bar.close()
-        shutdown()
+    bar.close()
     print(f"{job.shards} shards at {args.out} ({manifest['written_this_run']} written now, the rest existed)")
     return manifest
 
@@ -265,17 +262,14 @@ def cmd_bench(args) -> dict:
 
 
 def cmd_train(args) -> dict:
-    from cluster.runtime import init_ray, shutdown
+    from cluster.runtime import ray_session
     from encoder.config import preset
     from encoder.train import train
     cfg = preset(args.preset, workers=args.workers, use_gpu=True if args.gpus else None,
                  generators=tuple(args.data.split(",")) if args.data else None, max_minutes=args.max_minutes,
                  max_steps=args.max_steps, seed=args.seed)
-    init_ray(args.address)
-    try:
+    with ray_session(args.address):
         url = train(cfg, args.out)
-    finally:
-        shutdown()
     print(f"encoder: {url}")
     return {"encoder": url}
 
@@ -283,14 +277,11 @@ def cmd_train(args) -> dict:
 def cmd_embed(args) -> dict:
     from dataclasses import asdict
 
-    from cluster.runtime import init_ray, shutdown
+    from cluster.runtime import ray_session
     from index.embed_job import plan_embedding, run_embedding
     plan = plan_embedding(args.collection, args.encoder, args.out, args.partition_size)
-    init_ray(args.address)
-    try:
+    with ray_session(args.address):
         summary = run_embedding(plan, args.concurrency)
-    finally:
-        shutdown()
     print(f"{summary.images} vectors in {summary.partitions} partitions at {summary.out}; {summary.errors} unreadable")
     return asdict(summary)
 
@@ -319,17 +310,14 @@ def cmd_info(args) -> dict:
 def cmd_serve(args) -> dict:
     import time
 
-    from cluster.runtime import init_ray, shutdown
+    from cluster.runtime import ray_session
     from index.serve import start
-    init_ray(args.address)
-    try:
+    with ray_session(args.address, serve_too=True):
         start(args.memory, host=args.host, port=args.port, replicas=args.replicas, shard_timeout_s=args.shard_timeout)
         print(f"serving {args.memory} on http://{args.host}:{args.port} (POST /classify, /search; GET /info, /docs); "
               "Ctrl-C to stop", flush=True)
         while True:
             time.sleep(3600)
-    finally:
-        shutdown(serve_too=True)
 
 
 def cmd_client(args) -> dict:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager
 
 log = logging.getLogger("vismem.cluster")
 
@@ -58,3 +59,13 @@ def shutdown(ray_too: bool = True, serve_too: bool = False) -> None:
             log.debug("serve.shutdown: %r", e)
     if ray_too:
         ray.shutdown()
+
+
+@contextmanager
+def ray_session(address: str | None = None, serve_too: bool = False):
+    """Ray for the length of a ``with`` block: started (or joined) on entry, shut down on exit."""
+    init_ray(address)
+    try:
+        yield
+    finally:
+        shutdown(serve_too=serve_too)
