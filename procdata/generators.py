@@ -75,49 +75,77 @@ def pixel_grid(size: int, device: torch.device) -> tuple[torch.Tensor, torch.Ten
 
 @register("dead_leaves")
 def dead_leaves(seed: int, indices: Sequence[int], size: int, device: torch.device,
-                shapes: int = 48, r_min: float = 0.03, r_max: float = 1.0, texture: float = 0.15) -> torch.Tensor:
-    """Occluding discs and rotated rectangles with radius density ∝ r⁻³ on [r_min, r_max]·size.
+                shapes: int = 48, r_min: float = 0.03, r_max: float = 1.0, texture: float = 0.15,
+                full_frame: int = 8) -> torch.Tensor:
+    """Occluding discs, rotated rectangles and triangles with radius density ∝ r⁻³ on
+    [r_min, r_max]·size.
 
     Shapes are painted back to front, so each pixel shows the last shape that covers it; the
-    radius law makes the image statistics scale-invariant, as in natural images.
+    radius law makes the image statistics scale-invariant, as in natural images. Most shapes are
+    small under that law, so only each image's ``full_frame`` largest shapes are tested against
+    every pixel; the rest only against a window just large enough for the largest of them. The
+    pixels are the same as testing every shape everywhere.
     """
     rngs = image_rngs("dead_leaves", seed, indices)
     n = len(indices)
     u = per_image(rngs, (shapes, 8))
-    radius = inverse_cdf_power3(u[..., 0], r_min, r_max)              # [n, K], fraction of size
-    cy, cx = u[..., 1], u[..., 2]
-    angle = u[..., 3] * math.pi
-    aspect = 0.3 + 0.7 * u[..., 4]
-    kind = (u[..., 5] * 3).long()                                     # 0 disc, 1 rectangle, 2 triangle
+    params = {"radius": inverse_cdf_power3(u[..., 0], r_min, r_max),   # [n, K], fraction of size
+              "cy": u[..., 1], "cx": u[..., 2], "angle": u[..., 3] * math.pi, "aspect": 0.3 + 0.7 * u[..., 4],
+              "kind": (u[..., 5] * 3).long(),                           # 0 disc, 1 rectangle, 2 triangle
+              "order": torch.arange(1, shapes + 1).expand(n, -1)}       # painting order, 0 = background
     colours = per_image(rngs, (shapes, 3))
     background = per_image(rngs, (3,))
     noise = torch.stack([torch.randn(3, size, size, generator=g) for g in rngs])
+    params = {k: v.to(device) for k, v in params.items()}
 
-    to = dict(device=device)
-    radius, cy, cx, angle, aspect, kind = (t.to(**to)[..., None, None]
-                                          for t in (radius, cy, cx, angle, aspect, kind))
+    by_size = params["radius"].argsort(dim=1, descending=True)
+    big = {k: v.gather(1, by_size[:, :full_frame]) for k, v in params.items()}
+    small = {k: v.gather(1, by_size[:, full_frame:]) for k, v in params.items()}
     y, x = pixel_grid(size, device)
-    dy, dx = y - cy, x - cx                                           # [n, K, S, S]
+    top = topmost(big, y, x).amax(dim=1).flatten(1)                     # [n, S·S]
+    if small["radius"].numel():
+        paint_small_shapes(top, small, size)
+    palette = torch.cat([background[:, None], colours], dim=1).to(device)  # [n, K+1, 3]
+    image = torch.gather(palette, 1, top[..., None].expand(-1, -1, 3))
+    image = image.view(n, size, size, 3).permute(0, 3, 1, 2)
+    return to_uint8(image + texture * 0.25 * noise.to(device))
+
+
+def topmost(shape: dict, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Each shape's painting order where it covers pixel centres (y, x), else 0: ``[n, K, H, W]``."""
+    radius, cy, cx, angle, aspect, kind, order = (shape[k][..., None, None] for k in
+                                                  ("radius", "cy", "cx", "angle", "aspect", "kind", "order"))
+    dy, dx = y - cy, x - cx
     disc = dx * dx + dy * dy <= radius * radius
     ry = (dx * torch.sin(angle) + dy * torch.cos(angle)).abs()
     rx = (dx * torch.cos(angle) - dy * torch.sin(angle)).abs()
     rect = (rx <= radius) & (ry <= radius * aspect)
     covered = torch.where(kind == 0, disc, torch.where(kind == 1, rect, triangle(dx, dy, angle, radius)))
-    # Topmost shape per pixel: the highest shape number that covers it (0 = background).
-    order = torch.arange(1, shapes + 1, device=device)[None, :, None, None]
-    top = (covered * order).amax(dim=1)                               # [n, S, S]
-    palette = torch.cat([background[:, None], colours], dim=1).to(device)  # [n, K+1, 3]
-    image = torch.gather(palette, 1, top.flatten(1)[..., None].expand(-1, -1, 3))
-    image = image.view(n, size, size, 3).permute(0, 3, 1, 2)
-    return to_uint8(image + texture * 0.25 * noise.to(device))
+    return covered * order
+
+
+def paint_small_shapes(top: torch.Tensor, shape: dict, size: int) -> None:
+    """Raise ``top`` [n, S·S] to each shape's order where it covers, testing only a square window
+    around each shape that holds it whole (a rectangle reaches √2·radius from its centre)."""
+    half = math.ceil(math.sqrt(2) * float(shape["radius"].max()) * size) + 1
+    offsets = torch.arange(-half, half + 1, device=top.device)
+    py = (shape["cy"] * size).floor().long()[..., None, None] + offsets[:, None]      # [n, K, W, 1]
+    px = (shape["cx"] * size).floor().long()[..., None, None] + offsets[None, :]      # [n, K, 1, W]
+    # pixel centres computed exactly as pixel_grid does, so coverage matches the full-frame test
+    y, x = (py.float() + 0.5) / size, (px.float() + 0.5) / size
+    paint = topmost(shape, y, x)                                                       # [n, K, W, W]
+    inside = (py >= 0) & (py < size) & (px >= 0) & (px < size)
+    target = (py.clamp(0, size - 1) * size + px.clamp(0, size - 1)).expand_as(paint)
+    top.scatter_reduce_(1, target.flatten(1), (paint * inside).flatten(1), reduce="amax")
 
 
 def triangle(dx: torch.Tensor, dy: torch.Tensor, angle: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
     """Inside an equilateral triangle of circumradius ``radius`` rotated by ``angle``: three half-planes."""
-    inside = torch.ones_like(dx, dtype=torch.bool)
+    inside = None
     for k in range(3):
         theta = angle + k * 2 * math.pi / 3
-        inside &= dx * torch.cos(theta) + dy * torch.sin(theta) <= radius / 2
+        half_plane = dx * torch.cos(theta) + dy * torch.sin(theta) <= radius / 2
+        inside = half_plane if inside is None else inside & half_plane
     return inside
 
 
@@ -297,20 +325,28 @@ def mixed_sources(name: str, seed: int, indices: Sequence[int], size: int, devic
 
 
 def two_means_mask(images: torch.Tensor, iterations: int = 3) -> torch.Tensor:
-    """Soft mask in [0, 1] from 2-means clustering of each image's RGB pixels (the KML mask)."""
+    """Mask in {0, 1} from 2-means clustering of each image's RGB pixels (the KML mask).
+
+    With two centres the nearest-centre test is one half-space, p·(c₁−c₀) > (|c₁|²−|c₀|²)/2,
+    so each assignment is a matrix-vector product rather than a distance matrix.
+    """
     n = images.shape[0]
     pixels = images.flatten(2).transpose(1, 2)                          # [n, P, 3]
     brightness = pixels.mean(-1)
-    centres = torch.stack([pixels[torch.arange(n), brightness.argmin(1)],
-                           pixels[torch.arange(n), brightness.argmax(1)]], 1)  # [n, 2, 3]
+    rows = torch.arange(n, device=images.device)
+    centres = torch.stack([pixels[rows, brightness.argmin(1)], pixels[rows, brightness.argmax(1)]], 1)  # [n, 2, 3]
+
+    def nearer_to_second(c: torch.Tensor) -> torch.Tensor:
+        normal = c[:, 1] - c[:, 0]
+        offset = ((c[:, 1] ** 2).sum(-1) - (c[:, 0] ** 2).sum(-1)) / 2
+        return torch.einsum("npc,nc->np", pixels, normal) > offset[:, None]
+
     for _ in range(iterations):
-        assign = torch.cdist(pixels, centres).argmin(-1)                 # [n, P]
-        for k in range(2):
-            member = (assign == k).float()[..., None]
+        second = nearer_to_second(centres).float()[..., None]            # [n, P, 1]
+        for k, member in enumerate((1 - second, second)):
             count = member.sum(1)
             centres[:, k] = torch.where(count > 0, (pixels * member).sum(1) / count.clamp_min(1), centres[:, k])
-    mask = (torch.cdist(pixels, centres).argmin(-1) == 1).float()
-    return mask.view(n, 1, *images.shape[2:])
+    return nearer_to_second(centres).float().view(n, 1, *images.shape[2:])
 
 
 def blur3(mask: torch.Tensor) -> torch.Tensor:

@@ -76,3 +76,11 @@ def test_preview_grid():
     grid = preview_grid(per_row=3, size=16)
     assert grid.size == (96 + 3 * 18, len(GENERATORS) * 18)
     assert np.asarray(grid).std() > 10
+
+
+@pytest.mark.parametrize("size", [16, 61])
+def test_dead_leaves_windows_paint_the_same_pixels_as_full_frames(size):
+    from procdata.generators import dead_leaves
+    windowed = dead_leaves(9, range(24), size, torch.device("cpu"))
+    everywhere = dead_leaves(9, range(24), size, torch.device("cpu"), full_frame=48)   # every shape, every pixel
+    assert torch.equal(windowed, everywhere)
