@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import asdict
 
 import fsspec
 import torch
@@ -27,14 +28,9 @@ def write_artifact(directory: str, backbone_state: dict, arch: ArchConfig, prove
     state = {k: v.detach().cpu().contiguous() for k, v in backbone_state.items()}
     save_file(state, os.path.join(directory, WEIGHTS), metadata={"format": FORMAT})
     with open(os.path.join(directory, CONFIG), "w") as f:
-        json.dump({"format": FORMAT, **arch_dict(arch)}, f, indent=2)
+        json.dump({"format": FORMAT, **asdict(arch)}, f, indent=2)
     with open(os.path.join(directory, PROVENANCE), "w") as f:
         json.dump(provenance, f, indent=2)
-
-
-def arch_dict(arch: ArchConfig) -> dict:
-    from dataclasses import asdict
-    return asdict(arch)
 
 
 def read_artifact(url: str) -> tuple[ArchConfig, dict, dict, str]:

@@ -16,6 +16,7 @@ import tempfile
 import time
 
 import fsspec
+import fsspec.implementations.local
 import pyarrow.fs
 import ray
 import ray.train
@@ -161,7 +162,7 @@ def report(cfg, rank, step, elapsed, images_seen, student, teacher, optimizer, l
 def storage_for(url: str) -> tuple[str, pyarrow.fs.FileSystem]:
     """(path, pyarrow filesystem) for an fsspec URL, as Ray Train's RunConfig takes them."""
     fs, path = fsspec.core.url_to_fs(url)
-    if fs.protocol in ("file", ("file", "local")) or "file" in fs.protocol:
+    if isinstance(fs, fsspec.implementations.local.LocalFileSystem):     # Ray wants absolute local paths
         path = os.path.abspath(path)
         os.makedirs(path, exist_ok=True)
     return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))

@@ -50,7 +50,7 @@ def open_collection(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, root.rstrip("/")
 
 
-def protocol_prefix(fs: fsspec.AbstractFileSystem, url: str) -> str:
+def protocol_prefix(url: str) -> str:
     """What to put before a listed path to get a URL again (``s3://``, ``memory://``, or nothing)."""
     return "" if "://" not in url or url.startswith("file://") else url.split("://", 1)[0] + "://"
 
@@ -60,7 +60,7 @@ def list_partitions(url: str, partition_size: int = 512, first_id: int = 0) -> l
     if partition_size <= 0:
         raise ValueError("partition size must be positive")
     fs, root = open_collection(url)
-    prefix = protocol_prefix(fs, url)
+    prefix = protocol_prefix(url)
     files = [root] if fs.isfile(root) else sorted(fs.find(root))
     parquet_files = [f for f in files if f.endswith(".parquet")]
     if parquet_files:

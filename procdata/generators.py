@@ -253,8 +253,9 @@ def fractal(seed: int, indices: Sequence[int], size: int, device: torch.device, 
             trail.append((xy, m))
     pts = torch.cat([p for p, _ in trail], 1)                              # [n, T·P, 2]
     col = colours[rows, torch.cat([m for _, m in trail], 1)]               # [n, T·P, 3]
-    lo = pts.quantile(0.01, dim=1, keepdim=True) if pts.shape[1] < 2 ** 24 else pts.amin(1, keepdim=True)
-    hi = pts.quantile(0.99, dim=1, keepdim=True) if pts.shape[1] < 2 ** 24 else pts.amax(1, keepdim=True)
+    k = max(1, pts.shape[1] // 100)                                      # 1st and 99th percentiles: robust to stray points
+    lo = pts.kthvalue(k, dim=1, keepdim=True).values
+    hi = pts.kthvalue(pts.shape[1] - k + 1, dim=1, keepdim=True).values
     span = (hi - lo).amax(-1, keepdim=True).clamp_min(1e-6)
     centre = (hi + lo) / 2
     pix = ((pts - centre) / span * 0.9 + 0.5) * size
