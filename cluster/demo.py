@@ -198,13 +198,13 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
                                       for rule in RULES}
 
         with stages("baselines", "baselines (same kNN, same votes) and the report"):
-            for name in ("random_init", "raw_pixels"):
+            in_process = {}                 # the same kNN and votes in this process, for every encoder
+            for name in specs:
                 mem, mem_labels, _ = read_labels(embeddings[name, "memory"])
                 qry, qry_labels, _ = read_labels(embeddings[name, "queries"])
-                accuracy[name] = knn_accuracy(mem, mem_labels, qry, qry_labels, cfg.k)
-            mem, mem_labels, _ = read_labels(embeddings["procedural", "memory"])
-            qry, qry_labels, _ = read_labels(embeddings["procedural", "queries"])
-            local = knn_accuracy(mem, mem_labels, qry, qry_labels, cfg.k)
+                in_process[name] = knn_accuracy(mem, mem_labels, qry, qry_labels, cfg.k)
+            accuracy["random_init"], accuracy["raw_pixels"] = in_process["random_init"], in_process["raw_pixels"]
+            local = in_process["procedural"]
             # The router embeds the query images itself, in other batches than Ray Data did, so a
             # near-tie may flip; anything beyond that would be a bug in the fan-out or merge.
             if any(abs(local[r] - accuracy["procedural"][r]) > 0.01 for r in RULES):

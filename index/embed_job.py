@@ -21,7 +21,7 @@ import ray
 
 from encoder import Encoder
 from encoder.embed import decode_image
-from index.collections import Partition, list_partitions
+from index.collections import Partition, list_partitions, read_partition
 from index.manifest import write_bytes_atomic
 
 log = logging.getLogger("vismem.index.embed")
@@ -61,7 +61,6 @@ class EmbedPartitions:
         return {"summary": np.array([json.dumps(s) for s in summaries], dtype=object)}
 
     def embed_one(self, part: Partition) -> dict:
-        from index.collections import read_partition
         ids, uris, labels, images, errors = [], [], [], [], []
         for item_id, uri, label, data in read_partition(part):
             try:
