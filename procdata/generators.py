@@ -3,7 +3,8 @@
 Every generator draws its per-image parameters from a random stream seeded by
 ``(generator, seed, index)`` alone, then renders the whole batch at once. So one image's pixels
 depend only on its own ``(seed, index)``: the same image comes out whatever batch it is generated
-in, in any process, on the same device type. Images are uint8 tensors ``[n, 3, size, size]``.
+in, in any process, on the same device type. Generators return float intensities
+``[n, 3, size, size]``; ``render`` clamps them to [0, 1] and ``generate`` quantises to uint8.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from procdata.allocator import keep_heap
 
 Generator = Callable[..., torch.Tensor]
 GENERATORS: dict[str, Generator] = {}
@@ -38,12 +41,19 @@ def get_generator(name: str) -> Generator:
 def generate(name: str, seed: int, indices: Sequence[int] | torch.Tensor, size: int = 32,
              device: str | torch.device = "cpu") -> torch.Tensor:
     """Images ``indices`` of generator ``name`` under ``seed``: uint8 ``[n, 3, size, size]``."""
+    return render(name, seed, indices, size, device).mul_(255).add_(0.5).to(torch.uint8)
+
+
+def render(name: str, seed: int, indices: Sequence[int] | torch.Tensor, size: int = 32,
+           device: str | torch.device = "cpu") -> torch.Tensor:
+    """Images as float32 intensities in [0, 1], not yet quantised: mixers compose these."""
     if size <= 0:
         raise ValueError(f"image size must be positive, got {size}")
     indices = [int(i) for i in indices]
     if any(i < 0 for i in indices):
         raise ValueError("image indices must be non-negative")
-    return get_generator(name)(seed, indices, size, torch.device(device))
+    keep_heap()
+    return get_generator(name)(seed, indices, size, torch.device(device)).clamp_(0, 1)
 
 
 def image_rngs(name: str, seed: int, indices: Sequence[int]) -> list[torch.Generator]:
@@ -56,14 +66,29 @@ def image_rngs(name: str, seed: int, indices: Sequence[int]) -> list[torch.Gener
     return rngs
 
 
+def splitmix64(x: np.ndarray) -> np.ndarray:
+    """The splitmix64 mixing function on uint64 arrays (wrapping arithmetic)."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def image_uniforms(name: str, seed: int, indices: Sequence[int], count: int) -> torch.Tensor:
+    """``count`` uniforms in [0, 1) per image, ``[n, count]`` float32, from a counter-based hash of
+    (generator name, seed, index): a whole batch in a few numpy operations, no per-image RNG object."""
+    with np.errstate(over="ignore"):
+        key = splitmix64(np.uint64(zlib.crc32(name.encode())) ^ splitmix64(np.uint64(int(seed) & (2 ** 64 - 1))))
+        key = splitmix64(key ^ np.asarray(indices, dtype=np.uint64))
+        counters = key[:, None] + np.arange(1, count + 1, dtype=np.uint64)[None] * np.uint64(0x9E3779B97F4A7C15)
+        bits = splitmix64(counters) >> np.uint64(40)                       # 24 random bits
+    return torch.from_numpy((bits.astype(np.float32) / np.float32(2 ** 24)))
+
+
 def per_image(rngs: list[torch.Generator], shape: Sequence[int] = (), low: float = 0.0,
               high: float = 1.0) -> torch.Tensor:
     """Uniform draws of ``shape`` for every image, stacked to ``[n, *shape]`` (CPU, float32)."""
     return torch.stack([torch.rand(tuple(shape), generator=g) for g in rngs]) * (high - low) + low
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    return (images.clamp(0, 1) * 255 + 0.5).to(torch.uint8)
 
 
 def pixel_grid(size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,7 +133,7 @@ def dead_leaves(seed: int, indices: Sequence[int], size: int, device: torch.devi
     palette = torch.cat([background[:, None], colours], dim=1).to(device)  # [n, K+1, 3]
     image = torch.gather(palette, 1, top[..., None].expand(-1, -1, 3))
     image = image.view(n, size, size, 3).permute(0, 3, 1, 2)
-    return to_uint8(image + texture * 0.25 * noise.to(device))
+    return image + texture * 0.25 * noise.to(device)
 
 
 def topmost(shape: dict, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -169,7 +194,7 @@ def spectral(seed: int, indices: Sequence[int], size: int, device: torch.device,
     field = torch.fft.ifft2(torch.fft.fft2(white) * amplitude).real
     lo = field.amin(dim=(2, 3), keepdim=True)
     hi = field.amax(dim=(2, 3), keepdim=True)
-    return to_uint8((field - lo) / (hi - lo + 1e-8))
+    return (field - lo) / (hi - lo + 1e-8)
 
 
 @register("shader")
@@ -179,46 +204,56 @@ def shader(seed: int, indices: Sequence[int], size: int, device: torch.device, w
 
     Each image's program is drawn from a small grammar: a coordinate field (cartesian, polar or
     radial), ``warps`` sine domain warps of random frequency and strength, a sum of ``waves``
-    oriented waves, a shaping op (identity, |·|, fract, smoothstep bands), and a palette
-    ``a + b·cos(2π(c·v + d))``. Ops are selected per image by one-hot weights so the batch stays
-    a single tensor program.
+    oriented waves, a shaping op (identity, |·|, fract bands, tanh bands), and a palette
+    ``a + b·cos(2π(c·v + d))``. The batch runs as one tensor program over ``[n, pixels]``: per-image
+    constants broadcast, fused multiply-adds work in place, and the ops that only some programs use
+    run on those images alone. This is the hot loop of ``kml_mixup``, hence the care.
     """
-    rngs = image_rngs("shader", seed, indices)
     n = len(indices)
-    p = per_image(rngs, (64,)).to(device)
+    p = image_uniforms("shader", seed, indices, 64).to(device)
     take = iter(range(64))
 
-    def nxt(low=0.0, high=1.0):
-        return (p[:, next(take)] * (high - low) + low)[:, None, None]
+    def nxt(low=0.0, high=1.0):                                         # [n, 1]: one constant per image
+        return p[:, next(take), None] * (high - low) + low
 
     y, x = pixel_grid(size, device)
-    y, x = (y[0] - 0.5) * 2, (x[0] - 0.5) * 2                          # [1, S, S] in [-1, 1]
+    y, x = (y.flatten(1) - 0.5) * 2, (x.flatten(1) - 0.5) * 2          # [1, S·S] in [-1, 1]
     zoom, rot = nxt(0.5, 2.0), nxt(0, 2 * math.pi)
-    u = (x * torch.cos(rot) - y * torch.sin(rot)) * zoom
-    v = (x * torch.sin(rot) + y * torch.cos(rot)) * zoom
-    coord_kind = (nxt() * 3).long()
-    radius, theta = torch.sqrt(u * u + v * v), torch.atan2(v, u)
-    u, v = (torch.where(coord_kind == 1, radius, torch.where(coord_kind == 2, theta, u)),
-            torch.where(coord_kind == 1, theta * nxt(1, 4).round(), torch.where(coord_kind == 2, radius * 3, v)))
+    cos_z, sin_z = torch.cos(rot) * zoom, torch.sin(rot) * zoom
+    u = (x * cos_z).sub_(y * sin_z)                             # rotate and zoom
+    v = (x * sin_z).add_(y * cos_z)
+    coord_kind, polar_turns = (nxt() * 3).long().flatten(), nxt(1, 4).round()
+    for kind, rows in grouped(coord_kind, 3):
+        if kind and len(rows):
+            radius, theta = torch.hypot(u[rows], v[rows]), torch.atan2(v[rows], u[rows])
+            u[rows], v[rows] = (radius, theta * polar_turns[rows]) if kind == 1 else (theta, radius * 3)
+    du, dv = torch.empty_like(u), torch.empty_like(v)                  # scratch, reused by every op below
     for _ in range(warps):
         strength, freq, phase = nxt(0, 1.0), nxt(0.5, 4), nxt(0, 2 * math.pi)
-        u, v = u + strength * torch.sin(freq * v + phase), v + strength * torch.cos(freq * u - phase)
-    value = torch.zeros(n, size, size, device=device)
+        torch.mul(v, freq, out=du).add_(phase).sin_()
+        torch.mul(u, freq, out=dv).sub_(phase).cos_()
+        u.addcmul_(strength, du), v.addcmul_(strength, dv)
+    value = torch.zeros_like(u)
     for _ in range(waves):
         angle, freq, phase, weight = nxt(0, math.pi), nxt(1, 6), nxt(0, 2 * math.pi), nxt(0.2, 1)
-        value = value + weight * torch.sin(freq * (u * torch.cos(angle) + v * torch.sin(angle)) + phase)
-    value = value / waves
-    shape_kind = (nxt() * 4).long()
-    bands = nxt(2, 8)
-    value = torch.where(shape_kind == 1, value.abs() * 2 - 1,
-            torch.where(shape_kind == 2, torch.frac(value * bands) * 2 - 1,
-            torch.where(shape_kind == 3, torch.tanh(value * bands), value)))
-    a = torch.stack([nxt(0.3, 0.7) for _ in range(3)], 1)
-    b = torch.stack([nxt(0.2, 0.5) for _ in range(3)], 1)
-    c = torch.stack([nxt(0.3, 1.5) for _ in range(3)], 1)
-    d = torch.stack([nxt(0, 1) for _ in range(3)], 1)
-    image = a + b * torch.cos(2 * math.pi * (c * value[:, None] + d))
-    return to_uint8(image)
+        torch.mul(u, freq * torch.cos(angle), out=du).addcmul_(v, freq * torch.sin(angle)).add_(phase).sin_()
+        value.addcmul_(du, weight / waves)
+    shape_kind, bands = (nxt() * 4).long().flatten(), nxt(2, 8)
+    for kind, rows in grouped(shape_kind, 4):
+        if kind and len(rows):
+            part = value[rows]
+            value[rows] = (part.abs_().mul_(2).sub_(1) if kind == 1 else
+                           part.mul_(bands[rows]).frac_().mul_(2).sub_(1) if kind == 2 else
+                           part.mul_(bands[rows]).tanh_())
+    a, b, c, d = (torch.cat([nxt(*span) for _ in range(3)], 1)[..., None]      # [n, 3, 1] per channel
+                  for span in ((0.3, 0.7), (0.2, 0.5), (0.3, 1.5), (0, 1)))
+    image = (value[:, None] * (2 * math.pi * c)).add_(2 * math.pi * d).cos_().mul_(b).add_(a)   # [n, 3, S·S]
+    return image.view(n, 3, size, size)
+
+
+def grouped(kinds: torch.Tensor, count: int) -> list[tuple[int, torch.Tensor]]:
+    """The rows of each kind 0..count-1, for ops that only some images of a batch need."""
+    return [(kind, (kinds == kind).nonzero().flatten()) for kind in range(count)]
 
 
 @register("fractal")
@@ -267,7 +302,7 @@ def fractal(seed: int, indices: Sequence[int], size: int, device: torch.device, 
     paint = torch.zeros(n * size * size, 3, device=device).index_add_(0, flat.flatten(), (col * weight[..., None]).flatten(0, 1))
     count, paint = count.view(n, size, size, 1), paint.view(n, size, size, 3)
     image = torch.where(count > 0, paint / count.clamp_min(1), background.to(device)[:, None, None, :])
-    return to_uint8(image.permute(0, 3, 1, 2))
+    return image.permute(0, 3, 1, 2)
 
 
 def ifs_system(g: torch.Generator, maps_max: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -301,6 +336,7 @@ def ifs_system(g: torch.Generator, maps_max: int) -> tuple[torch.Tensor, torch.T
 
 
 DEFAULT_SOURCES = ("shader", "dead_leaves", "spectral")
+KML_SOURCES = ("shader",)                      # the paper's best data set is "Shaders KML Mixup"
 
 
 def child_seed(seed: int, slot: int) -> int:
@@ -311,16 +347,17 @@ def child_seed(seed: int, slot: int) -> int:
 
 def mixed_sources(name: str, seed: int, indices: Sequence[int], size: int, device: torch.device,
                   slots: int, sources: Sequence[str]) -> list[torch.Tensor]:
-    """``slots`` source batches for a mixer; each image picks each slot's generator at random."""
-    rngs = image_rngs(name, seed, indices)
-    choice = (per_image(rngs, (slots,)) * len(sources)).long().clamp_max(len(sources) - 1)
+    """``slots`` float source batches for a mixer; each image picks each slot's generator at random."""
+    if len(sources) == 1:
+        return [render(sources[0], child_seed(seed, slot), indices, size, device) for slot in range(slots)]
+    choice = (image_uniforms(name, seed, indices, slots) * len(sources)).long().clamp_max(len(sources) - 1)
     out = []
     for slot in range(slots):
-        batch = torch.empty(len(indices), 3, size, size, dtype=torch.uint8, device=device)
+        batch = torch.empty(len(indices), 3, size, size, device=device)
         for k, source in enumerate(sources):
             rows = (choice[:, slot] == k).nonzero().flatten().tolist()
             if rows:
-                batch[rows] = generate(source, child_seed(seed, slot), [indices[r] for r in rows], size, device)
+                batch[rows] = render(source, child_seed(seed, slot), [indices[r] for r in rows], size, device)
         out.append(batch)
     return out
 
@@ -328,65 +365,72 @@ def mixed_sources(name: str, seed: int, indices: Sequence[int], size: int, devic
 def two_means_mask(images: torch.Tensor, iterations: int = 3) -> torch.Tensor:
     """Mask in {0, 1} from 2-means clustering of each image's RGB pixels (the KML mask).
 
-    With two centres the nearest-centre test is one half-space, p·(c₁−c₀) > (|c₁|²−|c₀|²)/2,
-    so each assignment is a matrix-vector product rather than a distance matrix.
+    With two centres the nearest-centre test is one half-space, p·(c₁−c₀) > (|c₁|²−|c₀|²)/2, and
+    the first cluster's sum is the total minus the second's, so an iteration is two batched
+    matrix-vector products.
     """
-    n = images.shape[0]
-    pixels = images.flatten(2).transpose(1, 2)                          # [n, P, 3]
-    brightness = pixels.mean(-1)
+    n, pixel_count = images.shape[0], images.shape[2] * images.shape[3]
+    pixels = images.flatten(2)                                           # [n, 3, P]
+    total = pixels.sum(2)
+    brightness = images.sum(1).flatten(1)
     rows = torch.arange(n, device=images.device)
-    centres = torch.stack([pixels[rows, brightness.argmin(1)], pixels[rows, brightness.argmax(1)]], 1)  # [n, 2, 3]
+    centres = torch.stack([pixels[rows, :, brightness.argmin(1)], pixels[rows, :, brightness.argmax(1)]], 1)  # [n, 2, 3]
 
     def nearer_to_second(c: torch.Tensor) -> torch.Tensor:
         normal = c[:, 1] - c[:, 0]
         offset = ((c[:, 1] ** 2).sum(-1) - (c[:, 0] ** 2).sum(-1)) / 2
-        return torch.einsum("npc,nc->np", pixels, normal) > offset[:, None]
+        return torch.bmm(normal[:, None], pixels)[:, 0] > offset[:, None]
 
     for _ in range(iterations):
-        second = nearer_to_second(centres).float()[..., None]            # [n, P, 1]
-        for k, member in enumerate((1 - second, second)):
-            count = member.sum(1)
-            centres[:, k] = torch.where(count > 0, (pixels * member).sum(1) / count.clamp_min(1), centres[:, k])
+        second = nearer_to_second(centres).float()                         # [n, P]
+        count = second.sum(1, keepdim=True)
+        sums = torch.bmm(pixels, second[..., None])[..., 0]                 # [n, 3]
+        means = ((total - sums) / (pixel_count - count).clamp_min(1), sums / count.clamp_min(1))
+        empty = (pixel_count - count == 0, count == 0)
+        centres = torch.stack([torch.where(empty[k], centres[:, k], means[k]) for k in range(2)], 1)
     return nearer_to_second(centres).float().view(n, 1, *images.shape[2:])
 
 
 def blur3(mask: torch.Tensor) -> torch.Tensor:
-    return F.avg_pool2d(F.pad(mask, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    """3×3 box blur with replicated edges, as two separable sums of shifted views
+    (several times faster than ``avg_pool2d`` on CPU)."""
+    p = F.pad(mask, (1, 1, 1, 1), mode="replicate")
+    rows = p[..., :-2, :] + p[..., 1:-1, :] + p[..., 2:, :]
+    return (rows[..., :-2] + rows[..., 1:-1]).add_(rows[..., 2:]).div_(9)
 
 
 @register("kml")
 def kml(seed: int, indices: Sequence[int], size: int, device: torch.device,
-        sources: Sequence[str] = DEFAULT_SOURCES, mask_size: int = 256) -> torch.Tensor:
+        sources: Sequence[str] = KML_SOURCES, mask_size: int = 256) -> torch.Tensor:
     """K-means leaves: a 2-means mask of one image composites two others, ``a·m + b·(1−m)``.
 
     As in the source paper: cluster the first image's RGB at ``mask_size`` (3 iterations), blur
-    the mask 3×3, resize it to the output size and blur again.
+    the mask 3×3, resize it to the output size and blur again. Sources default to shaders, the
+    paper's best choice ("Shaders KML"); any generators can be given.
     """
-    guide, a, b = (t.float() / 255 for t in mixed_sources("kml", seed, indices, size, device, 3, sources))
+    guide, a, b = mixed_sources("kml", seed, indices, size, device, 3, sources)
     work = min(mask_size, size)
     if work != size:
         guide = F.interpolate(guide, size=(work, work), mode="bilinear", antialias=True, align_corners=False)
     mask = blur3(two_means_mask(guide))
     if work != size:
         mask = F.interpolate(mask, size=(size, size), mode="bilinear", align_corners=False)
-    mask = blur3(mask)
-    return to_uint8(a * mask + b * (1 - mask))
+    return a.sub_(b).mul_(blur3(mask)).add_(b)                            # a·m + b·(1−m)
 
 
 @register("kml_mixup")
 def kml_mixup(seed: int, indices: Sequence[int], size: int, device: torch.device,
-              sources: Sequence[str] = DEFAULT_SOURCES) -> torch.Tensor:
-    """The source paper's best data: the mean of two KML images."""
-    first = kml(child_seed(seed, 101), indices, size, device, sources=sources).float()
-    second = kml(child_seed(seed, 102), indices, size, device, sources=sources).float()
-    return ((first + second) / 2 + 0.5).to(torch.uint8)
+              sources: Sequence[str] = KML_SOURCES) -> torch.Tensor:
+    """The source paper's best data ("Shaders KML Mixup"): the mean of two KML images."""
+    first = kml(child_seed(seed, 101), indices, size, device, sources)
+    return first.add_(kml(child_seed(seed, 102), indices, size, device, sources)).mul_(0.5)
 
 
 @register("mixup")
 def mixup(seed: int, indices: Sequence[int], size: int, device: torch.device, k: int = 3,
           concentration: float = 1.0, sources: Sequence[str] = DEFAULT_SOURCES) -> torch.Tensor:
     """Mix of ``k`` source images with Dirichlet(concentration) weights drawn per image."""
-    images = torch.stack([t.float() for t in mixed_sources("mixup", seed, indices, size, device, k, sources)], 1)
+    images = torch.stack(mixed_sources("mixup", seed, indices, size, device, k, sources), 1)
     weights = torch.tensor(np.stack([np.random.default_rng(child_seed(seed, 1000 + i)).dirichlet([concentration] * k)
                                      for i in indices]), dtype=torch.float32, device=device)
-    return ((images * weights[:, :, None, None, None]).sum(1) + 0.5).clamp(0, 255).to(torch.uint8)
+    return (images * weights[:, :, None, None, None]).sum(1)
