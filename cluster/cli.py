@@ -44,6 +44,7 @@ def add_common(p: argparse.ArgumentParser, ray: bool = True) -> None:
 def parser() -> argparse.ArgumentParser:
     from cluster.demo import DemoConfig
     from encoder.config import PRESETS
+    from eval.knn import K_SWEEP
     from index.voting import RULES
     from procdata.generators import GENERATORS
 
@@ -103,7 +104,7 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--seconds", type=float, default=2.0, help="measuring time per figure")
     add_common(bench, ray=False)
 
-    enc = sub.add_parser("encoder", help="train encoders").add_subparsers(dest="action", metavar="ACTION", required=True)
+    enc = sub.add_parser("encoder", help="train, evaluate and benchmark encoders").add_subparsers(dest="action", metavar="ACTION", required=True)
     train = enc.add_parser("train", help="DINO on procedural data in Ray Train (resumes from the last checkpoint)",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     train.add_argument("--preset", default="tiny-cpu", choices=sorted(PRESETS), help="encoder and DINO recipe")
@@ -114,7 +115,45 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--max-minutes", type=float, default=None, help="time budget (default: the preset's)")
     train.add_argument("--max-steps", type=int, default=None, help="step budget (default: the preset's)")
     train.add_argument("--seed", type=int, default=None, help="seed (default: 0)")
+    train.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                       help="override any field of the preset's TrainConfig (repeatable), e.g. --set "
+                            "momentum_teacher=0.99 --set arch.depth=6")
+    train.add_argument("--real-data", default=None, metavar="URL",
+                       help="train on this real image collection instead of procedural data: the papers' "
+                            "real-data control (upper reference), not the product")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run already in --out from its last checkpoint (without it, an --out "
+                            "that holds a run is an error)")
     add_common(train)
+
+    knn = enc.add_parser(
+        "eval-knn", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="kNN top-1 of an encoder on a labelled memory and query collection (the papers' protocol)",
+        description="Embed a labelled memory collection and a labelled query collection (folder trees "
+                    "ROOT/<label>/<image> or Parquet with image and label columns, on any fsspec URL), then "
+                    "classify every query by softmax-weighted votes (T = 0.07) of its k nearest memory images "
+                    "for each k of the sweep, and report the best k. Baselines go through the same path: "
+                    "--encoder random-init:tiny-cpu (the untrained network) or --encoder raw-pixels:32.")
+    knn.add_argument("--encoder", required=True, help="encoder URL, random-init:PRESET[:SEED] or raw-pixels:SIZE")
+    knn.add_argument("--memory", required=True, help="labelled collection URL: the kNN memory (e.g. a train split)")
+    knn.add_argument("--queries", required=True, help="labelled collection URL: the images to classify")
+    knn.add_argument("--k", default=",".join(map(str, K_SWEEP)), help="comma-separated ks to sweep")
+    knn.add_argument("--temperature", type=float, default=0.07, help="softmax voting temperature")
+    knn.add_argument("--batch-size", type=int, default=512, help="images per embedding batch")
+    add_common(knn, ray=False)
+
+    ebench = enc.add_parser("bench", help="training images/s per worker (Ray Train) and embedding images/s",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                            description="Trains each preset for --steps steps at each worker count through Ray "
+                                        "Train and reports images/s after warm-up, images/s per worker, the "
+                                        "speed-up over the first count and the share of step time spent making "
+                                        "procedural data; then the preset's embedding images/s. JSON: one object "
+                                        "per line.")
+    ebench.add_argument("--presets", default="tiny-cpu", help="comma-separated presets")
+    ebench.add_argument("--workers", default=None, help="comma-separated worker counts (default: 1, 2 and one per "
+                                                         "core or GPU)")
+    ebench.add_argument("--steps", type=int, default=30, help="training steps per figure")
+    add_common(ebench)
 
     embed = sub.add_parser("embed", help="embed a real image collection into Parquet with Ray Data (resumable)",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -263,15 +302,54 @@ def cmd_bench(args) -> dict:
 
 def cmd_train(args) -> dict:
     from cluster.runtime import ray_session
-    from encoder.config import preset
+    from encoder.config import parse_settings, preset
     from encoder.train import train
-    cfg = preset(args.preset, workers=args.workers, use_gpu=True if args.gpus else None,
-                 generators=tuple(args.data.split(",")) if args.data else None, max_minutes=args.max_minutes,
-                 max_steps=args.max_steps, seed=args.seed)
+    flags = dict(workers=args.workers, use_gpu=True if args.gpus else None, max_minutes=args.max_minutes,
+                 generators=tuple(args.data.split(",")) if args.data else None, max_steps=args.max_steps,
+                 seed=args.seed, real_data=args.real_data)
+    cfg = preset(args.preset, **{**flags, **parse_settings(args.set)})      # --set wins over the flags
     with ray_session(args.address):
-        url = train(cfg, args.out)
+        url = train(cfg, args.out, resume=args.resume)
     print(f"encoder: {url}")
     return {"encoder": url}
+
+
+def cmd_eval_knn(args) -> dict:
+    from encoder.embed import Encoder
+    from eval.knn import embed_labelled, knn_sweep
+    ks = parse_ints(args.k, "--k")
+    encoder = Encoder.load(args.encoder)
+    memory, memory_labels = embed_labelled(args.memory, encoder, args.batch_size)
+    queries, query_labels = embed_labelled(args.queries, encoder, args.batch_size)
+    result = knn_sweep(memory, memory_labels, queries, query_labels, ks, args.temperature)
+    for k, acc in result["by_k"].items():
+        print(f"k={k:<4d} top-1 {100 * acc:5.1f}%")
+    print(f"{args.encoder}: best top-1 {100 * result['top1']:.1f}% at k={result['best_k']} "
+          f"({len(memory)} memory, {len(queries)} queries, {len(set(memory_labels))} classes)")
+    return {**result, "encoder": args.encoder, "memory_images": len(memory), "query_images": len(queries)}
+
+
+def cmd_encoder_bench(args) -> dict:
+    from cluster.runtime import ray_session
+    from encoder.bench import bench, default_worker_counts
+    workers = parse_ints(args.workers, "--workers") if args.workers else default_worker_counts()
+    records = []
+    with ray_session(args.address):
+        for record in bench(args.presets.split(","), workers, args.steps):
+            records.append(record)
+            print(json.dumps(record) if args.json else " ".join(f"{k}={v}" for k, v in record.items()), flush=True)
+    args.json = False                      # the records are already one JSON object per line
+    return {"records": records}
+
+
+def parse_ints(text: str, option: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{option} takes comma-separated whole numbers, got {text!r}") from None
+    if not values or min(values) <= 0:
+        raise ValueError(f"{option} needs positive numbers, got {text!r}")
+    return values
 
 
 def cmd_embed(args) -> dict:
@@ -343,7 +421,8 @@ def cmd_client(args) -> dict:
 
 
 COMMANDS = {("demo", None): cmd_demo, ("procdata", "generate"): cmd_generate, ("procdata", "preview"): cmd_preview,
-            ("procdata", "bench"): cmd_bench, ("encoder", "train"): cmd_train, ("embed", None): cmd_embed,
+            ("procdata", "bench"): cmd_bench, ("encoder", "train"): cmd_train,
+            ("encoder", "eval-knn"): cmd_eval_knn, ("encoder", "bench"): cmd_encoder_bench, ("embed", None): cmd_embed,
             ("index", "build"): cmd_build, ("memory", "info"): cmd_info, ("serve", None): cmd_serve,
             ("classify", None): cmd_client, ("query", None): cmd_client}
 

@@ -63,9 +63,13 @@ def shutdown(ray_too: bool = True, serve_too: bool = False) -> None:
 
 @contextmanager
 def ray_session(address: str | None = None, serve_too: bool = False):
-    """Ray for the length of a ``with`` block: started (or joined) on entry, shut down on exit."""
+    """Ray for the length of a ``with`` block: started (or joined) on entry, shut down on exit,
+    unless the caller had already connected (then it stays as it was)."""
+    import ray
+    owned = not ray.is_initialized()
     init_ray(address)
     try:
         yield
     finally:
-        shutdown(serve_too=serve_too)
+        if owned:
+            shutdown(serve_too=serve_too)

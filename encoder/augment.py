@@ -74,7 +74,8 @@ def gaussian_blur(x: torch.Tensor, g: torch.Generator, p: float, sigma: tuple[fl
     if p <= 0:
         return x
     radius = max(1, min(h, w) // 8)
-    s = torch.empty(n).uniform_(*sigma, generator=g).to(x.device) * (h / 224 * 10 if h < 224 else 1)
+    # sigma is in 224-px pixels, as in DINO; smaller crops get proportionally less blur
+    s = torch.empty(n).uniform_(*sigma, generator=g).to(x.device) * min(1.0, h / 224)
     offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
     kernel = torch.exp(-offsets[None] ** 2 / (2 * s[:, None].clamp_min(0.1) ** 2))
     kernel = kernel / kernel.sum(1, keepdim=True)                                   # [n, K]

@@ -51,6 +51,7 @@ class TrainConfig:
     arch: ArchConfig = field(default_factory=ArchConfig)
     # data
     generators: tuple[str, ...] = ("kml_mixup", "shader", "dead_leaves")
+    real_data: str | None = None          # a real collection instead: the papers' control run only
     seed: int = 0
     batch_size: int = 64                 # per worker
     # budget: whichever comes first
@@ -112,8 +113,38 @@ PRESETS: dict[str, TrainConfig] = {
 }
 
 
+def parse_settings(pairs: list[str]) -> dict:
+    """``["lr=5e-4", "local_crops=6", "arch.depth=6"]`` → overrides for ``preset``, checked against
+    the dataclass fields so that a typo names itself. Values are read as JSON where they parse."""
+    import json
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    arch_fields = {f.name for f in dataclasses.fields(ArchConfig)}
+    out: dict = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep:
+            raise ValueError(f"--set takes FIELD=VALUE, got {pair!r}")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        value = tuple(value) if isinstance(value, list) else value
+        if key.startswith("arch."):
+            if key[5:] not in arch_fields:
+                raise ValueError(f"unknown architecture field {key!r}; fields: {', '.join(sorted(arch_fields))}")
+            out.setdefault("arch", {})[key[5:]] = value
+        elif key in fields and key != "arch":
+            out[key] = value
+        else:
+            raise ValueError(f"unknown training field {key!r}; fields: {', '.join(sorted(fields - {'arch'}))}")
+    return out
+
+
 def preset(name: str, **overrides) -> TrainConfig:
     """A copy of preset ``name`` with ``overrides`` (None values are ignored)."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
-    return dataclasses.replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if isinstance(overrides.get("arch"), dict):
+        overrides["arch"] = dataclasses.replace(PRESETS[name].arch, **overrides["arch"])
+    return dataclasses.replace(PRESETS[name], **overrides)

@@ -9,6 +9,7 @@ restarted run (or one with ``--resume``) continues from the latest.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -29,14 +30,17 @@ from encoder.backbone import build_backbone
 from encoder.checkpoint import CONFIG, PROVENANCE, WEIGHTS, load_train_state, save_train_state, write_artifact
 from encoder.config import TrainConfig
 from encoder.dino import DINOHead, DINOLoss, MultiCropWrapper, cosine, ema_update, param_groups
+from encoder.real_data import CollectionStream
 from procdata.stream import ProceduralStream, StreamConfig
 
 log = logging.getLogger("vismem.encoder.train")
 
 
 def provenance(cfg: TrainConfig, images_seen: int, steps: int) -> dict:
-    """What the encoder was trained on: generators and seeds only, never real data."""
-    return {"data": "procedural only", "generators": list(cfg.generators), "seed": cfg.seed,
+    """What the encoder was trained on: generators and seeds (or, for a control run, the real collection)."""
+    data = ({"data": f"real images: {cfg.real_data}"} if cfg.real_data else
+            {"data": "procedural only", "generators": list(cfg.generators)})
+    return {**data, "seed": cfg.seed,
             "per_worker_seed_layout": "image index = ((epoch*steps_per_epoch + step)*workers + rank)*batch + i",
             "workers": cfg.workers, "batch_size_per_worker": cfg.batch_size, "steps": steps,
             "images_seen": images_seen, "preset": cfg.preset, "method": "DINO"}
@@ -59,7 +63,7 @@ def train_loop_per_worker(config: dict) -> None:
         p.requires_grad = False
     loss_fn = DINOLoss(cfg.out_dim, n_crops, cfg.student_temp, cfg.center_momentum).to(device)
     optimizer = torch.optim.AdamW(param_groups(student))
-    step, elapsed, images_seen = 0, 0.0, 0
+    step, elapsed, images_seen, resumed_from = 0, 0.0, 0, None
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -70,19 +74,25 @@ def train_loop_per_worker(config: dict) -> None:
         optimizer.load_state_dict(state["optimizer"])
         loss_fn.center.copy_(state["center"].to(device))
         step, elapsed, images_seen = state["step"], state["elapsed"], state["images_seen"]
+        resumed_from = step
         if rank == 0:
             log.info("resumed from step %d (%.1f min in)", step, elapsed / 60)
     teacher.to(device)
     student = ray.train.torch.prepare_model(student)
     student_module = student.module if hasattr(student, "module") else student
 
-    stream = ProceduralStream(StreamConfig(cfg.generators, cfg.seed, cfg.arch.img_size, cfg.batch_size,
-                                           steps_per_epoch=10_000), rank, world, str(device))
+    if cfg.real_data:                                # the real-data control run, not the product
+        stream = CollectionStream(cfg.real_data, cfg.arch.img_size, cfg.batch_size, cfg.seed, rank, world,
+                                  steps_per_epoch=10_000, device=str(device))
+    else:
+        stream = ProceduralStream(StreamConfig(cfg.generators, cfg.seed, cfg.arch.img_size, cfg.batch_size,
+                                               steps_per_epoch=10_000), rank, world, str(device))
     aug_rng = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
     lr_peak = cfg.lr * cfg.batch_size * world / 256
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if use_amp else None
     window = {"start": time.time(), "data": 0.0, "images": 0}
+    steady = {"from_step": step + 3, "start": None, "data": 0.0, "images": 0}    # after warm-up, for benchmarks
     started = time.time() - elapsed
 
     while True:
@@ -95,10 +105,13 @@ def train_loop_per_worker(config: dict) -> None:
         if progress >= 1.0:
             break
         t0 = time.time()
+        if step == steady["from_step"]:
+            steady["start"] = t0
         images = stream.batch(step // 10_000, step % 10_000)[1]
         crops = multi_crop(images, cfg.arch.img_size, cfg.global_crop_scale, cfg.local_size, cfg.local_crop_scale,
                            cfg.local_crops, cfg.arch.mean, cfg.arch.std, aug_rng)
         window["data"] += time.time() - t0
+        steady["data"] += time.time() - t0 if steady["start"] else 0.0
 
         lr = cosine(progress, lr_peak, cfg.min_lr, cfg.warmup)
         optimizer.param_groups[0]["lr"] = optimizer.param_groups[1]["lr"] = lr
@@ -130,6 +143,7 @@ def train_loop_per_worker(config: dict) -> None:
         step += 1
         images_seen += cfg.batch_size * world
         window["images"] += cfg.batch_size * world
+        steady["images"] += cfg.batch_size * world if steady["start"] else 0
 
         if step % cfg.log_every == 0:
             seconds = time.time() - window["start"]
@@ -142,8 +156,11 @@ def train_loop_per_worker(config: dict) -> None:
         if step % cfg.checkpoint_every == 0:
             report(cfg, rank, step, time.time() - started, images_seen, student_module, teacher, optimizer, loss_fn,
                    {"step": step, "loss": loss.item()})
+    seconds = time.time() - steady["start"] if steady["start"] else float("nan")
     report(cfg, rank, step, time.time() - started, images_seen, student_module, teacher, optimizer, loss_fn,
-           {"step": step, "loss": float("nan") if step == 0 else loss.item(), "final": True})
+           {"step": step, "loss": float("nan") if step == 0 else loss.item(), "final": True,
+            "resumed_from": resumed_from, "images_per_s": steady["images"] / seconds,
+            "data_share": steady["data"] / seconds})
 
 
 def report(cfg, rank, step, elapsed, images_seen, student, teacher, optimizer, loss_fn, metrics) -> None:
@@ -168,8 +185,30 @@ def storage_for(url: str) -> tuple[str, pyarrow.fs.FileSystem]:
     return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
-def train(cfg: TrainConfig, out_url: str, name: str = "dino", max_failures: int = 1) -> str:
-    """Run DINO training; return the URL of the exported encoder (``out_url/encoder``)."""
+def train(cfg: TrainConfig, out_url: str, name: str = "dino", max_failures: int = 1, resume: bool = False,
+          result_metrics: dict | None = None) -> str:
+    """Run DINO training; return the URL of the exported encoder (``out_url/encoder``).
+
+    A run that already has checkpoints under ``out_url`` continues from the latest only with
+    ``resume`` (Ray Train restores a run of the same name and storage); without it that is an
+    error, so a typo in ``--out`` never silently continues somebody else's run. Within one call,
+    a failed worker restarts the group from the last checkpoint (``max_failures`` times).
+    ``result_metrics``, when given, receives the final report (step, images/s, resumed_from).
+    """
+    if cfg.real_data:                     # workers run elsewhere: make a local path absolute, check it now
+        from index.collections import open_collection
+        real = cfg.real_data if "://" in cfg.real_data else os.path.abspath(cfg.real_data)
+        open_collection(real)
+        cfg = dataclasses.replace(cfg, real_data=real)
+    previous = latest_checkpoint(out_url, name)
+    if previous and not resume:
+        raise FileExistsError(f"{out_url} already holds a training run (last checkpoint at step {previous[1]}, "
+                              f"{previous[0]}); pass --resume to continue it, or choose another --out")
+    if previous:
+        check_resumable(previous[0], cfg)
+        log.info("resuming the run at %s from step %d", out_url, previous[1])
+    elif resume:
+        log.info("nothing to resume at %s: starting a new run", out_url)
     storage_path, storage_fs = storage_for(out_url)
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=cfg.to_dict(),
@@ -182,7 +221,34 @@ def train(cfg: TrainConfig, out_url: str, name: str = "dino", max_failures: int 
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training under {out_url}/{name} produced no checkpoint")
+    if result_metrics is not None:
+        result_metrics.update(result.metrics or {})
     return export(result.checkpoint, out_url.rstrip("/") + "/encoder")
+
+
+def latest_checkpoint(out_url: str, name: str = "dino") -> tuple[str, int] | None:
+    """(URL, step) of the newest complete checkpoint of run ``name`` under ``out_url``, if any."""
+    fs, root = fsspec.core.url_to_fs(out_url.rstrip("/") + "/" + name)
+    found = []
+    for path in fs.glob(f"{root}/checkpoint_*/{PROVENANCE}"):
+        with fs.open(path) as f:
+            found.append((int(json.load(f).get("steps", 0)), path.rsplit("/", 1)[0]))
+    if not found:
+        return None
+    step, path = max(found)
+    return (fs.unstrip_protocol(path) if "://" in out_url else path), step
+
+
+def check_resumable(checkpoint_url: str, cfg: TrainConfig) -> None:
+    """Refuse to resume a run whose network differs from ``cfg``'s, naming the fields."""
+    fs, path = fsspec.core.url_to_fs(checkpoint_url)
+    with fs.open(f"{path}/{CONFIG}") as f:
+        saved = json.load(f)
+    mine = dataclasses.asdict(cfg.arch)
+    differ = [k for k in mine if k in saved and json.dumps(saved[k]) != json.dumps(mine[k])]
+    if differ:
+        raise ValueError(f"cannot resume {checkpoint_url}: its network differs from preset {cfg.preset!r} in "
+                         + ", ".join(f"{k} ({saved[k]} vs {mine[k]})" for k in differ))
 
 
 def export(checkpoint: ray.train.Checkpoint, url: str) -> str:

@@ -113,7 +113,7 @@ def read_partition(part: Partition) -> list[tuple[int, str, str | None, bytes | 
             out.append((part.first_id + offset, uri, label, data))
         return out
     with fsspec.open(part.parquet, "rb") as f:
-        table = pq.read_table(f).slice(part.start, part.stop - part.start)
+        table = read_rows(pq.ParquetFile(f), part.start, part.stop)
     cols = table.column_names
     images = table.column("image").to_pylist()
     labels = table.column("label").to_pylist() if "label" in cols else [None] * len(images)
@@ -122,3 +122,15 @@ def read_partition(part: Partition) -> list[tuple[int, str, str | None, bytes | 
     ids = table.column("id").to_pylist() if "id" in cols else [part.first_id + i for i in range(len(images))]
     return [(int(i), u, None if lab is None else str(lab), img if img is not None else ValueError("null image"))
             for i, u, lab, img in zip(ids, uris, labels, images)]
+
+
+def read_rows(file: pq.ParquetFile, start: int, stop: int):
+    """Rows [start, stop) of a Parquet file, reading only the row groups that hold them."""
+    groups, first_row, row = [], 0, 0
+    for group in range(file.metadata.num_row_groups):
+        rows = file.metadata.row_group(group).num_rows
+        if row < stop and row + rows > start:
+            first_row = row if not groups else first_row
+            groups.append(group)
+        row += rows
+    return file.read_row_groups(groups).slice(start - first_row, stop - start)

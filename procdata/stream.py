@@ -34,8 +34,10 @@ class StreamConfig:
 class ProceduralStream:
     """Iterates ``[batch, 3, size, size]`` uint8 batches for one worker of ``world_size``.
 
-    Batch ``step`` of ``epoch`` on ``rank`` holds images ``base .. base+batch`` of generator
-    ``generators[step % len(generators)]`` with ``base`` unique to (epoch, step, rank).
+    Batch ``step`` of ``epoch`` on ``rank`` holds images ``base .. base+batch`` with ``base``
+    unique to (epoch, step, rank); image ``i`` comes from ``generators[i % len(generators)]``, so
+    every batch mixes the generators evenly. (Single-generator batches make DINO's batch
+    statistics, the teacher centre above all, swing from batch to batch.)
     """
 
     config: StreamConfig = field(default_factory=StreamConfig)
@@ -45,10 +47,14 @@ class ProceduralStream:
 
     def batch(self, epoch: int, step: int) -> tuple[str, torch.Tensor]:
         cfg = self.config
-        name = cfg.generators[step % len(cfg.generators)]
         global_batch = (epoch * cfg.steps_per_epoch + step) * self.world_size + self.rank
-        base = global_batch * cfg.batch_size
-        return name, generate(name, cfg.seed, range(base, base + cfg.batch_size), cfg.size, self.device)
+        indices = torch.arange(global_batch * cfg.batch_size, (global_batch + 1) * cfg.batch_size)
+        images = torch.empty(cfg.batch_size, 3, cfg.size, cfg.size, dtype=torch.uint8, device=self.device)
+        for k, name in enumerate(cfg.generators):
+            rows = (indices % len(cfg.generators) == k).nonzero().flatten()
+            if len(rows):
+                images[rows.to(self.device)] = generate(name, cfg.seed, indices[rows].tolist(), cfg.size, self.device)
+        return "+".join(cfg.generators), images
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[torch.Tensor]:
         for step in range(start_step, self.config.steps_per_epoch):

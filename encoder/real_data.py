@@ -1,0 +1,73 @@
+"""Real images as training data: the control run of the source paper, never the product.
+
+The paper's upper reference trains the same recipe on the memory images themselves. This
+stream serves a labelled or unlabelled collection (any format ``index.collections`` reads) with
+the procedural stream's interface, each worker holding the decoded images in memory: meant for
+control runs on small sets such as CIFAR-10, not for a billion images.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from PIL import Image
+
+log = logging.getLogger("vismem.encoder.real_data")
+
+
+def load_collection(url: str, size: int) -> torch.Tensor:
+    """Every readable image of the collection, resized (shorter side) and centre-cropped to
+    ``size``: uint8 ``[n, 3, size, size]``. Unreadable images are skipped and counted."""
+    from encoder.embed import decode_image
+    from index.collections import list_partitions, read_partition
+
+    images, failed = [], 0
+    for part in list_partitions(url, partition_size=4096):
+        for _, uri, _, data in read_partition(part):
+            try:
+                if isinstance(data, Exception):
+                    raise data
+                images.append(square(decode_image(data), size))
+            except Exception as e:  # noqa: BLE001 (one bad image is skipped, never fatal)
+                failed += 1
+                log.warning("skipped %s: %s", uri, e)
+    if not images:
+        raise ValueError(f"no readable images in {url} ({failed} unreadable)")
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+
+
+def square(image: np.ndarray, size: int) -> np.ndarray:
+    h, w = image.shape[:2]
+    if (h, w) == (size, size):
+        return image
+    scale = size / min(h, w)
+    img = Image.fromarray(image).resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+    left, top = (img.width - size) // 2, (img.height - size) // 2
+    return np.asarray(img.crop((left, top, left + size, top + size)))
+
+
+class CollectionStream:
+    """Batches of a real collection for worker ``rank`` of ``world_size``: every pass over the
+    data is a fresh permutation seeded by (seed, pass), and workers take disjoint slices."""
+
+    def __init__(self, url: str, size: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 steps_per_epoch: int = 10_000, device: str = "cpu"):
+        self.images = load_collection(url, size)
+        self.url, self.batch_size, self.seed = url, batch_size, seed
+        self.rank, self.world_size, self.steps_per_epoch, self.device = rank, world_size, steps_per_epoch, device
+        self.orders: dict[int, np.ndarray] = {}
+        log.info("real-data stream: %d images from %s", len(self.images), url)
+
+    def order(self, epoch: int) -> np.ndarray:
+        if epoch not in self.orders:
+            self.orders = {epoch: np.random.default_rng([self.seed, epoch]).permutation(len(self.images))}
+        return self.orders[epoch]
+
+    def batch(self, epoch: int, step: int) -> tuple[str, torch.Tensor]:
+        global_batch = (epoch * self.steps_per_epoch + step) * self.world_size + self.rank
+        positions = np.arange(global_batch * self.batch_size, (global_batch + 1) * self.batch_size)
+        n = len(self.images)
+        ids = np.array([self.order(int(p // n))[p % n] for p in positions])
+        return "real", self.images[torch.from_numpy(ids)].to(self.device)
