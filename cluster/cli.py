@@ -306,10 +306,14 @@ def cmd_train(args) -> dict:
     from encoder.train import train
     flags = dict(workers=args.workers, use_gpu=True if args.gpus else None, max_minutes=args.max_minutes,
                  generators=tuple(args.data.split(",")) if args.data else None, max_steps=args.max_steps,
-                 seed=args.seed, real_data=args.real_data)
+                 seed=args.seed)
     cfg = preset(args.preset, **{**flags, **parse_settings(args.set)})      # --set wins over the flags
     with ray_session(args.address):
-        url = train(cfg, args.out, resume=args.resume)
+        if args.real_data:
+            from eval.real_control import train_on_collection
+            url = train_on_collection(cfg, args.real_data, args.out, resume=args.resume)
+        else:
+            url = train(cfg, args.out, resume=args.resume)
     print(f"encoder: {url}")
     return {"encoder": url}
 

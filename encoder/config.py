@@ -51,7 +51,7 @@ class TrainConfig:
     arch: ArchConfig = field(default_factory=ArchConfig)
     # data
     generators: tuple[str, ...] = ("kml_mixup", "shader", "dead_leaves")
-    real_data: str | None = None          # a real collection instead: the papers' control run only
+    real_data: str | None = None          # set by eval.real_control: the real-data control run
     seed: int = 0
     batch_size: int = 64                 # per worker
     # budget: whichever comes first

@@ -30,7 +30,6 @@ from encoder.backbone import build_backbone
 from encoder.checkpoint import CONFIG, PROVENANCE, WEIGHTS, load_train_state, save_train_state, write_artifact
 from encoder.config import TrainConfig
 from encoder.dino import DINOHead, DINOLoss, MultiCropWrapper, cosine, ema_update, param_groups
-from encoder.real_data import CollectionStream
 from procdata.stream import ProceduralStream, StreamConfig
 
 log = logging.getLogger("vismem.encoder.train")
@@ -47,6 +46,8 @@ def provenance(cfg: TrainConfig, images_seen: int, steps: int) -> dict:
 
 
 def train_loop_per_worker(config: dict) -> None:
+    config = dict(config)
+    stream_factory = config.pop("stream_factory", None)
     cfg = TrainConfig.from_dict(config)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -81,9 +82,8 @@ def train_loop_per_worker(config: dict) -> None:
     student = ray.train.torch.prepare_model(student)
     student_module = student.module if hasattr(student, "module") else student
 
-    if cfg.real_data:                                # the real-data control run, not the product
-        stream = CollectionStream(cfg.real_data, cfg.arch.img_size, cfg.batch_size, cfg.seed, rank, world,
-                                  steps_per_epoch=10_000, device=str(device))
+    if stream_factory:                               # e.g. eval.real_control's real images
+        stream = stream_factory(rank, world, str(device))
     else:
         stream = ProceduralStream(StreamConfig(cfg.generators, cfg.seed, cfg.arch.img_size, cfg.batch_size,
                                                steps_per_epoch=10_000), rank, world, str(device))
@@ -186,7 +186,7 @@ def storage_for(url: str) -> tuple[str, pyarrow.fs.FileSystem]:
 
 
 def train(cfg: TrainConfig, out_url: str, name: str = "dino", max_failures: int = 1, resume: bool = False,
-          result_metrics: dict | None = None) -> str:
+          result_metrics: dict | None = None, stream_factory=None) -> str:
     """Run DINO training; return the URL of the exported encoder (``out_url/encoder``).
 
     A run that already has checkpoints under ``out_url`` continues from the latest only with
@@ -194,12 +194,10 @@ def train(cfg: TrainConfig, out_url: str, name: str = "dino", max_failures: int 
     error, so a typo in ``--out`` never silently continues somebody else's run. Within one call,
     a failed worker restarts the group from the last checkpoint (``max_failures`` times).
     ``result_metrics``, when given, receives the final report (step, images/s, resumed_from).
+    ``stream_factory(rank, world_size, device)`` replaces the procedural stream (control runs).
     """
-    if cfg.real_data:                     # workers run elsewhere: make a local path absolute, check it now
-        from index.collections import open_collection
-        real = cfg.real_data if "://" in cfg.real_data else os.path.abspath(cfg.real_data)
-        open_collection(real)
-        cfg = dataclasses.replace(cfg, real_data=real)
+    if cfg.real_data and stream_factory is None:
+        raise ValueError("a real-data run needs its stream: use eval.real_control.train_on_collection")
     previous = latest_checkpoint(out_url, name)
     if previous and not resume:
         raise FileExistsError(f"{out_url} already holds a training run (last checkpoint at step {previous[1]}, "
@@ -211,7 +209,7 @@ def train(cfg: TrainConfig, out_url: str, name: str = "dino", max_failures: int 
         log.info("nothing to resume at %s: starting a new run", out_url)
     storage_path, storage_fs = storage_for(out_url)
     trainer = TorchTrainer(
-        train_loop_per_worker, train_loop_config=cfg.to_dict(),
+        train_loop_per_worker, train_loop_config={**cfg.to_dict(), "stream_factory": stream_factory},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
                                                resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=ray.train.RunConfig(

@@ -9,6 +9,7 @@ import signal
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from encoder.config import ArchConfig, TrainConfig
@@ -102,10 +103,9 @@ def test_bench_reports_throughput_and_data_share(ray_local):
 
 def test_real_data_stream_gives_workers_disjoint_passes(tmp_path):
     """The control run's stream: each pass is a permutation, split between workers without overlap."""
-    import numpy as np
     from PIL import Image
 
-    from encoder.real_data import CollectionStream
+    from eval.real_control import CollectionStream
     for i in range(12):
         (tmp_path / "c" / str(i % 3)).mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.full((20, 30, 3), i * 20, np.uint8)).save(tmp_path / "c" / str(i % 3) / f"{i}.png")
@@ -116,3 +116,21 @@ def test_real_data_stream_gives_workers_disjoint_passes(tmp_path):
     assert sorted(seen) == list(range(12))                        # one pass: every image exactly once
     again = CollectionStream(str(tmp_path / "c"), size=8, batch_size=3, seed=1, rank=1, world_size=2)
     assert again.batch(0, 1)[1].equal(workers[1].batch(0, 1)[1])
+
+
+def test_real_data_control_trains_through_the_same_loop(ray_local, tmp_path):
+    from PIL import Image
+
+    from eval.real_control import train_on_collection
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        (tmp_path / "c" / str(i % 2)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(tmp_path / "c" / str(i % 2) / f"{i}.png")
+    metrics: dict = {}
+    encoder = train_on_collection(dataclasses.replace(TINY, max_steps=3), str(tmp_path / "c"), str(tmp_path / "run"),
+                                  result_metrics=metrics)
+    assert metrics["step"] == 3
+    with open(os.path.join(encoder, "provenance.json")) as f:
+        assert json.load(f)["data"] == f"real images: {tmp_path / 'c'}"
+    with pytest.raises(FileNotFoundError, match="no collection"):
+        train_on_collection(TINY, str(tmp_path / "missing"), str(tmp_path / "run2"))

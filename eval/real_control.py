@@ -1,20 +1,22 @@
-"""Real images as training data: the control run of the source paper, never the product.
+"""The real-data control: the same DINO recipe trained on real images, the papers' upper reference.
 
-The paper's upper reference trains the same recipe on the memory images themselves. This
-stream serves a labelled or unlabelled collection (any format ``index.collections`` reads) with
-the procedural stream's interface, each worker holding the decoded images in memory: meant for
-control runs on small sets such as CIFAR-10, not for a billion images.
+It is an evaluation, not the product, so it lives here rather than in encoder/ (which never reads
+real images). ``CollectionStream`` serves a collection (any format ``index.collections`` reads)
+with the procedural stream's interface, each worker holding the decoded images in memory: meant
+for control runs on small sets such as CIFAR-10, not for a billion images.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 
 import numpy as np
 import torch
 from PIL import Image
 
-log = logging.getLogger("vismem.encoder.real_data")
+log = logging.getLogger("vismem.eval.real_control")
 
 
 def load_collection(url: str, size: int) -> torch.Tensor:
@@ -71,3 +73,17 @@ class CollectionStream:
         n = len(self.images)
         ids = np.array([self.order(int(p // n))[p % n] for p in positions])
         return "real", self.images[torch.from_numpy(ids)].to(self.device)
+
+
+def train_on_collection(cfg, url: str, out_url: str, **train_kwargs) -> str:
+    """Train ``cfg``'s recipe on the real collection at ``url`` (the control run); the encoder URL."""
+    from encoder.train import train
+    from index.collections import open_collection
+    url = url if "://" in url else os.path.abspath(url)       # workers run elsewhere
+    open_collection(url)                                        # a clear error before any Ray work
+    cfg = dataclasses.replace(cfg, real_data=url)
+
+    def stream(rank: int, world_size: int, device: str) -> CollectionStream:
+        return CollectionStream(url, cfg.arch.img_size, cfg.batch_size, cfg.seed, rank, world_size, device=device)
+
+    return train(cfg, out_url, stream_factory=stream, **train_kwargs)
