@@ -33,6 +33,16 @@ examples:
 """
 
 
+class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default only where there is one worth reading (not None, False or [])."""
+
+    def _get_help_string(self, action):
+        if action.required or action.default is None or action.default is False or action.default == [] \
+                or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def add_common(p: argparse.ArgumentParser, ray: bool = True) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -55,7 +65,7 @@ def parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser(
         "demo", help="run the main job end to end on the embedded defaults",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelp,
         description="Stream procedural images from Ray Train workers and train a small DINO ViT on them only; "
                     "batch-embed the real images (scikit-learn's digits) with Ray Data; build a sharded FAISS "
                     "memory; serve it with Ray Serve on 127.0.0.1; classify the held-out images through the router "
@@ -80,7 +90,7 @@ def parser() -> argparse.ArgumentParser:
     proc = sub.add_parser("procdata", help="procedural images: write shards, preview, benchmark").add_subparsers(
         dest="action", metavar="ACTION", required=True)
     gen = proc.add_parser("generate", help="write a procedural data set as Parquet shards with Ray actors (resumable)",
-                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                          formatter_class=DefaultsHelp)
     gen.add_argument("--generator", required=True, help=f"one of: {', '.join(GENERATORS)}")
     gen.add_argument("--n", type=int, required=True, help="number of images")
     gen.add_argument("--size", type=int, default=64, help="image side in pixels")
@@ -91,14 +101,14 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--workers", type=int, default=None, help="writer actors (default: one per CPU, or per GPU)")
     add_common(gen)
     prev = proc.add_parser("preview", help="a labelled grid of samples of every generator (PNG)",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=DefaultsHelp)
     prev.add_argument("--out", required=True, help="PNG file URL")
     prev.add_argument("--size", type=int, default=64, help="sample side in pixels")
     prev.add_argument("--per-row", type=int, default=8, help="samples per generator")
     prev.add_argument("--seed", type=int, default=0, help="seed")
     add_common(prev, ray=False)
     bench = proc.add_parser("bench", help="images/s of every generator, one core and all cores (and GPU)",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                            formatter_class=DefaultsHelp)
     bench.add_argument("--sizes", default="64,224", help="comma-separated image sizes")
     bench.add_argument("--generators", default=",".join(GENERATORS), help="comma-separated generators")
     bench.add_argument("--seconds", type=float, default=2.0, help="measuring time per figure")
@@ -106,7 +116,7 @@ def parser() -> argparse.ArgumentParser:
 
     enc = sub.add_parser("encoder", help="train, evaluate and benchmark encoders").add_subparsers(dest="action", metavar="ACTION", required=True)
     train = enc.add_parser("train", help="DINO on procedural data in Ray Train (resumes from the last checkpoint)",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=DefaultsHelp)
     train.add_argument("--preset", default="tiny-cpu", choices=sorted(PRESETS), help="encoder and DINO recipe")
     train.add_argument("--out", required=True, help="URL for checkpoints; the encoder is exported to OUT/encoder")
     train.add_argument("--workers", type=int, default=None, help="Ray Train workers (default: the preset's)")
@@ -127,7 +137,7 @@ def parser() -> argparse.ArgumentParser:
     add_common(train)
 
     knn = enc.add_parser(
-        "eval-knn", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "eval-knn", formatter_class=DefaultsHelp,
         help="kNN top-1 of an encoder on a labelled memory and query collection (the papers' protocol)",
         description="Embed a labelled memory collection and a labelled query collection (folder trees "
                     "ROOT/<label>/<image> or Parquet with image and label columns, on any fsspec URL), then "
@@ -143,7 +153,7 @@ def parser() -> argparse.ArgumentParser:
     add_common(knn, ray=False)
 
     ebench = enc.add_parser("bench", help="training images/s per worker (Ray Train) and embedding images/s",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                            formatter_class=DefaultsHelp,
                             description="Trains each preset for --steps steps at each worker count through Ray "
                                         "Train and reports images/s after warm-up, images/s per worker, the "
                                         "speed-up over the first count and the share of step time spent making "
@@ -156,7 +166,7 @@ def parser() -> argparse.ArgumentParser:
     add_common(ebench)
 
     embed = sub.add_parser("embed", help="embed a real image collection into Parquet with Ray Data (resumable)",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=DefaultsHelp)
     embed.add_argument("--collection", required=True,
                        help="folder tree ROOT/<label>/<image> or Parquet with an 'image' column, any fsspec URL")
     embed.add_argument("--encoder", required=True,
@@ -168,7 +178,7 @@ def parser() -> argparse.ArgumentParser:
 
     idx = sub.add_parser("index", help="build memories").add_subparsers(dest="action", metavar="ACTION", required=True)
     build = idx.add_parser("build", help="embedding Parquet → sharded FAISS memory with a manifest",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=DefaultsHelp)
     build.add_argument("--embeddings", required=True, help="URL written by `vismem embed`")
     build.add_argument("--memory", required=True, help="memory root URL (a new version if one exists)")
     build.add_argument("--shards", type=int, default=2, help="number of shards")
@@ -183,7 +193,7 @@ def parser() -> argparse.ArgumentParser:
     add_common(info, ray=False)
 
     serve = sub.add_parser("serve", help="serve a memory over HTTP with Ray Serve (until Ctrl-C)",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=DefaultsHelp)
     serve.add_argument("--memory", required=True, help="memory root URL")
     serve.add_argument("--host", default="127.0.0.1", help="HTTP bind address")
     serve.add_argument("--port", type=int, default=8000, help="HTTP port")
@@ -193,7 +203,7 @@ def parser() -> argparse.ArgumentParser:
 
     for name, what in (("classify", "classify images through a running router"),
                        ("query", "nearest neighbours of images through a running router")):
-        q = sub.add_parser(name, help=what, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        q = sub.add_parser(name, help=what, formatter_class=DefaultsHelp)
         q.add_argument("images", nargs="+", help="image files (any fsspec URL)")
         q.add_argument("--url", default="http://127.0.0.1:8000", help="router base URL")
         q.add_argument("-k", type=int, default=10, help="neighbours per query")
