@@ -107,7 +107,7 @@ def train_loop_per_worker(config: dict) -> None:
         t0 = time.time()
         if step == steady["from_step"]:
             steady["start"] = t0
-        images = stream.batch(step // 10_000, step % 10_000)[1]
+        images = stream.batch(step // 10_000, step % 10_000)
         crops = multi_crop(images, cfg.arch.img_size, cfg.global_crop_scale, cfg.local_size, cfg.local_crop_scale,
                            cfg.local_crops, cfg.arch.mean, cfg.arch.std, aug_rng)
         window["data"] += time.time() - t0

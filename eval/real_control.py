@@ -67,12 +67,12 @@ class CollectionStream:
             self.orders = {epoch: np.random.default_rng([self.seed, epoch]).permutation(len(self.images))}
         return self.orders[epoch]
 
-    def batch(self, epoch: int, step: int) -> tuple[str, torch.Tensor]:
+    def batch(self, epoch: int, step: int) -> torch.Tensor:
         global_batch = (epoch * self.steps_per_epoch + step) * self.world_size + self.rank
         positions = np.arange(global_batch * self.batch_size, (global_batch + 1) * self.batch_size)
         n = len(self.images)
         ids = np.array([self.order(int(p // n))[p % n] for p in positions])
-        return "real", self.images[torch.from_numpy(ids)].to(self.device)
+        return self.images[torch.from_numpy(ids)].to(self.device)
 
 
 def train_on_collection(cfg, url: str, out_url: str, **train_kwargs) -> str:

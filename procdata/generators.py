@@ -354,10 +354,10 @@ def mixed_sources(name: str, seed: int, indices: Sequence[int], size: int, devic
     out = []
     for slot in range(slots):
         batch = torch.empty(len(indices), 3, size, size, device=device)
-        for k, source in enumerate(sources):
-            rows = (choice[:, slot] == k).nonzero().flatten().tolist()
-            if rows:
-                batch[rows] = render(source, child_seed(seed, slot), [indices[r] for r in rows], size, device)
+        for k, rows in grouped(choice[:, slot], len(sources)):
+            if len(rows):
+                batch[rows] = render(sources[k], child_seed(seed, slot), [indices[r] for r in rows.tolist()], size,
+                                     device)
         out.append(batch)
     return out
 

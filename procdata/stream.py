@@ -12,7 +12,7 @@ from typing import Iterator
 
 import torch
 
-from procdata.generators import generate, get_generator
+from procdata.generators import generate, get_generator, grouped
 
 
 @dataclass
@@ -45,20 +45,20 @@ class ProceduralStream:
     world_size: int = 1
     device: str = "cpu"
 
-    def batch(self, epoch: int, step: int) -> tuple[str, torch.Tensor]:
+    def batch(self, epoch: int, step: int) -> torch.Tensor:
         cfg = self.config
         global_batch = (epoch * cfg.steps_per_epoch + step) * self.world_size + self.rank
         indices = torch.arange(global_batch * cfg.batch_size, (global_batch + 1) * cfg.batch_size)
         images = torch.empty(cfg.batch_size, 3, cfg.size, cfg.size, dtype=torch.uint8, device=self.device)
-        for k, name in enumerate(cfg.generators):
-            rows = (indices % len(cfg.generators) == k).nonzero().flatten()
+        for k, rows in grouped(indices % len(cfg.generators), len(cfg.generators)):
             if len(rows):
-                images[rows.to(self.device)] = generate(name, cfg.seed, indices[rows].tolist(), cfg.size, self.device)
-        return "+".join(cfg.generators), images
+                images[rows.to(self.device)] = generate(cfg.generators[k], cfg.seed, indices[rows].tolist(), cfg.size,
+                                                        self.device)
+        return images
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[torch.Tensor]:
         for step in range(start_step, self.config.steps_per_epoch):
-            yield self.batch(epoch, step)[1]
+            yield self.batch(epoch, step)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         epoch = 0

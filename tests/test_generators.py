@@ -45,15 +45,15 @@ def test_stream_workers_get_disjoint_reproducible_batches():
     cfg = StreamConfig(generators=("shader",), seed=3, size=16, batch_size=4, steps_per_epoch=5)
     w0, w1 = ProceduralStream(cfg, 0, 2), ProceduralStream(cfg, 1, 2)
     first = next(iter(w0))
-    assert torch.equal(first, ProceduralStream(cfg, 0, 2).batch(0, 0)[1])
+    assert torch.equal(first, ProceduralStream(cfg, 0, 2).batch(0, 0))
     assert not torch.equal(first, next(iter(w1)))
-    assert not torch.equal(w0.batch(0, 0)[1], w0.batch(1, 0)[1])
+    assert not torch.equal(w0.batch(0, 0), w0.batch(1, 0))
 
 
 def test_stream_batches_mix_the_generators():
     """Image i of the stream comes from generators[i % G]: every batch holds all of them."""
     cfg = StreamConfig(generators=("shader", "dead_leaves", "spectral"), seed=3, size=16, batch_size=6)
-    batch = ProceduralStream(cfg, rank=1, world_size=2).batch(0, 2)[1]
+    batch = ProceduralStream(cfg, rank=1, world_size=2).batch(0, 2)
     base = (2 * 2 + 1) * 6
     for i, image in enumerate(batch):
         name = cfg.generators[(base + i) % 3]
