@@ -9,7 +9,7 @@ format ``index.collections`` reads (folder tree or Parquet, local or object stor
 from __future__ import annotations
 
 import logging
-from typing import Callable, Sequence
+from typing import Sequence
 
 import faiss
 import numpy as np
@@ -72,39 +72,25 @@ def knn_sweep(memory: np.ndarray, memory_labels: Sequence, queries: np.ndarray, 
     return {"top1": by_k[best_k], "best_k": best_k, "by_k": by_k}
 
 
-def embed_labelled(url: str, encoder, batch_size: int = 512, progress: bool = True,
-                   on_error: Callable[[str, Exception], None] | None = None) -> tuple[np.ndarray, list[str]]:
+def embed_labelled(url: str, encoder, batch_size: int = 512, progress: bool = True) -> tuple[np.ndarray, list[str]]:
     """Embeddings and labels of every readable image of the collection at ``url``.
 
-    Unreadable images are skipped, logged and counted (``on_error`` sees each); an image without a
-    label is an error, since a kNN evaluation needs every label.
+    Unreadable images are skipped and logged; an image without a label is an error, since a kNN
+    evaluation needs every label.
     """
-    from encoder.embed import decode_image
-    from index.collections import list_partitions, read_partition
+    from eval.readable import readable_images
+    from index.collections import list_partitions
 
-    parts = list_partitions(url, partition_size=batch_size)
-    vectors, labels, failed = [], [], 0
+    parts = list_partitions(url, batch_size)
+    vectors, labels = [], []
     with tqdm(total=sum(len(p) for p in parts), desc=f"embed {url}", unit="img", disable=not progress) as bar:
-        for part in parts:
-            images = []
-            for _, uri, label, data in read_partition(part):
-                try:
-                    if isinstance(data, Exception):
-                        raise data
-                    images.append(decode_image(data))
-                except Exception as e:  # noqa: BLE001 (skip and report one bad image, never abort)
-                    failed += 1
-                    (on_error or (lambda u, err: log.warning("skipped %s: %s", u, err)))(uri, e)
-                    continue
+        for part, items in readable_images(url, parts):
+            for uri, label, _ in items:
                 if label is None:
                     raise ValueError(f"{uri} has no label: kNN evaluation needs a labelled collection "
                                      "(ROOT/<label>/<image> or a Parquet 'label' column)")
                 labels.append(label)
-            if images:
-                vectors.append(encoder.embed(images, batch_size=batch_size))
+            if items:
+                vectors.append(encoder.embed([image for _, _, image in items], batch_size=batch_size))
             bar.update(len(part))
-    if not labels:
-        raise ValueError(f"no readable images in {url} ({failed} unreadable)")
-    if failed:
-        log.warning("%s: %d unreadable images skipped", url, failed)
     return np.concatenate(vectors), labels

@@ -16,27 +16,15 @@ import numpy as np
 import torch
 from PIL import Image
 
+from eval.readable import readable_images
+
 log = logging.getLogger("vismem.eval.real_control")
 
 
 def load_collection(url: str, size: int) -> torch.Tensor:
     """Every readable image of the collection, resized (shorter side) and centre-cropped to
-    ``size``: uint8 ``[n, 3, size, size]``. Unreadable images are skipped and counted."""
-    from encoder.embed import decode_image
-    from index.collections import list_partitions, read_partition
-
-    images, failed = [], 0
-    for part in list_partitions(url, partition_size=4096):
-        for _, uri, _, data in read_partition(part):
-            try:
-                if isinstance(data, Exception):
-                    raise data
-                images.append(square(decode_image(data), size))
-            except Exception as e:  # noqa: BLE001 (one bad image is skipped, never fatal)
-                failed += 1
-                log.warning("skipped %s: %s", uri, e)
-    if not images:
-        raise ValueError(f"no readable images in {url} ({failed} unreadable)")
+    ``size``: uint8 ``[n, 3, size, size]``. Unreadable images are skipped and logged."""
+    images = [square(image, size) for _, items in readable_images(url) for _, _, image in items]
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
 
 
