@@ -301,7 +301,7 @@ def cmd_bench(args) -> dict:
     for name in names:
         get_generator(name)
     records = []
-    for record in bench(names, [int(s) for s in args.sizes.split(",")], seconds=args.seconds):
+    for record in bench(names, parse_ints(args.sizes, "--sizes"), seconds=args.seconds):
         records.append(record)
         print(json.dumps(record) if args.json else
               f"{record['generator']:12s} {record['size']:4d}px {record['device']:5s} x{record['workers']:<3d} "

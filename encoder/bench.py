@@ -57,7 +57,6 @@ def bench(presets: Sequence[str], worker_counts: Sequence[int], steps: int = 30)
 
 def default_worker_counts() -> list[int]:
     """1 and 2 workers, and one per core or GPU: the scaling figures."""
-    import os
-    devices = torch.cuda.device_count() or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                                            else os.cpu_count() or 1)
+    from procdata.bench import available_cores
+    devices = torch.cuda.device_count() or available_cores()
     return sorted({1, min(2, devices), devices})

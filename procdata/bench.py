@@ -31,6 +31,11 @@ def images_per_second(name: str, size: int, device: str = "cpu", batch: int = 25
     return done / (time.perf_counter() - start)
 
 
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def _one_core(args) -> float:
     name, size, batch, seconds, worker = args
     return images_per_second(name, size, "cpu", batch, seconds, threads=1, seed=worker)
@@ -39,7 +44,7 @@ def _one_core(args) -> float:
 def bench(generators: Sequence[str] | None = None, sizes: Sequence[int] = (64, 224), batch: int = 128,
           seconds: float = 2.0, all_cores: bool = True) -> Iterator[dict]:
     """Yield one record per (generator, size, device, workers)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = available_cores()
     names = list(generators or GENERATORS)
     for size in sizes:
         for name in names:
