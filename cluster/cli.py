@@ -127,7 +127,8 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=None, help="seed (default: 0)")
     train.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                        help="override any field of the preset's TrainConfig (repeatable), e.g. --set "
-                            "momentum_teacher=0.99 --set arch.depth=6")
+                            "momentum_teacher=0.996 --set arch.depth=6 --set centering=mean "
+                            "--set precision=fp32")
     train.add_argument("--real-data", default=None, metavar="URL",
                        help="train on this real image collection instead of procedural data: the papers' "
                             "real-data control (upper reference), not the product")

@@ -29,10 +29,11 @@ from encoder.augment import multi_crop
 from encoder.backbone import build_backbone
 from encoder.checkpoint import CONFIG, PROVENANCE, WEIGHTS, load_train_state, save_train_state, write_artifact
 from encoder.config import TrainConfig
-from encoder.dino import DINOHead, DINOLoss, MultiCropWrapper, cosine, ema_update, param_groups
+from encoder.dino import CENTERINGS, DINOHead, DINOLoss, MultiCropWrapper, cosine, ema_update, koleo, param_groups
 from procdata.stream import ProceduralStream, StreamConfig
 
 log = logging.getLogger("vismem.encoder.train")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def provenance(cfg: TrainConfig, images_seen: int, steps: int) -> dict:
@@ -62,7 +63,7 @@ def train_loop_per_worker(config: dict) -> None:
     teacher = copy.deepcopy(student)
     for p in teacher.parameters():
         p.requires_grad = False
-    loss_fn = DINOLoss(cfg.out_dim, n_crops, cfg.student_temp, cfg.center_momentum).to(device)
+    loss_fn = DINOLoss(cfg.out_dim, n_crops, cfg.student_temp, cfg.center_momentum, cfg.centering).to(device)
     optimizer = torch.optim.AdamW(param_groups(student))
     step, elapsed, images_seen, resumed_from = 0, 0.0, 0, None
 
@@ -89,8 +90,10 @@ def train_loop_per_worker(config: dict) -> None:
                                                steps_per_epoch=10_000), rank, world, str(device))
     aug_rng = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
     lr_peak = cfg.lr * cfg.batch_size * world / 256
-    use_amp = device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda") if use_amp else None
+    amp_dtype = autocast_dtype(cfg.precision, device)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    if rank == 0:
+        log.info("training on %s in %s", device, str(amp_dtype or torch.float32).removeprefix("torch."))
     window = {"start": time.time(), "data": 0.0, "images": 0}
     steady = {"from_step": step + 3, "start": None, "data": 0.0, "images": 0}    # after warm-up, for benchmarks
     started = time.time() - elapsed
@@ -118,10 +121,13 @@ def train_loop_per_worker(config: dict) -> None:
         optimizer.param_groups[0]["weight_decay"] = cosine(progress, cfg.weight_decay, cfg.weight_decay_end)
         teacher_temp = (cosine(progress / cfg.teacher_temp_warmup, cfg.teacher_temp, cfg.teacher_temp, 1.0,
                                cfg.warmup_teacher_temp) if cfg.teacher_temp_warmup > 0 else cfg.teacher_temp)
-        with torch.autocast(device.type, enabled=use_amp):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             teacher_out = teacher(crops[:2])
-            student_out = student(crops)
-            loss = loss_fn(student_out, teacher_out, teacher_temp)
+            student_out, features = student(crops, with_features=True)
+        loss = loss_fn(student_out.float(), teacher_out.float(), teacher_temp)
+        if cfg.koleo_weight:
+            global_features = features[:2 * crops[0].shape[0]].chunk(2)
+            loss = loss + cfg.koleo_weight * sum(koleo(f) for f in global_features) / 2
         if not torch.isfinite(loss):
             raise FloatingPointError(f"DINO loss is {loss.item()} at step {step}; lower the learning rate")
         optimizer.zero_grad(set_to_none=True)
@@ -163,6 +169,26 @@ def train_loop_per_worker(config: dict) -> None:
             "data_share": steady["data"] / seconds})
 
 
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` on ``device`` (None: plain fp32). bf16 halves a CPU
+    step where oneDNN has native bf16 kernels (AVX512-BF16, AMX) and slows it elsewhere, hence auto."""
+    if precision == "fp32":
+        return None
+    if precision == "auto":
+        if device.type == "cuda":
+            return torch.float16                      # the paper's mixed precision, with a GradScaler
+        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+    check_precision(precision)
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("precision fp16 needs a GPU; use bf16 or fp32 on CPU")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
+
+
 def report(cfg, rank, step, elapsed, images_seen, student, teacher, optimizer, loss_fn, metrics) -> None:
     """Every worker reports; rank 0 attaches the checkpoint (an encoder artifact + train state)."""
     with tempfile.TemporaryDirectory() as d:
@@ -196,6 +222,9 @@ def train(cfg: TrainConfig, out_url: str, name: str = "dino", max_failures: int 
     ``result_metrics``, when given, receives the final report (step, images/s, resumed_from).
     ``stream_factory(rank, world_size, device)`` replaces the procedural stream (control runs).
     """
+    check_precision(cfg.precision)
+    if cfg.centering not in CENTERINGS:
+        raise ValueError(f"unknown centering {cfg.centering!r}; choose one of: {', '.join(CENTERINGS)}")
     if cfg.real_data and stream_factory is None:
         raise ValueError("a real-data run needs its stream: use eval.real_control.train_on_collection")
     previous = latest_checkpoint(out_url, name)

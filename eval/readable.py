@@ -8,8 +8,7 @@ from typing import Iterator
 
 import numpy as np
 
-from encoder.embed import decode_image
-from index.collections import Partition, list_partitions, read_partition
+from index.collections import Partition, decode_partition, list_partitions
 
 log = logging.getLogger("vismem.eval")
 
@@ -24,17 +23,12 @@ def readable_images(url: str, parts: list[Partition] | None = None
     """
     skipped, readable = 0, 0
     for part in list_partitions(url, 4096) if parts is None else parts:
-        items = []
-        for _, uri, label, data in read_partition(part):
-            try:
-                if isinstance(data, Exception):
-                    raise data
-                items.append((uri, label, decode_image(data)))
-            except Exception as e:  # noqa: BLE001 (one bad image is skipped and reported, never fatal)
-                skipped += 1
-                log.warning("skipped %s: %s", uri, e)
-        readable += len(items)
-        yield part, items
+        decoded, errors = decode_partition(part)
+        for error in errors:
+            log.warning("skipped %s: %s", error["uri"], error["error"])
+        skipped += len(errors)
+        readable += len(decoded)
+        yield part, [(uri, label, image) for _, uri, label, image in decoded]
     if not readable:
         raise ValueError(f"no readable images in {url} ({skipped} unreadable)")
     if skipped:

@@ -11,6 +11,7 @@ import os
 from dataclasses import asdict, dataclass, field
 
 import fsspec
+import numpy as np
 import pyarrow.parquet as pq
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -122,6 +123,22 @@ def read_partition(part: Partition) -> list[tuple[int, str, str | None, bytes | 
     ids = table.column("id").to_pylist() if "id" in cols else [part.first_id + i for i in range(len(images))]
     return [(int(i), u, None if lab is None else str(lab), img if img is not None else ValueError("null image"))
             for i, u, lab, img in zip(ids, uris, labels, images)]
+
+
+def decode_partition(part: Partition) -> tuple[list[tuple[int, str, str | None, np.ndarray]], list[dict]]:
+    """The readable images of ``part`` as (id, uri, label, RGB array), and one record
+    ``{"id", "uri", "error"}`` per image that could not be read or decoded (never fatal)."""
+    from encoder.embed import decode_image          # here: listing a collection must not import torch
+
+    images, errors = [], []
+    for item_id, uri, label, data in read_partition(part):
+        try:
+            if isinstance(data, Exception):
+                raise data
+            images.append((item_id, uri, label, decode_image(data)))
+        except Exception as e:  # noqa: BLE001 (one bad image is skipped and reported, never fatal)
+            errors.append({"id": item_id, "uri": uri, "error": f"{type(e).__name__}: {e}"})
+    return images, errors
 
 
 def read_rows(file: pq.ParquetFile, start: int, stop: int):

@@ -20,8 +20,7 @@ import pyarrow.parquet as pq
 import ray
 
 from encoder import Encoder
-from encoder.embed import decode_image
-from index.collections import Partition, list_partitions, read_partition
+from index.collections import Partition, decode_partition, list_partitions
 from index.manifest import write_bytes_atomic
 
 log = logging.getLogger("vismem.index.embed")
@@ -61,16 +60,8 @@ class EmbedPartitions:
         return {"summary": np.array([json.dumps(s) for s in summaries], dtype=object)}
 
     def embed_one(self, part: Partition) -> dict:
-        ids, uris, labels, images, errors = [], [], [], [], []
-        for item_id, uri, label, data in read_partition(part):
-            try:
-                if isinstance(data, Exception):
-                    raise data
-                images.append(decode_image(data))
-            except Exception as e:  # noqa: BLE001 (any undecodable image is reported, not fatal)
-                errors.append({"id": item_id, "uri": uri, "error": f"{type(e).__name__}: {e}"})
-                continue
-            ids.append(item_id), uris.append(uri), labels.append(label)
+        decoded, errors = decode_partition(part)
+        ids, uris, labels, images = (list(column) for column in zip(*decoded)) if decoded else ([], [], [], [])
         vectors = self.encoder.embed(images, self.batch_size) if images else np.zeros((0, self.encoder.dim), np.float32)
         table = pa.table({"id": pa.array(ids, pa.int64()), "uri": pa.array(uris, pa.string()),
                           "label": pa.array(labels, pa.string()),
