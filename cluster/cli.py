@@ -163,7 +163,8 @@ def parser() -> argparse.ArgumentParser:
     ebench.add_argument("--presets", default="tiny-cpu", help="comma-separated presets")
     ebench.add_argument("--workers", default=None, help="comma-separated worker counts (default: 1, 2 and one per "
                                                          "core or GPU)")
-    ebench.add_argument("--steps", type=int, default=30, help="training steps per figure")
+    ebench.add_argument("--steps", type=int, default=80,
+                        help="training steps per figure (the first 3 are warm-up; fewer than ~80 is noisy)")
     add_common(ebench)
 
     embed = sub.add_parser("embed", help="embed a real image collection into Parquet with Ray Data (resumable)",

@@ -13,7 +13,7 @@ import torch
 from encoder.config import preset
 
 
-def train_throughput(preset_name: str, workers: int, steps: int = 30, use_gpu: bool | None = None) -> dict:
+def train_throughput(preset_name: str, workers: int, steps: int = 80, use_gpu: bool | None = None) -> dict:
     """Train ``steps`` steps on ``workers`` Ray Train workers; images/s after the first 3 steps."""
     from encoder.train import train
     use_gpu = torch.cuda.is_available() if use_gpu is None else use_gpu
@@ -44,7 +44,7 @@ def embed_throughput(preset_name: str, images: int = 2048, batch_size: int = 256
             "image_size": size, "images_per_s": round(rate, 1)}
 
 
-def bench(presets: Sequence[str], worker_counts: Sequence[int], steps: int = 30) -> Iterator[dict]:
+def bench(presets: Sequence[str], worker_counts: Sequence[int], steps: int = 80) -> Iterator[dict]:
     """One record per (preset, worker count) for training, then one per preset for embedding."""
     for name in presets:
         runs = [train_throughput(name, w, steps) for w in worker_counts]
