@@ -54,6 +54,11 @@ class MultiCropWrapper(nn.Module):
 CENTERINGS = ("mean", "sinkhorn")
 
 
+def check_centering(centering: str) -> None:
+    if centering not in CENTERINGS:
+        raise ValueError(f"unknown centering {centering!r}; choose one of: {', '.join(CENTERINGS)}")
+
+
 class DINOLoss(nn.Module):
     """Cross-entropy between sharpened, centred teacher outputs on the global crops and student
     outputs on every other crop. ``centering="mean"`` subtracts an EMA of teacher outputs across
@@ -64,8 +69,7 @@ class DINOLoss(nn.Module):
     def __init__(self, out_dim: int, n_crops: int, student_temp: float = 0.1, center_momentum: float = 0.9,
                  centering: str = "mean"):
         super().__init__()
-        if centering not in CENTERINGS:
-            raise ValueError(f"unknown centering {centering!r}; choose one of: {', '.join(CENTERINGS)}")
+        check_centering(centering)
         self.n_crops, self.student_temp, self.center_momentum = n_crops, student_temp, center_momentum
         self.centering = centering
         self.register_buffer("center", torch.zeros(1, out_dim))

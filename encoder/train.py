@@ -29,7 +29,8 @@ from encoder.augment import multi_crop
 from encoder.backbone import build_backbone
 from encoder.checkpoint import CONFIG, PROVENANCE, WEIGHTS, load_train_state, save_train_state, write_artifact
 from encoder.config import TrainConfig
-from encoder.dino import CENTERINGS, DINOHead, DINOLoss, MultiCropWrapper, cosine, ema_update, koleo, param_groups
+from encoder.dino import (DINOHead, DINOLoss, MultiCropWrapper, check_centering, cosine, ema_update, koleo,
+                          param_groups)
 from procdata.stream import ProceduralStream, StreamConfig
 
 log = logging.getLogger("vismem.encoder.train")
@@ -223,8 +224,7 @@ def train(cfg: TrainConfig, out_url: str, name: str = "dino", max_failures: int 
     ``stream_factory(rank, world_size, device)`` replaces the procedural stream (control runs).
     """
     check_precision(cfg.precision)
-    if cfg.centering not in CENTERINGS:
-        raise ValueError(f"unknown centering {cfg.centering!r}; choose one of: {', '.join(CENTERINGS)}")
+    check_centering(cfg.centering)                   # both before Ray starts, not in every worker
     if cfg.real_data and stream_factory is None:
         raise ValueError("a real-data run needs its stream: use eval.real_control.train_on_collection")
     previous = latest_checkpoint(out_url, name)
