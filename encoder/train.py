@@ -27,7 +27,7 @@ from ray.train.torch import TorchTrainer
 
 from encoder.augment import multi_crop
 from encoder.backbone import build_backbone
-from encoder.checkpoint import CONFIG, PROVENANCE, WEIGHTS, load_train_state, save_train_state, write_artifact
+from encoder.checkpoint import CONFIG, PROVENANCE, WEIGHTS, read_train_state, save_train_state, write_artifact
 from encoder.config import TrainConfig
 from encoder.dino import (DINOHead, DINOLoss, MultiCropWrapper, check_centering, cosine, ema_update, koleo,
                           param_groups)
@@ -70,8 +70,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
-        with checkpoint.as_directory() as d:
-            state = load_train_state(d)
+        state = read_train_state(checkpoint.filesystem, checkpoint.path)
         student.load_state_dict(state["student"])
         teacher.load_state_dict(state["teacher"])
         optimizer.load_state_dict(state["optimizer"])
