@@ -46,6 +46,19 @@ def test_resume_continues_a_finished_run_and_refuses_by_default(ray_local, tmp_p
     assert provenance_steps(encoder) == 9
 
 
+def test_checkpoints_on_s3_resume_on_every_worker(ray_local, s3_bucket):
+    out = f"{s3_bucket}/run"
+    encoder = train(dataclasses.replace(TINY, max_steps=3), out)
+    assert latest_checkpoint(out)[1] == 3 and encoder == f"{out}/encoder"
+
+    second: dict = {}
+    encoder = train(dataclasses.replace(TINY, max_steps=6), out, resume=True, result_metrics=second)
+    assert second["resumed_from"] == 3 and second["step"] == 6      # both ranks read the S3 train state
+    import fsspec
+    with fsspec.open(f"{encoder}/provenance.json") as f:
+        assert json.load(f)["steps"] == 6
+
+
 def train_worker_pids() -> list[int]:
     """Processes whose title Ray set to ``ray::RayTrainWorker...`` (Linux /proc)."""
     pids = []
