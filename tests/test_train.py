@@ -9,6 +9,7 @@ import signal
 import threading
 import time
 
+import fsspec
 import numpy as np
 import pytest
 
@@ -54,7 +55,6 @@ def test_checkpoints_on_s3_resume_on_every_worker(ray_local, s3_bucket):
     second: dict = {}
     encoder = train(dataclasses.replace(TINY, max_steps=6), out, resume=True, result_metrics=second)
     assert second["resumed_from"] == 3 and second["step"] == 6      # both ranks read the S3 train state
-    import fsspec
     with fsspec.open(f"{encoder}/provenance.json") as f:
         assert json.load(f)["steps"] == 6
 
