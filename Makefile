@@ -1,5 +1,6 @@
 # Two commands do everything on a fresh clone: `make demo` and `make test`.
 # Both go through `make setup`, which creates .venv once and is a no-op afterwards.
+# ARGS passes options through: make demo ARGS="--max-minutes 10 --fresh", make test ARGS="-k voting".
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv

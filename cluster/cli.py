@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import signal
 import sys
 
 DESCRIPTION = """\
@@ -24,17 +26,21 @@ Ray: a local Ray on 127.0.0.1 is started unless --address or RAY_ADDRESS names a
 EPILOG = """\
 examples:
   vismem demo                                     # the whole pipeline on the bundled digits
-  vismem demo --train-minutes 10 --store s3://bucket/vismem
-  vismem encoder train --minutes 5 --out runs/enc1
+  vismem demo --max-minutes 10 --store s3://bucket/vismem
+  vismem procdata preview --out grid.png          # one row of samples per generator
+  vismem encoder train --max-minutes 5 --out runs/enc1
   vismem embed --collection s3://bucket/images --encoder runs/enc1/encoder --out s3://bucket/emb
   vismem index build --embeddings s3://bucket/emb --memory s3://bucket/mem --shards 4
+  vismem memory info --memory s3://bucket/mem
   vismem serve --memory s3://bucket/mem --port 8000
-  vismem classify --url http://127.0.0.1:8000 --rule softmax cat.jpg dog.png
+  vismem classify --url http://127.0.0.1:8000 --rule softmax -k 10 cat.jpg dog.png
+  vismem COMMAND --help                           # every option of a command, with its default
 """
 
 
 class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows an option's default only where there is one worth reading (not None, False or [])."""
+    """Shows an option's default only where there is one worth reading (not None, False or []),
+    and an ``examples:`` epilog as written, one command a line."""
 
     def _get_help_string(self, action):
         if action.required or action.default is None or action.default is False or action.default == [] \
@@ -42,30 +48,63 @@ class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
             return action.help
         return super()._get_help_string(action)
 
+    def _fill_text(self, text, width, indent):
+        if text.startswith("examples:"):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
+def add_command(sub, name: str, help: str, **kwargs) -> argparse.ArgumentParser:
+    """A sub-command that takes options only by their full names (``--max-min`` is not
+    ``--max-minutes``: one name per option, so a renamed option fails loudly)."""
+    return sub.add_parser(name, help=help, formatter_class=DefaultsHelp, allow_abbrev=False, **kwargs)
+
+
+def add_group(sub, name: str, help: str) -> argparse._SubParsersAction:
+    """A command group (``vismem encoder ...``) and the sub-parsers of its actions."""
+    group = sub.add_parser(name, help=help, allow_abbrev=False)
+    return group.add_subparsers(dest="action", metavar="ACTION", required=True)
+
 
 def add_common(p: argparse.ArgumentParser, ray: bool = True) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging, and the traceback of an error")
     if ray:
         p.add_argument("--address", default=None,
                        help="Ray cluster address (default: RAY_ADDRESS, else a local Ray on 127.0.0.1)")
 
 
-def parser() -> argparse.ArgumentParser:
-    from cluster.demo import DemoConfig
-    from encoder.config import PRESETS
-    from eval.knn import K_SWEEP
-    from index.voting import RULES
-    from procdata.generators import GENERATORS
+def add_k(p: argparse.ArgumentParser, default: int) -> None:
+    p.add_argument("-k", "--k", type=int, default=default, help="neighbours per query")
 
-    d = DemoConfig()
-    top = argparse.ArgumentParser(prog="vismem", description=DESCRIPTION, epilog=EPILOG,
+
+def add_nprobe(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--nprobe", type=int, default=None, metavar="N",
+                   help=help + "; more lists is slower and closer to exact search (a Flat memory ignores it)")
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="vismem", description=DESCRIPTION, epilog=EPILOG, allow_abbrev=False,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = top.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_demo_parser(sub)
+    add_procdata_parsers(sub)
+    add_encoder_parsers(sub)
+    add_embed_parser(sub)
+    add_index_parsers(sub)
+    add_memory_parsers(sub)
+    add_serve_parser(sub)
+    add_client_parsers(sub)
+    return top
 
-    demo = sub.add_parser(
-        "demo", help="run the main job end to end on the embedded defaults",
-        formatter_class=DefaultsHelp,
+
+def add_demo_parser(sub) -> None:
+    from cluster.demo import DemoConfig
+    from encoder.config import PRESETS
+    from procdata.generators import GENERATORS
+    d = DemoConfig()
+    demo = add_command(
+        sub, "demo", "run the main job end to end on the embedded defaults",
         description="Stream procedural images from Ray Train workers and train a small DINO ViT on them only; "
                     "batch-embed the real images (scikit-learn's digits) with Ray Data; build a sharded FAISS "
                     "memory; serve it with Ray Serve on 127.0.0.1; classify the held-out images through the router "
@@ -73,8 +112,8 @@ def parser() -> argparse.ArgumentParser:
                     "untrained, and raw pixels; write an HTML report. Re-running reuses the trained encoder and "
                     "embeddings under --store unless --fresh.")
     demo.add_argument("--store", default=d.store, help="object store URL for every artefact (local folder or s3://)")
-    demo.add_argument("--train-minutes", type=float, default=d.train_minutes, help="training time budget")
-    demo.add_argument("--train-steps", type=int, default=None,
+    demo.add_argument("--max-minutes", type=float, default=d.max_minutes, help="training time budget in minutes")
+    demo.add_argument("--max-steps", type=int, default=None,
                       help="stop training after this many steps (reproducible runs; the time budget still applies)")
     demo.add_argument("--preset", default=d.preset, choices=sorted(PRESETS), help="encoder and DINO recipe")
     demo.add_argument("--workers", type=int, default=d.workers, help="Ray Train workers (processes) for training")
@@ -82,16 +121,21 @@ def parser() -> argparse.ArgumentParser:
                       help=f"comma-separated procedural generators, from: {', '.join(GENERATORS)}")
     demo.add_argument("--seed", type=int, default=d.seed, help="seed of data, initialisation and split")
     demo.add_argument("--shards", type=int, default=d.shards, help="number of FAISS shards in the memory")
-    demo.add_argument("-k", type=int, default=d.k, help="neighbours per query")
+    add_k(demo, d.k)
     demo.add_argument("--port", type=int, default=d.port, help="HTTP port of the router on 127.0.0.1 (0: a free port)")
     demo.add_argument("--fresh", action="store_true", help="retrain and re-embed even if outputs exist in --store")
     add_common(demo)
 
-    proc = sub.add_parser("procdata", help="procedural images: write shards, preview, benchmark").add_subparsers(
-        dest="action", metavar="ACTION", required=True)
-    gen = proc.add_parser("generate", help="write a procedural data set as Parquet shards with Ray actors (resumable)",
-                          formatter_class=DefaultsHelp)
-    gen.add_argument("--generator", required=True, help=f"one of: {', '.join(GENERATORS)}")
+
+def add_procdata_parsers(sub) -> None:
+    from procdata.generators import GENERATORS
+    proc = add_group(sub, "procdata", "procedural images: write shards, preview, benchmark")
+    gen = add_command(proc, "generate", "write a procedural data set as Parquet shards with Ray actors (resumable)",
+                      epilog="examples:\n"
+                             "  vismem procdata generate --generator shader --n 2000 --size 32 --out shader32\n")
+    gen.add_argument("--generator", required=True,
+                     help="the one generator of the data set (run once per generator), one of: "
+                          + ", ".join(GENERATORS))
     gen.add_argument("--n", type=int, required=True, help="number of images")
     gen.add_argument("--size", type=int, default=64, help="image side in pixels")
     gen.add_argument("--out", required=True, help="output URL: shard-NNNNN.parquet files and manifest.json")
@@ -100,29 +144,40 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--format", default="png", choices=("png", "jpeg"), help="image encoding")
     gen.add_argument("--workers", type=int, default=None, help="writer actors (default: one per CPU, or per GPU)")
     add_common(gen)
-    prev = proc.add_parser("preview", help="a labelled grid of samples of every generator (PNG)",
-                           formatter_class=DefaultsHelp)
+
+    prev = add_command(proc, "preview", "a labelled grid of samples of every generator (PNG)")
     prev.add_argument("--out", required=True, help="PNG file URL")
     prev.add_argument("--size", type=int, default=64, help="sample side in pixels")
     prev.add_argument("--per-row", type=int, default=8, help="samples per generator")
     prev.add_argument("--seed", type=int, default=0, help="seed")
     add_common(prev, ray=False)
-    bench = proc.add_parser("bench", help="images/s of every generator, one core and all cores (and GPU)",
-                            formatter_class=DefaultsHelp)
+
+    bench = add_command(proc, "bench", "images/s of every generator, one core and all cores (and GPU)")
     bench.add_argument("--sizes", default="64,224", help="comma-separated image sizes")
     bench.add_argument("--generators", default=",".join(GENERATORS), help="comma-separated generators")
     bench.add_argument("--seconds", type=float, default=2.0, help="measuring time per figure")
     add_common(bench, ray=False)
 
-    enc = sub.add_parser("encoder", help="train, evaluate and benchmark encoders").add_subparsers(dest="action", metavar="ACTION", required=True)
-    train = enc.add_parser("train", help="DINO on procedural data in Ray Train (resumes from the last checkpoint)",
-                           formatter_class=DefaultsHelp)
+
+def add_encoder_parsers(sub) -> None:
+    from encoder.config import PRESETS
+    from eval.knn import K_SWEEP
+    from procdata.generators import GENERATORS
+    enc = add_group(sub, "encoder", "train, evaluate and benchmark encoders")
+    train = add_command(enc, "train", "DINO on procedural data in Ray Train (resumes from the last checkpoint)",
+                        epilog="examples:\n"
+                               "  vismem encoder train --max-minutes 30 --out runs/a\n"
+                               "  vismem encoder train --max-minutes 40 --out runs/a --resume\n"
+                               "  vismem encoder train --generators shader,dead_leaves --set momentum_teacher=0.996 "
+                               "--max-steps 2000 --out runs/b\n")
     train.add_argument("--preset", default="tiny-cpu", choices=sorted(PRESETS), help="encoder and DINO recipe")
     train.add_argument("--out", required=True, help="URL for checkpoints; the encoder is exported to OUT/encoder")
     train.add_argument("--workers", type=int, default=None, help="Ray Train workers (default: the preset's)")
     train.add_argument("--gpus", action="store_true", help="one GPU per worker, NCCL")
-    train.add_argument("--data", default=None, help="comma-separated generators (default: the preset's)")
-    train.add_argument("--max-minutes", type=float, default=None, help="time budget (default: the preset's)")
+    train.add_argument("--generators", default=None,
+                       help="comma-separated procedural generators (default: the preset's), from: "
+                            + ", ".join(GENERATORS))
+    train.add_argument("--max-minutes", type=float, default=None, help="time budget in minutes (default: the preset's)")
     train.add_argument("--max-steps", type=int, default=None, help="step budget (default: the preset's)")
     train.add_argument("--seed", type=int, default=None, help="seed (default: 0)")
     train.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -137,38 +192,42 @@ def parser() -> argparse.ArgumentParser:
                             "that holds a run is an error)")
     add_common(train)
 
-    knn = enc.add_parser(
-        "eval-knn", formatter_class=DefaultsHelp,
-        help="kNN top-1 of an encoder on a labelled memory and query collection (the papers' protocol)",
+    knn = add_command(
+        enc, "eval-knn", "kNN top-1 of an encoder on a labelled memory and query collection (the papers' protocol)",
         description="Embed a labelled memory collection and a labelled query collection (folder trees "
                     "ROOT/<label>/<image> or Parquet with image and label columns, on any fsspec URL), then "
                     "classify every query by softmax-weighted votes (T = 0.07) of its k nearest memory images "
                     "for each k of the sweep, and report the best k. Baselines go through the same path: "
-                    "--encoder random-init:tiny-cpu (the untrained network) or --encoder raw-pixels:32.")
+                    "--encoder random-init:tiny-cpu (the untrained network) or --encoder raw-pixels:32.",
+        epilog="examples:\n"
+               "  vismem encoder eval-knn --encoder runs/a/encoder --memory cifar10/train.parquet "
+               "--queries cifar10/test.parquet\n"
+               "  vismem encoder eval-knn --encoder raw-pixels:32 --memory train/ --queries test/ --ks 10,20 --json\n")
     knn.add_argument("--encoder", required=True, help="encoder URL, random-init:PRESET[:SEED] or raw-pixels:SIZE")
     knn.add_argument("--memory", required=True, help="labelled collection URL: the kNN memory (e.g. a train split)")
     knn.add_argument("--queries", required=True, help="labelled collection URL: the images to classify")
-    knn.add_argument("--k", default=",".join(map(str, K_SWEEP)), help="comma-separated ks to sweep")
+    knn.add_argument("--ks", default=",".join(map(str, K_SWEEP)), help="comma-separated ks to sweep")
     knn.add_argument("--temperature", type=float, default=0.07, help="softmax voting temperature")
     knn.add_argument("--batch-size", type=int, default=512, help="images per embedding batch")
     add_common(knn, ray=False)
 
-    ebench = enc.add_parser("bench", help="training images/s per worker (Ray Train) and embedding images/s",
-                            formatter_class=DefaultsHelp,
-                            description="Trains each preset for --steps steps at each worker count through Ray "
-                                        "Train and reports images/s after warm-up, images/s per worker, the "
-                                        "speed-up over the first count and the share of step time spent making "
-                                        "procedural data; then the preset's embedding images/s. JSON: one object "
-                                        "per line.")
+    ebench = add_command(enc, "bench", "training images/s per worker (Ray Train) and embedding images/s",
+                         description="Trains each preset for --steps steps at each worker count through Ray "
+                                     "Train and reports images/s after warm-up, images/s per worker, the "
+                                     "speed-up over the first count and the share of step time spent making "
+                                     "procedural data; then the preset's embedding images/s. JSON: one object "
+                                     "per line.")
     ebench.add_argument("--presets", default="tiny-cpu", help="comma-separated presets")
-    ebench.add_argument("--workers", default=None, help="comma-separated worker counts (default: 1, 2 and one per "
-                                                         "core or GPU)")
+    ebench.add_argument("--worker-counts", default=None,
+                        help="comma-separated numbers of Ray Train workers to measure (default: 1, 2 and one per "
+                             "core or GPU)")
     ebench.add_argument("--steps", type=int, default=80,
                         help="training steps per figure (the first 3 are warm-up; fewer than ~80 is noisy)")
     add_common(ebench)
 
-    embed = sub.add_parser("embed", help="embed a real image collection into Parquet with Ray Data (resumable)",
-                           formatter_class=DefaultsHelp)
+
+def add_embed_parser(sub) -> None:
+    embed = add_command(sub, "embed", "embed a real image collection into Parquet with Ray Data (resumable)")
     embed.add_argument("--collection", required=True,
                        help="folder tree ROOT/<label>/<image> or Parquet with an 'image' column, any fsspec URL")
     embed.add_argument("--encoder", required=True,
@@ -178,24 +237,67 @@ def parser() -> argparse.ArgumentParser:
     embed.add_argument("--concurrency", type=int, default=2, help="encoder actors in the pool")
     add_common(embed)
 
-    idx = sub.add_parser("index", help="build memories").add_subparsers(dest="action", metavar="ACTION", required=True)
-    build = idx.add_parser("build", help="embedding Parquet → sharded FAISS memory with a manifest",
-                           formatter_class=DefaultsHelp)
+
+def add_index_parsers(sub) -> None:
+    idx = add_group(sub, "index", "build memories")
+    build = add_command(idx, "build", "embedding Parquet → sharded FAISS memory with a manifest",
+                        epilog="examples:\n"
+                               "  vismem index build --embeddings emb --memory mem --shards 4\n"
+                               "  vismem index build --embeddings emb2 --memory mem --replace --nprobe 32\n")
     build.add_argument("--embeddings", required=True, help="URL written by `vismem embed`")
-    build.add_argument("--memory", required=True, help="memory root URL (a new version if one exists)")
+    build.add_argument("--memory", required=True,
+                       help="memory root URL (a new version if one exists; one of another encoder needs --replace)")
     build.add_argument("--shards", type=int, default=2, help="number of shards")
     build.add_argument("--factory", default=None,
-                       help="FAISS factory string (default: Flat below 100k vectors, IVF-PQ above)")
+                       help="FAISS factory string (default: exact Flat below 100k vectors, IVF with 8-bit scalar "
+                            "codes above, e.g. IVF8192,SQ8 at 1M; see README 'Recall')")
+    build.add_argument("--replace", action="store_true",
+                       help="let the new version replace a memory that holds another encoder's vectors (without "
+                            "it, that is an error: their vectors cannot be compared)")
+    add_nprobe(build, "the IVF lists a query visits unless it asks for another number, recorded in the manifest "
+                      "(default: the smallest nprobe whose recall@10, measured by the build against exact search "
+                      "on the collection's own vectors, reaches 0.95)")
     add_common(build, ray=False)
 
-    mem = sub.add_parser("memory", help="inspect memories").add_subparsers(dest="action", metavar="ACTION", required=True)
-    info = mem.add_parser("info", help="what a memory holds: version, count, encoder, shards")
+    bench = add_command(
+        idx, "bench", "recall@10 and queries/s of a memory across nprobe, beside bare FAISS (synthetic vectors)",
+        description="Writes clustered synthetic vectors as embedding Parquet, builds a memory from them with "
+                    "`index build`'s code (default factory, nprobe calibrated), then measures recall@10 against "
+                    "exact search and batched queries/s for each nprobe, through the sharded memory and through "
+                    "one bare FAISS index of the same factory over the same vectors. JSON: one object per line.",
+        epilog="examples:\n"
+               "  vismem index bench --vectors 100000 --dim 64 --json\n"
+               "  vismem index bench --also IVF8192,PQ64          # the 1M figure in README\n")
+    from index.bench import IndexBenchConfig
+    d = IndexBenchConfig()
+    bench.add_argument("--vectors", type=int, default=d.vectors, help="vectors in the memory")
+    bench.add_argument("--dim", type=int, default=d.dim, help="vector dimension")
+    bench.add_argument("--clusters", type=int, default=d.clusters, help="Gaussian clusters the vectors come from")
+    bench.add_argument("--spread", type=float, default=d.spread,
+                       help="within-cluster spread relative to the spread of the centres (larger: harder)")
+    bench.add_argument("--shards", type=int, default=d.shards, help="shards of the memory")
+    bench.add_argument("--queries", type=int, default=d.queries, help="held-out queries per figure")
+    bench.add_argument("--factory", default=None, help="FAISS factory string (default: the build's choice)")
+    bench.add_argument("--nprobes", default=",".join(map(str, d.nprobes)), help="comma-separated nprobes to sweep")
+    bench.add_argument("--also", default=None, help="semicolon-separated factory strings measured with bare FAISS too")
+    bench.add_argument("--workdir", default=None,
+                       help="folder or URL for the embeddings and the memory (default: a temporary folder, removed)")
+    add_common(bench, ray=False)
+
+
+def add_memory_parsers(sub) -> None:
+    mem = add_group(sub, "memory", "inspect memories")
+    info = add_command(mem, "info", "what a memory holds: version, count, encoder, shards")
     info.add_argument("--memory", required=True, help="memory root URL")
     info.add_argument("--version", type=int, default=None, help="a past version (default: current)")
     add_common(info, ray=False)
 
-    serve = sub.add_parser("serve", help="serve a memory over HTTP with Ray Serve (until Ctrl-C)",
-                           formatter_class=DefaultsHelp)
+
+def add_serve_parser(sub) -> None:
+    serve = add_command(sub, "serve", "serve a memory over HTTP with Ray Serve (until Ctrl-C or SIGTERM)",
+                        description="Deploy the memory's shard searchers and the router with Ray Serve and answer "
+                                    "HTTP until stopped. Ctrl-C (SIGINT) or SIGTERM shuts Serve and Ray down and "
+                                    "exits with status 130 or 0 respectively.")
     serve.add_argument("--memory", required=True, help="memory root URL")
     serve.add_argument("--host", default="127.0.0.1", help="HTTP bind address")
     serve.add_argument("--port", type=int, default=8000, help="HTTP port")
@@ -203,16 +305,20 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--shard-timeout", type=float, default=10.0, help="seconds before a shard counts as failed")
     add_common(serve)
 
+
+def add_client_parsers(sub) -> None:
+    from index.voting import RULES
     for name, what in (("classify", "classify images through a running router"),
                        ("query", "nearest neighbours of images through a running router")):
-        q = sub.add_parser(name, help=what, formatter_class=DefaultsHelp)
+        q = add_command(sub, name, what, epilog="examples:\n"
+                        f"  vismem {name} --url http://127.0.0.1:8000 -k 5 cat.jpg dog.png\n")
         q.add_argument("images", nargs="+", help="image files (any fsspec URL)")
         q.add_argument("--url", default="http://127.0.0.1:8000", help="router base URL")
-        q.add_argument("-k", type=int, default=10, help="neighbours per query")
+        add_k(q, 10)
         if name == "classify":
             q.add_argument("--rule", default="plurality", choices=RULES, help="voting rule")
+        add_nprobe(q, "IVF lists to visit in each shard (default: the memory's, set by `vismem index build`)")
         add_common(q, ray=False)
-    return top
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -223,8 +329,11 @@ def main(argv: list[str] | None = None) -> int:
                         datefmt="%H:%M:%S", stream=sys.stderr)
     try:
         result = COMMANDS[(args.command, getattr(args, "action", None))](args)
+    except Stopped as e:
+        print(f"vismem {args.command}: stopped ({e})", file=sys.stderr)
+        return 130 if e.signum == signal.SIGINT else 0
     except KeyboardInterrupt:
-        print("vismem: interrupted", file=sys.stderr)
+        print(f"vismem {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 (one line for people; -v shows the traceback)
         if args.verbose:
@@ -241,28 +350,67 @@ def one_line(e: Exception) -> str:
     return text if len(text) < 400 else text[:400] + " ... (run with -v for the whole error)"
 
 
+class Stopped(Exception):
+    """SIGINT or SIGTERM asked a long-running command to stop; raised in the main thread."""
+
+    def __init__(self, signum: int, cleanup: str):
+        super().__init__(f"{signal.Signals(signum).name}; {cleanup}")
+        self.signum = signum
+
+
+def stop_on_signals(cleanup: str) -> None:
+    """Turn the first SIGINT or SIGTERM into ``Stopped``, so ``with`` blocks shut down what they
+    started (``cleanup`` says what, for the last line); a second signal while that runs exits at
+    once. Call it after Ray is up: ``ray.init`` installs its own SIGTERM handler."""
+    def first(signum, frame):
+        signal.signal(signal.SIGINT, again)
+        signal.signal(signal.SIGTERM, again)
+        raise Stopped(signum, cleanup)
+
+    def again(signum, frame):
+        print(f"vismem: {signal.Signals(signum).name} again: exiting before the shutdown finished", file=sys.stderr)
+        os._exit(130 if signum == signal.SIGINT else 1)
+
+    signal.signal(signal.SIGINT, first)
+    signal.signal(signal.SIGTERM, first)
+
+
+def parse_ints(text: str, option: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{option} takes comma-separated whole numbers, got {text!r}") from None
+    if not values or min(values) <= 0:
+        raise ValueError(f"{option} needs positive numbers, got {text!r}")
+    return values
+
+
+def parse_generators(text: str, option: str = "--generators") -> tuple[str, ...]:
+    """Comma-separated generator names, each checked (an unknown name fails before Ray starts)."""
+    from procdata.generators import get_generator
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    if not names:
+        raise ValueError(f"{option} needs at least one generator, got {text!r}")
+    for name in names:
+        get_generator(name)
+    return names
+
+
+def check_positive(args, *options: str) -> None:
+    """Each named option, when given, is a positive number (``max_minutes`` is ``--max-minutes``)."""
+    for dest in options:
+        value = getattr(args, dest)
+        if value is not None and value <= 0:
+            raise ValueError(f"--{dest.replace('_', '-')} must be positive, got {value}")
+
+
 def cmd_demo(args) -> dict:
     from cluster.demo import DemoConfig, run_demo
-    cfg = DemoConfig(store=args.store, train_minutes=args.train_minutes, train_steps=args.train_steps,
-                     preset=args.preset, workers=args.workers, generators=tuple(args.generators.split(",")),
-                     seed=args.seed, shards=args.shards, k=args.k, port=args.port, address=args.address,
-                     fresh=args.fresh)
-    validate_demo(cfg)
+    check_positive(args, "max_minutes", "max_steps", "workers", "shards", "k")    # bad options fail before Ray starts
+    cfg = DemoConfig(store=args.store, max_minutes=args.max_minutes, max_steps=args.max_steps, preset=args.preset,
+                     workers=args.workers, generators=parse_generators(args.generators), seed=args.seed,
+                     shards=args.shards, k=args.k, port=args.port, address=args.address, fresh=args.fresh)
     return run_demo(cfg)
-
-
-def validate_demo(cfg) -> None:
-    """Bad options fail before Ray starts."""
-    from encoder.config import preset
-    from procdata.generators import get_generator
-    for name in cfg.generators:
-        get_generator(name)
-    preset(cfg.preset)
-    for field in ("workers", "shards", "k"):
-        if getattr(cfg, field) <= 0:
-            raise ValueError(f"--{field} must be positive")
-    if cfg.train_minutes <= 0:
-        raise ValueError("--train-minutes must be positive")
 
 
 def cmd_generate(args) -> dict:
@@ -270,15 +418,16 @@ def cmd_generate(args) -> dict:
 
     from cluster.runtime import ray_session
     from procdata.shards import ShardJob, write_shards
+    if "," in args.generator:
+        raise ValueError(f"--generator takes one generator, got {args.generator!r}: a data set holds one generator's "
+                         "images; run once per generator")
     job = ShardJob(args.generator, args.n, args.size, args.out, args.seed, args.shard_size, args.format)
     job.check()
     bar = tqdm(total=args.n, unit="img", desc=f"{args.generator} → {args.out}", file=sys.stderr)
 
     def progress(done, total, rate):
         bar.total = total
-        bar.n = done
-        bar.set_postfix_str(f"{rate:.0f} img/s")
-        bar.refresh()
+        bar.update(done - bar.n)
 
     with ray_session(args.address):
         manifest = write_shards(job, args.workers, progress)
@@ -289,8 +438,7 @@ def cmd_generate(args) -> dict:
 
 def cmd_preview(args) -> dict:
     from procdata.preview import write_preview
-    if args.size <= 0 or args.per_row <= 0:
-        raise ValueError("--size and --per-row must be positive")
+    check_positive(args, "size", "per_row")
     write_preview(args.out, size=args.size, per_row=args.per_row, seed=args.seed)
     print(f"preview grid: {args.out}")
     return {"preview": args.out}
@@ -298,12 +446,9 @@ def cmd_preview(args) -> dict:
 
 def cmd_bench(args) -> dict:
     from procdata.bench import bench
-    from procdata.generators import get_generator
-    names = args.generators.split(",")
-    for name in names:
-        get_generator(name)
+    names = parse_generators(args.generators)
     records = []
-    for record in bench(names, parse_ints(args.sizes, "--sizes"), seconds=args.seconds):
+    for record in bench(list(names), parse_ints(args.sizes, "--sizes"), seconds=args.seconds):
         records.append(record)
         print(json.dumps(record) if args.json else
               f"{record['generator']:12s} {record['size']:4d}px {record['device']:5s} x{record['workers']:<3d} "
@@ -316,8 +461,9 @@ def cmd_train(args) -> dict:
     from cluster.runtime import ray_session
     from encoder.config import parse_settings, preset
     from encoder.train import train
+    check_positive(args, "workers", "max_minutes", "max_steps")
     flags = dict(workers=args.workers, use_gpu=True if args.gpus else None, max_minutes=args.max_minutes,
-                 generators=tuple(args.data.split(",")) if args.data else None, max_steps=args.max_steps,
+                 generators=parse_generators(args.generators) if args.generators else None, max_steps=args.max_steps,
                  seed=args.seed)
     cfg = preset(args.preset, **{**flags, **parse_settings(args.set)})      # --set wins over the flags
     with ray_session(args.address):
@@ -333,7 +479,7 @@ def cmd_train(args) -> dict:
 def cmd_eval_knn(args) -> dict:
     from encoder.embed import Encoder
     from eval.knn import embed_labelled, knn_sweep
-    ks = parse_ints(args.k, "--k")
+    ks = parse_ints(args.ks, "--ks")
     encoder = Encoder.load(args.encoder)
     memory, memory_labels = embed_labelled(args.memory, encoder, args.batch_size)
     queries, query_labels = embed_labelled(args.queries, encoder, args.batch_size)
@@ -348,35 +494,30 @@ def cmd_eval_knn(args) -> dict:
 def cmd_encoder_bench(args) -> dict:
     from cluster.runtime import ray_session
     from encoder.bench import bench, default_worker_counts
-    workers = parse_ints(args.workers, "--workers") if args.workers else default_worker_counts()
+    counts = parse_ints(args.worker_counts, "--worker-counts") if args.worker_counts else default_worker_counts()
     records = []
     with ray_session(args.address):
-        for record in bench(args.presets.split(","), workers, args.steps):
+        for record in bench(args.presets.split(","), counts, args.steps):
             records.append(record)
             print(json.dumps(record) if args.json else " ".join(f"{k}={v}" for k, v in record.items()), flush=True)
     args.json = False                      # the records are already one JSON object per line
     return {"records": records}
 
 
-def parse_ints(text: str, option: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"{option} takes comma-separated whole numbers, got {text!r}") from None
-    if not values or min(values) <= 0:
-        raise ValueError(f"{option} needs positive numbers, got {text!r}")
-    return values
-
-
 def cmd_embed(args) -> dict:
     from dataclasses import asdict
 
+    from tqdm import tqdm
+
     from cluster.runtime import ray_session
     from index.embed_job import plan_embedding, run_embedding
+    check_positive(args, "partition_size", "concurrency")
     plan = plan_embedding(args.collection, args.encoder, args.out, args.partition_size)
-    with ray_session(args.address):
-        summary = run_embedding(plan, args.concurrency)
-    print(f"{summary.images} vectors in {summary.partitions} partitions at {summary.out}; {summary.errors} unreadable")
+    with ray_session(args.address), tqdm(total=plan.pending_images, unit="img", desc=f"embed → {args.out}",
+                                         file=sys.stderr, disable=not plan.pending) as bar:
+        summary = run_embedding(plan, args.concurrency, progress=bar.update)
+    print(f"{summary.images} vectors in {summary.partitions} partitions at {summary.out} ({summary.computed} "
+          f"partitions embedded by this run); {summary.errors} unreadable")
     return asdict(summary)
 
 
@@ -384,10 +525,16 @@ def cmd_build(args) -> dict:
     from dataclasses import asdict
 
     from index.build import build_memory
-    manifest = build_memory(args.embeddings, args.memory, args.shards, args.factory)
+    check_positive(args, "shards", "nprobe")
+    options = {}                                     # only what was asked for: build_memory's defaults otherwise
+    if args.replace:
+        options["replace"] = True
+    if args.nprobe is not None:
+        options["nprobe"] = args.nprobe
+    manifest = build_memory(args.embeddings, args.memory, args.shards, args.factory, **options)
     print(f"memory {args.memory}: version {manifest.version}, {manifest.count} vectors, {manifest.factory}, "
           f"shards {[s.count for s in manifest.shards]}")
-    return asdict(manifest)
+    return {**asdict(manifest), "count": manifest.count}
 
 
 def cmd_info(args) -> dict:
@@ -398,7 +545,28 @@ def cmd_info(args) -> dict:
     print(f"memory {args.memory}, version {m.version} (versions {list_versions(args.memory)})\n"
           f"  {m.count} vectors of dim {m.dim}, {m.metric}, {m.factory}\n  encoder {m.encoder['name']}\n"
           f"  shards: {[s.count for s in m.shards]}")
-    return asdict(m)
+    if m.recall:
+        print(f"  search defaults: nprobe {m.search.get('nprobe')}: recall@{m.recall['k']} {m.recall['recall']:.3f} "
+              f"against exact search, measured by the build on {m.recall['queries']} of its vectors")
+    elif m.search:
+        print(f"  search defaults: {m.search}")
+    return {**asdict(m), "count": m.count}
+
+
+def cmd_index_bench(args) -> dict:
+    from index.bench import IndexBenchConfig, run
+    check_positive(args, "vectors", "dim", "clusters", "shards", "queries")
+    cfg = IndexBenchConfig(vectors=args.vectors, dim=args.dim, clusters=args.clusters, spread=args.spread,
+                           shards=args.shards, queries=args.queries, factory=args.factory,
+                           nprobes=tuple(parse_ints(args.nprobes, "--nprobes")),
+                           also=tuple(f for f in (args.also or "").split(";") if f.strip()), workdir=args.workdir)
+
+    def emit(record: dict) -> None:
+        print(json.dumps(record) if args.json else "  ".join(f"{k}={v}" for k, v in record.items()), flush=True)
+
+    summary = run(cfg, emit)
+    args.json = False                      # the records are already one JSON object per line
+    return summary
 
 
 def cmd_serve(args) -> dict:
@@ -406,7 +574,9 @@ def cmd_serve(args) -> dict:
 
     from cluster.runtime import ray_session
     from index.serve import start
-    with ray_session(args.address, serve_too=True):
+    check_positive(args, "port", "replicas", "shard_timeout")
+    with ray_session(args.address, serve_too=True):        # on the way out, Stopped included: Serve, then Ray
+        stop_on_signals("Serve and Ray shut down")
         start(args.memory, host=args.host, port=args.port, replicas=args.replicas, shard_timeout_s=args.shard_timeout)
         print(f"serving {args.memory} on http://{args.host}:{args.port} (POST /classify, /search; GET /info, /docs); "
               "Ctrl-C to stop", flush=True)
@@ -420,6 +590,7 @@ def cmd_client(args) -> dict:
     import fsspec
 
     from cluster.demo import post
+    check_positive(args, "k", "nprobe")
     images = []
     for uri in args.images:
         with fsspec.open(uri, "rb") as f:
@@ -427,6 +598,8 @@ def cmd_client(args) -> dict:
     body = {"images": images, "k": args.k}
     if args.command == "classify":
         body["rule"] = args.rule
+    if args.nprobe is not None:
+        body["nprobe"] = args.nprobe
     answer = post(f"{args.url.rstrip('/')}/{args.command if args.command == 'classify' else 'search'}", body)
     for uri, result in zip(args.images, answer["results"]):
         head = f"{uri}: {result['decision']}" if "decision" in result else f"{uri}:"
@@ -439,7 +612,7 @@ def cmd_client(args) -> dict:
 COMMANDS = {("demo", None): cmd_demo, ("procdata", "generate"): cmd_generate, ("procdata", "preview"): cmd_preview,
             ("procdata", "bench"): cmd_bench, ("encoder", "train"): cmd_train,
             ("encoder", "eval-knn"): cmd_eval_knn, ("encoder", "bench"): cmd_encoder_bench, ("embed", None): cmd_embed,
-            ("index", "build"): cmd_build, ("memory", "info"): cmd_info, ("serve", None): cmd_serve,
+            ("index", "build"): cmd_build, ("index", "bench"): cmd_index_bench, ("memory", "info"): cmd_info, ("serve", None): cmd_serve,
             ("classify", None): cmd_client, ("query", None): cmd_client}
 
 if __name__ == "__main__":

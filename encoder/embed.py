@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from encoder.backbone import build_backbone, patch_tokens
 from encoder.checkpoint import read_artifact
@@ -22,14 +22,26 @@ from encoder.config import ArchConfig, preset
 
 
 def decode_image(data: bytes) -> np.ndarray:
-    """Encoded image bytes → uint8 RGB ``[H, W, 3]`` (any mode PIL reads: L, P, RGBA, I;16, ...)."""
-    with Image.open(io.BytesIO(data)) as img:
-        img.load()
-        if img.mode in ("I;16", "I;16B", "I", "F"):
-            arr = np.asarray(img, dtype=np.float32)
-            arr = (arr - arr.min()) / max(1e-8, float(arr.max() - arr.min())) * 255
-            img = Image.fromarray(arr.astype(np.uint8))
-        return np.asarray(img.convert("RGB"))
+    """Encoded image bytes → uint8 RGB ``[H, W, 3]`` (any mode PIL reads: L, P, RGBA, I;16, ...).
+
+    Bytes that are no image, or a damaged one, raise ``ValueError`` with a reason a user can read
+    ("not an image file"), never PIL's message (which names an in-memory buffer); the caller adds
+    the URI.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            if img.mode in ("I;16", "I;16B", "I", "F"):
+                arr = np.asarray(img, dtype=np.float32)
+                arr = (arr - arr.min()) / max(1e-8, float(arr.max() - arr.min())) * 255
+                img = Image.fromarray(arr.astype(np.uint8))
+            return np.asarray(img.convert("RGB"))
+    except UnidentifiedImageError:
+        raise ValueError("not an image file") from None
+    except Image.DecompressionBombError:
+        raise ValueError("image too large to decode safely (PIL's decompression-bomb limit)") from None
+    except (OSError, SyntaxError, EOFError) as e:
+        raise ValueError(f"damaged image file ({e})") from None
 
 
 def to_batch(images) -> torch.Tensor:
@@ -58,6 +70,26 @@ def image_tensor(image) -> torch.Tensor:
     return torch.from_numpy(np.array(arr, copy=True)).permute(2, 0, 1)   # copy: inputs may be read-only
 
 
+def whole_number(spec: str, text: str, what: str, minimum: int, example: str) -> int:
+    """``text`` (a field of an encoder spec) as a whole number >= ``minimum``; an error naming the spec."""
+    if not (text.isascii() and text.isdigit()) or int(text) < minimum:
+        kind = "a positive whole number" if minimum > 0 else "a whole number"
+        raise ValueError(f"{spec}: {what} must be {kind}, got {text!r} (e.g. {example})")
+    return int(text)
+
+
+def parse_random_init(spec: str) -> tuple[ArchConfig, int]:
+    """The architecture and seed of ``random-init:PRESET[:SEED]``."""
+    _, *fields = spec.split(":")
+    if not 1 <= len(fields) <= 2:
+        raise ValueError(f"{spec}: expected random-init:PRESET or random-init:PRESET:SEED")
+    try:
+        arch = preset(fields[0]).arch
+    except ValueError as e:
+        raise ValueError(f"{spec}: {e}") from None
+    return arch, whole_number(spec, fields[1], "SEED", 0, f"random-init:{fields[0]}:0") if len(fields) == 2 else 0
+
+
 class Encoder:
     """Embeds images with a backbone (or raw pixels). Picks the GPU when present."""
 
@@ -72,12 +104,11 @@ class Encoder:
     def load(cls, spec: str, device: str | None = None) -> "Encoder":
         """A checkpoint URL, ``random-init:PRESET[:SEED]`` or ``raw-pixels:SIZE``."""
         if spec.startswith("random-init:"):
-            _, name, *seed = spec.split(":")
-            arch = preset(name).arch
-            torch.manual_seed(int(seed[0]) if seed else 0)
+            arch, seed = parse_random_init(spec)
+            torch.manual_seed(seed)
             return cls(spec, arch, build_backbone(arch), hashlib.sha256(spec.encode()).hexdigest(), device=device)
         if spec.startswith("raw-pixels:"):
-            size = int(spec.split(":", 1)[1])
+            size = whole_number(spec, spec.split(":", 1)[1], "SIZE", 1, "raw-pixels:32")
             return cls(spec, ArchConfig(img_size=size, patch_size=1, embed_dim=3 * size * size, depth=0, num_heads=1),
                        None, hashlib.sha256(spec.encode()).hexdigest(), device=device)
         arch, state, provenance, sha = read_artifact(spec)

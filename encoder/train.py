@@ -31,6 +31,7 @@ from encoder.checkpoint import CONFIG, PROVENANCE, WEIGHTS, read_train_state, sa
 from encoder.config import TrainConfig
 from encoder.dino import (DINOHead, DINOLoss, MultiCropWrapper, check_centering, cosine, ema_update, koleo,
                           param_groups)
+from procdata.storage import write_atomic
 from procdata.stream import ProceduralStream, StreamConfig
 
 log = logging.getLogger("vismem.encoder.train")
@@ -48,6 +49,7 @@ def provenance(cfg: TrainConfig, images_seen: int, steps: int) -> dict:
 
 
 def train_loop_per_worker(config: dict) -> None:
+    """One Ray Train worker: set-up in phases, then ``train_one_step`` until rank 0 says stop."""
     config = dict(config)
     stream_factory = config.pop("stream_factory", None)
     cfg = TrainConfig.from_dict(config)
@@ -56,18 +58,35 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
-    torch.manual_seed(cfg.seed)                      # same initial weights on every worker
 
-    n_crops = 2 + cfg.local_crops
+    # ============ data: this worker's own batches, made on its device (no data moves) ============
+    if stream_factory:                               # e.g. eval.real_control's real images
+        stream = stream_factory(rank, world, str(device))
+    else:
+        stream = ProceduralStream(StreamConfig(cfg.generators, cfg.seed, cfg.arch.img_size, cfg.batch_size,
+                                               steps_per_epoch=10_000), rank, world, str(device))
+    aug_rng = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+
+    # ============ networks: student and EMA teacher, the same initial weights on every worker ============
+    torch.manual_seed(cfg.seed)
     student = MultiCropWrapper(build_backbone(cfg.arch), DINOHead(cfg.arch.embed_dim, cfg.out_dim, cfg.head_hidden,
                                                                   cfg.head_bottleneck))
     teacher = copy.deepcopy(student)
     for p in teacher.parameters():
         p.requires_grad = False
-    loss_fn = DINOLoss(cfg.out_dim, n_crops, cfg.student_temp, cfg.center_momentum, cfg.centering).to(device)
-    optimizer = torch.optim.AdamW(param_groups(student))
-    step, elapsed, images_seen, resumed_from = 0, 0.0, 0, None
 
+    # ============ loss: DINO's cross-entropy against the centred, sharpened teacher ============
+    loss_fn = DINOLoss(cfg.out_dim, 2 + cfg.local_crops, cfg.student_temp, cfg.center_momentum,
+                       cfg.centering).to(device)
+
+    # ============ optimiser and precision (lr scaled by the global batch, as DINO does) ============
+    optimizer = torch.optim.AdamW(param_groups(student))
+    lr_peak = cfg.lr * cfg.batch_size * world / 256
+    amp_dtype = autocast_dtype(cfg.precision, device)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+
+    # ============ resume from the last checkpoint (a restarted worker group, or --resume) ============
+    step, elapsed, images_seen, resumed_from = 0, 0.0, 0, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         state = read_train_state(checkpoint.filesystem, checkpoint.path)
@@ -82,91 +101,128 @@ def train_loop_per_worker(config: dict) -> None:
     teacher.to(device)
     student = ray.train.torch.prepare_model(student)
     student_module = student.module if hasattr(student, "module") else student
-
-    if stream_factory:                               # e.g. eval.real_control's real images
-        stream = stream_factory(rank, world, str(device))
-    else:
-        stream = ProceduralStream(StreamConfig(cfg.generators, cfg.seed, cfg.arch.img_size, cfg.batch_size,
-                                               steps_per_epoch=10_000), rank, world, str(device))
-    aug_rng = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
-    lr_peak = cfg.lr * cfg.batch_size * world / 256
-    amp_dtype = autocast_dtype(cfg.precision, device)
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     if rank == 0:
         log.info("training on %s in %s", device, str(amp_dtype or torch.float32).removeprefix("torch."))
-    window = {"start": time.time(), "data": 0.0, "images": 0}
-    steady = {"from_step": step + 3, "start": None, "data": 0.0, "images": 0}    # after warm-up, for benchmarks
-    started = time.time() - elapsed
 
-    while True:
-        progress = max(step / cfg.max_steps if cfg.max_steps > 0 else 1.0,
-                       (time.time() - started) / 60 / cfg.max_minutes if cfg.max_minutes else 0.0)
-        flag = torch.tensor([progress], device=device)
-        if dist.is_initialized():
-            dist.broadcast(flag, 0)                    # rank 0's clock decides for everyone
-        progress = float(flag)
-        if progress >= 1.0:
-            break
+    # ============ train until the step or time budget is spent ============
+    speed = Throughput(first_steady_step=step + 3)
+    started = time.time() - elapsed
+    loss = None
+    while (progress := run_progress(cfg, step, started, device)) < 1.0:
         t0 = time.time()
-        if step == steady["from_step"]:
-            steady["start"] = t0
+        speed.step_starts(step, t0)
         images = stream.batch(step // 10_000, step % 10_000)
         crops = multi_crop(images, cfg.arch.img_size, cfg.global_crop_scale, cfg.local_size, cfg.local_crop_scale,
                            cfg.local_crops, cfg.arch.mean, cfg.arch.std, aug_rng)
-        window["data"] += time.time() - t0
-        steady["data"] += time.time() - t0 if steady["start"] else 0.0
-
-        lr = cosine(progress, lr_peak, cfg.min_lr, cfg.warmup)
-        optimizer.param_groups[0]["lr"] = optimizer.param_groups[1]["lr"] = lr
-        optimizer.param_groups[0]["weight_decay"] = cosine(progress, cfg.weight_decay, cfg.weight_decay_end)
-        teacher_temp = (cosine(progress / cfg.teacher_temp_warmup, cfg.teacher_temp, cfg.teacher_temp, 1.0,
-                               cfg.warmup_teacher_temp) if cfg.teacher_temp_warmup > 0 else cfg.teacher_temp)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            teacher_out = teacher(crops[:2])
-            student_out, features = student(crops, with_features=True)
-        loss = loss_fn(student_out.float(), teacher_out.float(), teacher_temp)
-        if cfg.koleo_weight:
-            global_features = features[:2 * crops[0].shape[0]].chunk(2)
-            loss = loss + cfg.koleo_weight * sum(koleo(f) for f in global_features) / 2
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"DINO loss is {loss.item()} at step {step}; lower the learning rate")
-        optimizer.zero_grad(set_to_none=True)
-        if scaler:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-        else:
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.clip_grad)
-        if progress < cfg.freeze_last_layer:
-            for p in student_module.head.last_layer.parameters():
-                p.grad = None
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        ema_update(teacher, student_module, cosine(progress, cfg.momentum_teacher, 1.0))
+        speed.data_made(time.time() - t0)
+        loss, lr = train_one_step(cfg, student, teacher, loss_fn, optimizer, scaler, amp_dtype, crops, progress,
+                                  lr_peak, step)
         step += 1
         images_seen += cfg.batch_size * world
-        window["images"] += cfg.batch_size * world
-        steady["images"] += cfg.batch_size * world if steady["start"] else 0
+        speed.step_ends(cfg.batch_size * world)
 
         if step % cfg.log_every == 0:
-            seconds = time.time() - window["start"]
-            metrics = {"step": step, "loss": loss.item(), "lr": lr, "progress": progress,
-                       "images_per_s": window["images"] / seconds, "data_share": window["data"] / seconds}
+            images_per_s, data_share = speed.window()
             if rank == 0:
-                log.info("step %d loss %.4f lr %.2e %.0f img/s data %.0f%% progress %.0f%%", step, metrics["loss"], lr,
-                         metrics["images_per_s"], 100 * metrics["data_share"], 100 * progress)
-            window = {"start": time.time(), "data": 0.0, "images": 0}
+                log.info("step %d loss %.4f lr %.2e %.0f img/s data %.0f%% progress %.0f%%", step, loss.item(), lr,
+                         images_per_s, 100 * data_share, 100 * progress)
         if step % cfg.checkpoint_every == 0:
             report(cfg, rank, step, time.time() - started, images_seen, student_module, teacher, optimizer, loss_fn,
                    {"step": step, "loss": loss.item()})
-    seconds = time.time() - steady["start"] if steady["start"] else float("nan")
+    images_per_s, data_share = speed.steady()
     report(cfg, rank, step, time.time() - started, images_seen, student_module, teacher, optimizer, loss_fn,
-           {"step": step, "loss": float("nan") if step == 0 else loss.item(), "final": True,
-            "resumed_from": resumed_from, "images_per_s": steady["images"] / seconds,
-            "data_share": steady["data"] / seconds})
+           {"step": step, "loss": float("nan") if loss is None else loss.item(), "final": True,
+            "resumed_from": resumed_from, "images_per_s": images_per_s, "data_share": data_share})
+
+
+def train_one_step(cfg: TrainConfig, student, teacher, loss_fn, optimizer, scaler, amp_dtype, crops: list,
+                   progress: float, lr_peak: float, step: int) -> tuple[torch.Tensor, float]:
+    """One DINO step on one batch of multi-crops at ``progress`` (0..1 of the run); returns the
+    loss and the learning rate. ``student`` may be DDP-wrapped; ``teacher`` never is."""
+    student_module = student.module if hasattr(student, "module") else student
+    # schedules: cosine in the run's progress, so a time budget anneals fully too
+    lr = cosine(progress, lr_peak, cfg.min_lr, cfg.warmup)
+    optimizer.param_groups[0]["lr"] = optimizer.param_groups[1]["lr"] = lr
+    optimizer.param_groups[0]["weight_decay"] = cosine(progress, cfg.weight_decay, cfg.weight_decay_end)
+    teacher_temp = (cosine(progress / cfg.teacher_temp_warmup, cfg.teacher_temp, cfg.teacher_temp, 1.0,
+                           cfg.warmup_teacher_temp) if cfg.teacher_temp_warmup > 0 else cfg.teacher_temp)
+
+    # teacher sees the two global crops, student sees every crop
+    with torch.autocast(crops[0].device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        teacher_out = teacher(crops[:2])
+        student_out, features = student(crops, with_features=True)
+    loss = loss_fn(student_out.float(), teacher_out.float(), teacher_temp)
+    if cfg.koleo_weight:                             # DINOv2's KoLeo spreads the global crops' CLS tokens
+        global_features = features[:2 * crops[0].shape[0]].chunk(2)
+        loss = loss + cfg.koleo_weight * sum(koleo(f) for f in global_features) / 2
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"DINO loss is {loss.item()} at step {step}; lower the learning rate")
+
+    # student update: clipped gradients, the head's last layer frozen at first
+    optimizer.zero_grad(set_to_none=True)
+    if scaler:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.clip_grad)
+    if progress < cfg.freeze_last_layer:
+        for p in student_module.head.last_layer.parameters():
+            p.grad = None
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+
+    # teacher: an EMA of the student, its momentum rising to 1
+    ema_update(teacher, student_module, cosine(progress, cfg.momentum_teacher, 1.0))
+    return loss, lr
+
+
+def run_progress(cfg: TrainConfig, step: int, started: float, device: torch.device) -> float:
+    """How far the run is, 0..1 (≥ 1: stop): the larger of its step and time fractions, as rank 0
+    measures them, so every worker takes the same steps."""
+    progress = max(step / cfg.max_steps if cfg.max_steps > 0 else 1.0,
+                   (time.time() - started) / 60 / cfg.max_minutes if cfg.max_minutes else 0.0)
+    flag = torch.tensor([progress], device=device)
+    if dist.is_initialized():
+        dist.broadcast(flag, 0)                        # rank 0's clock decides for everyone
+    return float(flag)
+
+
+class Throughput:
+    """Images/s and the share of step time spent making data: per log window, and for the whole
+    run after a warm-up (``first_steady_step`` on), which benchmarks report."""
+
+    def __init__(self, first_steady_step: int):
+        self.first_steady_step, self.steady_start = first_steady_step, None
+        self.steady_data = self.steady_images = 0.0
+        self.window_start, self.window_data, self.window_images = time.time(), 0.0, 0
+
+    def step_starts(self, step: int, now: float) -> None:
+        if step == self.first_steady_step:
+            self.steady_start = now
+
+    def data_made(self, seconds: float) -> None:
+        self.window_data += seconds
+        self.steady_data += seconds if self.steady_start else 0.0
+
+    def step_ends(self, images: int) -> None:
+        self.window_images += images
+        self.steady_images += images if self.steady_start else 0
+
+    def window(self) -> tuple[float, float]:
+        """(images/s, data share) since the last call, and start a new window."""
+        seconds = time.time() - self.window_start
+        result = self.window_images / seconds, self.window_data / seconds
+        self.window_start, self.window_data, self.window_images = time.time(), 0.0, 0
+        return result
+
+    def steady(self) -> tuple[float, float]:
+        """(images/s, data share) after the warm-up; NaN when the run never got past it."""
+        seconds = time.time() - self.steady_start if self.steady_start else float("nan")
+        return self.steady_images / seconds, self.steady_data / seconds
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -289,7 +345,7 @@ def export(checkpoint: ray.train.Checkpoint, url: str) -> str:
             files[name] = f.read()
     fs, path = fsspec.core.url_to_fs(url)
     fs.makedirs(path, exist_ok=True)
-    for name, blob in files.items():                      # config last: it marks completeness
-        fs.pipe_file(f"{path}/{name}", blob)
+    for name, blob in files.items():                      # each whole or absent; config last: it marks completeness
+        write_atomic(fs, f"{path}/{name}", blob)
     log.info("exported encoder to %s (%s images seen)", url, json.loads(files[PROVENANCE]).get("images_seen"))
     return url

@@ -1,7 +1,9 @@
-"""Embeddings → a sharded memory: choose the index type, train one empty index, fill the shards.
+"""Embeddings → a sharded memory: choose the index type, train one empty index, fill the shards,
+and measure the recall the memory will answer at.
 
 Shard ``s`` owns the ids with ``id % shards == s``, so adding and removing vectors later touches
-exactly one shard per id.
+exactly one shard per id. A build writes every file of its version first and the manifest last;
+a build that fails removes what it wrote, so a memory never shows a half-built version.
 """
 
 from __future__ import annotations
@@ -13,40 +15,67 @@ import faiss
 import fsspec
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from index.embed_job import JOB_FILE, embedding_matrix, read_embeddings
-from index.manifest import Manifest, ShardEntry, read_manifest, sha256, version_dir, write_bytes_atomic, write_manifest
-from index.shards import serialize
+from index.embeddings import JOB_FILE, embedding_matrix, read_embeddings
+from index.manifest import Manifest, ShardEntry, read_manifest, sha256, version_dir, write_manifest
+from index.recall import calibrate_nprobe
+from index.shards import Shard, serialize
+from procdata.storage import parquet_bytes, write_atomic
 
 log = logging.getLogger("vismem.index.build")
 FLAT_LIMIT = 100_000
+TARGET_RECALL = 0.95
 
 
 def choose_factory(n: int, dim: int) -> str:
-    """Flat below ~100k vectors; IVF-PQ above (HNSW coarse quantiser and OPQ from 10M).
+    """Flat below ~100k vectors; IVF with 8-bit scalar codes above (HNSW coarse quantiser from 10M).
 
-    nlist ≈ 8·√N rounded to a power of two; PQ with ~4 dimensions per 8-bit sub-quantiser.
+    nlist ≈ 8·√N rounded to a power of two. Why SQ8 and not PQ: measured at 1M clustered vectors
+    of d=384 (``vismem index bench``), IVF-PQ64 tops out near recall@10 0.5–0.7 whatever nprobe,
+    and PQ64 re-ranked with SQ8 codes costs more bytes than SQ8 alone (README, "Recall"). A user
+    who needs fewer bytes per vector passes ``--factory IVF…,PQ…`` and the build reports the
+    recall it measured.
     """
     if n < FLAT_LIMIT:
         return "IDMap2,Flat"
     nlist = 2 ** round(math.log2(8 * math.sqrt(n)))
-    m = max(d for d in range(1, min(64, dim // 4) + 1) if dim % d == 0)
     if n >= 10_000_000:
-        return f"OPQ{m},IVF{nlist}_HNSW32,PQ{m}"
-    return f"IVF{nlist},PQ{m}"
+        return f"IVF{nlist}_HNSW32,SQ8"
+    return f"IVF{nlist},SQ8"
 
 
 def training_size(factory: str) -> int:
-    """How many vectors to train on: ≥ 39·nlist and ≥ 9,984 for 8-bit PQ (DESIGN.md §3)."""
+    """How many vectors to train on: ≥ 39·nlist, and ≥ 9,984 for 8-bit PQ (DESIGN.md §3)."""
     if "IVF" not in factory:
         return 0
     nlist = int(factory.split("IVF")[1].split(",")[0].split("_")[0])
     return max(39 * nlist, 9_984 if "PQ" in factory else 0)
 
 
+def empty_index(dim: int, factory: str) -> faiss.Index:
+    """The untrained index ``factory`` describes, or a ValueError naming the factory string."""
+    try:
+        return faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        lines = [line for line in str(e).strip().splitlines() if line.strip()]
+        reason = lines[-1].split(": ", 1)[-1] if lines else "rejected"
+        raise ValueError(f"FAISS cannot build the index factory string {factory!r} for {dim}-d vectors ({reason}); "
+                         "see https://github.com/facebookresearch/faiss/wiki/The-index-factory") from None
+
+
+def with_ids(factory: str, dim: int) -> str:
+    """``factory``, prefixed with ``IDMap2,`` where the index cannot store the memory's own ids
+    (Flat, HNSW, Refine): memory ids are global and sparse, never positions."""
+    owner = empty_index(dim, factory)                  # owns the C++ object the downcast view points to
+    index = faiss.downcast_index(owner)
+    if factory.startswith("IDMap") or (faiss.try_extract_index_ivf(index) is not None
+                                       and not isinstance(index, faiss.IndexRefine)):
+        return factory
+    return f"IDMap2,{factory}"
+
+
 def train_empty_index(vectors: np.ndarray, factory: str, seed: int = 0) -> faiss.Index:
-    index = faiss.index_factory(vectors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    index = empty_index(vectors.shape[1], factory)
     if not index.is_trained:
         want = training_size(factory)
         if len(vectors) < want:
@@ -60,45 +89,110 @@ def train_empty_index(vectors: np.ndarray, factory: str, seed: int = 0) -> faiss
 
 
 def build_memory(embeddings_url: str, memory_url: str, shards: int = 2, factory: str | None = None,
-                 encoder: dict | None = None) -> Manifest:
-    """Build version 1 (or the next version) of the memory at ``memory_url`` from embeddings."""
-    if shards <= 0:
-        raise ValueError("the number of shards must be positive")
+                 encoder: dict | None = None, replace: bool = False, nprobe: int | None = None,
+                 target_recall: float = TARGET_RECALL) -> Manifest:
+    """Build the next version of the memory at ``memory_url`` (version 1 for a new one).
+
+    ``nprobe`` fixes the default search depth; by default the build picks the smallest nprobe
+    whose recall@10 against exact search, measured on vectors of the collection, reaches
+    ``target_recall``. A memory that holds another encoder's vectors is refused unless
+    ``replace``.
+    """
     table = read_embeddings(embeddings_url)
     vectors = embedding_matrix(table)
     if len(vectors) == 0:
         raise ValueError(f"no vectors under {embeddings_url}: every image failed to embed?")
+    check_shards(shards, len(vectors))
     encoder = encoder or embedding_encoder(embeddings_url)
-    factory = factory or choose_factory(len(vectors), vectors.shape[1])
+    factory = with_ids(factory or choose_factory(len(vectors), vectors.shape[1]), int(vectors.shape[1]))
+    previous = current_manifest(memory_url)
+    if previous is not None and not replace:
+        check_same_encoder(previous, encoder, int(vectors.shape[1]), memory_url)
+
     log.info("building %s over %d vectors of dim %d in %d shards", factory, len(vectors), vectors.shape[1], shards)
     empty = train_empty_index(vectors, factory)
-
+    ids = table.column("id").to_numpy()
     fs, root = fsspec.core.url_to_fs(memory_url)
     root = root.rstrip("/")
-    try:
-        version = read_manifest(memory_url).version + 1
-    except FileNotFoundError:
-        version = 1
+    version = next_version(fs, root)
     vdir = version_dir(version)
-    fs.makedirs(f"{root}/{vdir}", exist_ok=True)
-    write_bytes_atomic(fs, f"{root}/{vdir}/trained.faiss", serialize(empty))
-    ids = table.column("id").to_numpy()
-    entries = []
-    for s in range(shards):
-        rows = np.flatnonzero(ids % shards == s)
-        index = faiss.clone_index(empty)
-        index.add_with_ids(vectors[rows], ids[rows])
-        blob = serialize(index)
-        write_bytes_atomic(fs, f"{root}/{vdir}/shard-{s:04d}.faiss", blob)
-        sink = pa.BufferOutputStream()
-        pq.write_table(table.select(["id", "uri", "label"]).take(pa.array(rows)), sink)
-        write_bytes_atomic(fs, f"{root}/{vdir}/shard-{s:04d}.parquet", sink.getvalue().to_pybytes())
-        entries.append(ShardEntry(f"{vdir}/shard-{s:04d}.faiss", f"{vdir}/shard-{s:04d}.parquet", len(rows), sha256(blob)))
-    manifest = Manifest(version=version, encoder=encoder, dim=int(vectors.shape[1]), metric="inner_product",
-                        factory=factory, trained_index=f"{vdir}/trained.faiss", shards=entries,
-                        next_id=int(ids.max()) + 1, parent=version - 1 if version > 1 else None)
-    write_manifest(memory_url, manifest)
+    try:
+        fs.makedirs(f"{root}/{vdir}", exist_ok=True)
+        write_atomic(fs, f"{root}/{vdir}/trained.faiss", serialize(empty))
+        entries, filled = [], []
+        for s in range(shards):
+            rows = np.flatnonzero(ids % shards == s)
+            index = faiss.clone_index(empty)
+            index.add_with_ids(vectors[rows], ids[rows])
+            metadata = table.select(["id", "uri", "label"]).take(pa.array(rows))
+            entries.append(write_shard(fs, root, vdir, s, index, metadata))
+            filled.append(Shard(index, metadata, s))
+        search, recall = search_defaults(filled, vectors, ids, nprobe, target_recall)
+        manifest = Manifest(version=version, encoder=encoder, dim=int(vectors.shape[1]), metric="inner_product",
+                            factory=factory, trained_index=f"{vdir}/trained.faiss", shards=entries,
+                            next_id=int(ids.max()) + 1, search=search, recall=recall,
+                            parent=previous.version if previous else None)
+        write_manifest(memory_url, manifest)
+    except BaseException:
+        fs.rm(f"{root}/{vdir}", recursive=True)                 # nothing of a failed build stays behind
+        raise
     return manifest
+
+
+def check_shards(shards: int, count: int) -> None:
+    if shards <= 0:
+        raise ValueError(f"the number of shards must be positive, got {shards}")
+    if shards > count:
+        raise ValueError(f"{shards} shards for {count} vectors would leave shards empty; use at most {count} "
+                         "(a shard of a few million vectors is typical)")
+
+
+def current_manifest(memory_url: str) -> Manifest | None:
+    try:
+        return read_manifest(memory_url)
+    except FileNotFoundError:
+        return None
+
+
+def check_same_encoder(previous: Manifest, encoder: dict, dim: int, memory_url: str) -> None:
+    """A new version must hold vectors of the same encoder as the current one (their similarities
+    mean nothing to each other otherwise), unless the user asks to replace the memory."""
+    if previous.encoder.get("sha256") != encoder.get("sha256") or previous.dim != dim:
+        raise ValueError(f"memory {memory_url} holds vectors of encoder {previous.encoder.get('name')} "
+                         f"({previous.dim}-d); these embeddings come from encoder {encoder.get('name')} ({dim}-d). "
+                         "Build into another --memory, or pass --replace to make them the current version")
+
+
+def next_version(fs, root: str) -> int:
+    """One more than any version folder present, complete or not: a build never writes into the
+    folder of another build (a crashed one, or one running now)."""
+    if not fs.exists(root):
+        return 1
+    names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
+    return 1 + max((int(n[1:]) for n in names if n.startswith("v") and n[1:].isdigit()), default=0)
+
+
+def write_shard(fs, root: str, vdir: str, number: int, index: faiss.Index, metadata: pa.Table) -> ShardEntry:
+    blob = serialize(index)
+    name = f"{vdir}/shard-{number:04d}"
+    write_atomic(fs, f"{root}/{name}.faiss", blob)
+    write_atomic(fs, f"{root}/{name}.parquet", parquet_bytes(metadata))
+    return ShardEntry(f"{name}.faiss", f"{name}.parquet", metadata.num_rows, sha256(blob))
+
+
+def search_defaults(shards: list[Shard], vectors: np.ndarray, ids: np.ndarray, nprobe: int | None,
+                    target: float) -> tuple[dict, dict | None]:
+    """The manifest's search defaults and the recall they were measured at (None for Flat)."""
+    ivf = faiss.try_extract_index_ivf(shards[0].index)
+    if ivf is None:
+        return {}, None
+    if nprobe is not None and not 1 <= nprobe <= ivf.nlist:
+        raise ValueError(f"nprobe must be between 1 and nlist = {ivf.nlist}, got {nprobe}")
+    result = calibrate_nprobe(shards, vectors, ids, target, nprobe=nprobe)
+    if result["recall"] < target:
+        log.warning("recall@%d is %.3f at nprobe %d, below the target %.2f: the factory's codes are too coarse "
+                    "(try an SQ8 or refined factory)", result["k"], result["recall"], result["nprobe"], target)
+    return {"nprobe": result["nprobe"]}, result
 
 
 def embedding_encoder(embeddings_url: str) -> dict:

@@ -1,14 +1,22 @@
 """Readers of real image collections on any fsspec URL, split into partitions for embedding.
 
-Two formats (DESIGN.md §4): a folder tree ``ROOT/<label>/<name>.<ext>`` and Parquet files with
-an ``image`` binary column (and optional ``label``, ``id``, ``uri``). Items are listed in sorted
-order and numbered from ``first_id``, so the same collection always gets the same ids.
+Two formats (DESIGN.md §4): a folder tree ``ROOT/<label>/<name>.<ext>`` and Parquet files with an
+``image`` binary column (and optional ``label``, ``id``, ``uri``, ``filename``). A collection is a sorted
+list of *inputs*: one per image file of a folder tree, one per Parquet file, each with what tells a
+changed file from an unchanged one (its size, and its ETag where the store has one, else its
+modification time), so that a re-run of an embedding job can tell new, changed and removed inputs
+apart. Partitions number the items from ``first_id`` in listing order, so the same collection always
+gets the same ids.
+
+The URI of an item is its file's URL for a folder tree. For a Parquet row it is the row's ``uri``
+column when there is one, else ``<file URL>#row=<n>:<filename>`` from the row's ``filename`` column,
+else ``<file URL>#row=<n>`` (``n`` counts rows of that file from 0): unique, and it says where to look.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import fsspec
 import numpy as np
@@ -19,18 +27,39 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 
 @dataclass
 class Partition:
-    """A slice of a collection that one task embeds and writes as one Parquet file."""
+    """A slice of a collection that one task embeds and writes as one Parquet file.
+
+    ``inputs`` are either image files (``{"uri", "label", "size", "etag" | "mtime"}``, one per image)
+    or one Parquet file's rows ``[start, stop)`` (``{"uri", "size", "etag" | "mtime", "rows", "start",
+    "stop"}``).
+    """
 
     number: int
     first_id: int
-    uris: list[str] = field(default_factory=list)        # folder trees: one URI per image
-    labels: list[str | None] = field(default_factory=list)
-    parquet: str | None = None                           # Parquet collections: file and row range
-    start: int = 0
-    stop: int = 0
+    inputs: list[dict]
+
+    @property
+    def parquet(self) -> str | None:
+        return self.inputs[0]["uri"] if self.inputs and "rows" in self.inputs[0] else None
+
+    @property
+    def uris(self) -> list[str]:
+        return [] if self.parquet else [i["uri"] for i in self.inputs]
+
+    @property
+    def labels(self) -> list[str | None]:
+        return [] if self.parquet else [i["label"] for i in self.inputs]
+
+    @property
+    def start(self) -> int:
+        return self.inputs[0]["start"] if self.parquet else 0
+
+    @property
+    def stop(self) -> int:
+        return self.inputs[0]["stop"] if self.parquet else 0
 
     def __len__(self) -> int:
-        return len(self.uris) if self.parquet is None else self.stop - self.start
+        return self.stop - self.start if self.parquet else len(self.inputs)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -56,26 +85,43 @@ def protocol_prefix(url: str) -> str:
     return "" if "://" not in url or url.startswith("file://") else url.split("://", 1)[0] + "://"
 
 
-def list_partitions(url: str, partition_size: int = 512, first_id: int = 0) -> list[Partition]:
-    """Partitions of the collection at ``url``: a folder tree or Parquet file(s)."""
-    if partition_size <= 0:
-        raise ValueError("partition size must be positive")
+def fingerprint(info: dict) -> dict:
+    """What tells a changed file from an unchanged one: its size, and its ETag where the store has
+    one (S3, GCS, Azure), else its modification time."""
+    etag = info.get("ETag") or info.get("etag")
+    if etag:
+        return {"size": info["size"], "etag": str(etag).strip('"')}
+    mtime = info.get("mtime", info.get("LastModified", info.get("created")))
+    return {"size": info["size"], "mtime": mtime.isoformat() if hasattr(mtime, "isoformat") else mtime}
+
+
+def list_inputs(url: str) -> list[dict]:
+    """The inputs of the collection at ``url`` in sorted order: one per image file of a folder tree
+    (with its label), or one per Parquet file (with its row count)."""
     fs, root = open_collection(url)
     prefix = protocol_prefix(url)
-    files = [root] if fs.isfile(root) else sorted(fs.find(root))
-    parquet_files = [f for f in files if f.endswith(".parquet")]
+    files = {root: fs.info(root)} if fs.isfile(root) else fs.find(root, detail=True)
+    parquet_files = sorted(p for p in files if p.endswith(".parquet"))
     if parquet_files:
-        return parquet_partitions(fs, prefix, parquet_files, partition_size, first_id)
-    images = [f for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
+        inputs = [parquet_input(fs, prefix + path, files[path]) for path in parquet_files]
+        if not sum(i["rows"] for i in inputs):
+            raise ValueError(f"the Parquet collection {url} has no rows")
+        return inputs
+    images = sorted(p for p in files if p.lower().endswith(IMAGE_EXTENSIONS))
     if not images:
         raise ValueError(f"no images under {url}: expected ROOT/<label>/<name>.<{'|'.join(e[1:] for e in IMAGE_EXTENSIONS[:3])}|...> "
                          f"or Parquet files with an 'image' column")
-    parts = []
-    for number, start in enumerate(range(0, len(images), partition_size)):
-        chunk = images[start:start + partition_size]
-        labels = [label_of(root, path) for path in chunk]
-        parts.append(Partition(number, first_id + start, [prefix + p for p in chunk], labels))
-    return parts
+    return [{"uri": prefix + path, "label": label_of(root, path), **fingerprint(files[path])} for path in images]
+
+
+def parquet_input(fs, uri: str, info: dict) -> dict:
+    """One Parquet file of a collection as an input: its fingerprint and row count."""
+    with fs.open(info["name"]) as f:
+        meta = pq.ParquetFile(f)
+        if "image" not in meta.schema_arrow.names:
+            raise ValueError(f"{uri} has no 'image' column (columns: {', '.join(meta.schema_arrow.names)})")
+        rows = meta.metadata.num_rows
+    return {"uri": uri, **fingerprint(info), "rows": rows}
 
 
 def label_of(root: str, path: str) -> str | None:
@@ -84,21 +130,31 @@ def label_of(root: str, path: str) -> str | None:
     return rel[0] if len(rel) > 1 else None
 
 
-def parquet_partitions(fs, prefix: str, files: list[str], partition_size: int, first_id: int) -> list[Partition]:
+def make_partitions(inputs: list[dict], partition_size: int, number: int = 0, first_id: int = 0) -> list[Partition]:
+    """Partitions of ``inputs`` (from ``list_inputs``) numbered from ``number``, with ids from
+    ``first_id`` in order: images in chunks of ``partition_size``; each Parquet file in row ranges of
+    ``partition_size`` from its ``start`` (default 0: a resumed plan may have recorded the first rows)."""
+    if partition_size <= 0:
+        raise ValueError("partition size must be positive")
     parts, next_id = [], first_id
-    for path in files:
-        with fs.open(path) as f:
-            meta = pq.ParquetFile(f)
-            if "image" not in meta.schema_arrow.names:
-                raise ValueError(f"{prefix}{path} has no 'image' column (columns: {', '.join(meta.schema_arrow.names)})")
-            rows = meta.metadata.num_rows
-        for start in range(0, rows, partition_size):
-            stop = min(rows, start + partition_size)
-            parts.append(Partition(len(parts), next_id, parquet=prefix + path, start=start, stop=stop))
+    images = [i for i in inputs if "rows" not in i]
+    for start in range(0, len(images), partition_size):
+        chunk = images[start:start + partition_size]
+        parts.append(Partition(number + len(parts), next_id, chunk))
+        next_id += len(chunk)
+    for file in (i for i in inputs if "rows" in i):
+        for start in range(file.get("start", 0), file["rows"], partition_size):
+            stop = min(file["rows"], start + partition_size)
+            parts.append(Partition(number + len(parts), next_id, [{**file, "start": start, "stop": stop}]))
             next_id += stop - start
-    if not parts:
-        raise ValueError(f"the Parquet collection {prefix}{files[0]} has no rows")
     return parts
+
+
+def list_partitions(url: str, partition_size: int = 512, first_id: int = 0) -> list[Partition]:
+    """Partitions of the collection at ``url``: a folder tree or Parquet file(s)."""
+    if partition_size <= 0:
+        raise ValueError("partition size must be positive")
+    return make_partitions(list_inputs(url), partition_size, 0, first_id)
 
 
 def read_partition(part: Partition) -> list[tuple[int, str, str | None, bytes | Exception]]:
@@ -118,16 +174,25 @@ def read_partition(part: Partition) -> list[tuple[int, str, str | None, bytes | 
     cols = table.column_names
     images = table.column("image").to_pylist()
     labels = table.column("label").to_pylist() if "label" in cols else [None] * len(images)
-    uris = (table.column("uri").to_pylist() if "uri" in cols
-            else [f"{part.parquet}#row={part.start + i}" for i in range(len(images))])
     ids = table.column("id").to_pylist() if "id" in cols else [part.first_id + i for i in range(len(images))]
-    return [(int(i), u, None if lab is None else str(lab), img if img is not None else ValueError("null image"))
-            for i, u, lab, img in zip(ids, uris, labels, images)]
+    return [(int(i), u, None if lab is None else str(lab),
+             img if img is not None else ValueError("no image bytes (null)"))
+            for i, u, lab, img in zip(ids, row_uris(part, table), labels, images)]
+
+
+def row_uris(part: Partition, table) -> list[str]:
+    """The URIs of a Parquet partition's rows (see the module docstring)."""
+    if "uri" in table.column_names:
+        return table.column("uri").to_pylist()
+    names = table.column("filename").to_pylist() if "filename" in table.column_names else [None] * len(table)
+    return [f"{part.parquet}#row={part.start + i}" + ("" if name is None else f":{name}")
+            for i, name in enumerate(names)]
 
 
 def decode_partition(part: Partition) -> tuple[list[tuple[int, str, str | None, np.ndarray]], list[dict]]:
     """The readable images of ``part`` as (id, uri, label, RGB array), and one record
-    ``{"id", "uri", "error"}`` per image that could not be read or decoded (never fatal)."""
+    ``{"id", "uri", "error"}`` per image that could not be read or decoded (never fatal); the error
+    says why, then names the URI: ``"not an image file: s3://bucket/photos/dog/d.jpg"``."""
     from encoder.embed import decode_image          # here: listing a collection must not import torch
 
     images, errors = [], []
@@ -136,8 +201,10 @@ def decode_partition(part: Partition) -> tuple[list[tuple[int, str, str | None, 
             if isinstance(data, Exception):
                 raise data
             images.append((item_id, uri, label, decode_image(data)))
+        except ValueError as e:                     # decode_image's and read_partition's own reasons
+            errors.append({"id": item_id, "uri": uri, "error": f"{e}: {uri}"})
         except Exception as e:  # noqa: BLE001 (one bad image is skipped and reported, never fatal)
-            errors.append({"id": item_id, "uri": uri, "error": f"{type(e).__name__}: {e}"})
+            errors.append({"id": item_id, "uri": uri, "error": f"cannot read ({type(e).__name__}: {e}): {uri}"})
     return images, errors
 
 

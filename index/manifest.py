@@ -11,10 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 
 import fsspec
+
+from procdata.storage import write_atomic
 
 POINTER = "manifest.json"
 FORMAT = "vismem-memory/1"
@@ -38,6 +39,8 @@ class Manifest:
     trained_index: str
     shards: list[ShardEntry]
     next_id: int
+    search: dict = field(default_factory=dict)       # defaults every query gets: {"nprobe", "k_factor"}
+    recall: dict | None = None                       # measured at build: {"k", "recall", "queries", ...}
     created: float = field(default_factory=time.time)
     parent: int | None = None
     format: str = FORMAT
@@ -59,14 +62,6 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def write_bytes_atomic(fs, path: str, data: bytes) -> None:
-    """Write to a temporary name, then move into place: no reader sees a half-written file."""
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    with fs.open(tmp, "wb") as f:
-        f.write(data)
-    fs.mv(tmp, path)
-
-
 def version_dir(version: int) -> str:
     return f"v{version}"
 
@@ -78,8 +73,8 @@ def write_manifest(root_url: str, manifest: Manifest) -> None:
     body = json.dumps(asdict(manifest), indent=2).encode()
     rel = f"{version_dir(manifest.version)}/{POINTER}"
     fs.makedirs(f"{root}/{version_dir(manifest.version)}", exist_ok=True)
-    write_bytes_atomic(fs, f"{root}/{rel}", body)
-    write_bytes_atomic(fs, f"{root}/{POINTER}", json.dumps({"current": manifest.version, "path": rel}).encode())
+    write_atomic(fs, f"{root}/{rel}", body)
+    write_atomic(fs, f"{root}/{POINTER}", json.dumps({"current": manifest.version, "path": rel}).encode())
 
 
 def read_manifest(root_url: str, version: int | None = None) -> Manifest:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from index.manifest import Manifest, read_manifest
+from index.queries import check_vectors
 from index.shards import Shard, merge_topk
 from index.voting import vote
 
@@ -38,27 +39,25 @@ class VisualMemory:
 
     @classmethod
     def open(cls, url: str, version: int | None = None, nprobe: int | None = None) -> "VisualMemory":
+        """The memory at ``url`` (current version by default). ``nprobe`` replaces the default the
+        build recorded in the manifest, for every search of this object."""
         manifest = read_manifest(url, version)
-        return cls(url, manifest, [Shard.load(url, e, i, nprobe) for i, e in enumerate(manifest.shards)])
+        search = {**manifest.search, **({"nprobe": nprobe} if nprobe else {})}
+        return cls(url, manifest, [Shard.load(url, e, i, search) for i, e in enumerate(manifest.shards)])
 
     def __len__(self) -> int:
         return sum(s.index.ntotal for s in self.shards)
 
-    def check_queries(self, queries: np.ndarray) -> np.ndarray:
-        queries = np.asarray(queries, dtype=np.float32)
-        if queries.ndim == 1:
-            queries = queries[None]
-        if queries.ndim != 2 or queries.shape[1] != self.manifest.dim:
-            raise ValueError(f"query vectors have dimension {queries.shape[-1]}, the memory {self.url} "
-                             f"holds dimension {self.manifest.dim} (encoder {self.manifest.encoder.get('name')})")
-        return queries
-
-    def search(self, queries: np.ndarray, k: int = 10) -> Neighbours:
-        queries = self.check_queries(queries)
-        found = merge_topk([s.query(queries, k) for s in self.shards], k)
+    def search(self, queries, k: int = 10, nprobe: int | None = None) -> Neighbours:
+        """The ``k`` nearest memory items of each query (unit-normalised first; see index.queries).
+        ``nprobe`` overrides the manifest's default for this call."""
+        queries = check_vectors(queries, self.manifest.dim, "query vectors")
+        if k < 1:
+            raise ValueError(f"k must be a positive whole number, got {k}")
+        found = merge_topk([s.query(queries, k, nprobe) for s in self.shards], k)
         return Neighbours(found["similarities"], found["ids"], found["labels"], found["uris"], found["shards"])
 
-    def classify(self, queries: np.ndarray, k: int = 10, rule: str = "plurality") -> Classification:
-        found = self.search(queries, k)
+    def classify(self, queries, k: int = 10, rule: str = "plurality", nprobe: int | None = None) -> Classification:
+        found = self.search(queries, k, nprobe)
         v = vote(found.labels, found.similarities, rule, ids=found.ids)
         return Classification(v.decisions, found, v.weights, v.scores)

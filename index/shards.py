@@ -15,6 +15,40 @@ import pyarrow.parquet as pq
 from index.manifest import ShardEntry, sha256
 
 
+def search_parameters(index: faiss.Index, nprobe: int | None = None, k_factor: int | None = None):
+    """FAISS per-call search parameters for ``index`` (None for a Flat index), so that one loaded
+    shard answers every request at the nprobe that request asks for, without mutating the index.
+
+    Walks the wrappers a factory string builds (IDMap, OPQ pre-transform, Refine) down to the IVF.
+    Returns ``(params, keep)``: ``keep`` holds the nested parameter objects, which SWIG does not
+    keep alive on its own, until the search is done.
+    """
+    keep = []
+
+    def walk(idx):
+        idx = faiss.downcast_index(idx)
+        if isinstance(idx, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+            return walk(idx.index)
+        if isinstance(idx, faiss.IndexPreTransform):
+            inner = walk(idx.index)
+            return None if inner is None else keep_(faiss.SearchParametersPreTransform(index_params=inner))
+        if isinstance(idx, faiss.IndexRefine):
+            base = walk(idx.base_index)
+            params = faiss.IndexRefineSearchParameters(k_factor=float(k_factor or idx.k_factor))
+            if base is not None:
+                params.base_index_params = base
+            return keep_(params)
+        if faiss.try_extract_index_ivf(idx) is not None:
+            return keep_(faiss.SearchParametersIVF(nprobe=int(nprobe))) if nprobe else None
+        return None
+
+    def keep_(params):
+        keep.append(params)
+        return params
+
+    return walk(index), keep
+
+
 def serialize(index: faiss.Index) -> bytes:
     return faiss.serialize_index(index).tobytes()
 
@@ -26,8 +60,9 @@ def deserialize(data: bytes) -> faiss.Index:
 class Shard:
     """A searchable shard: FAISS index plus (id → uri, label) metadata, sorted by id."""
 
-    def __init__(self, index: faiss.Index, metadata: pa.Table, number: int = 0):
+    def __init__(self, index: faiss.Index, metadata: pa.Table, number: int = 0, search: dict | None = None):
         self.index, self.number = index, number
+        self.defaults = dict(search or {})          # the manifest's search defaults: nprobe, k_factor
         metadata = metadata.sort_by("id")
         self.ids = metadata.column("id").to_numpy()
         self.uris = np.array(metadata.column("uri").to_pylist(), dtype=object)
@@ -36,7 +71,9 @@ class Shard:
             raise ValueError(f"shard {number}: index holds {self.index.ntotal} vectors but metadata {len(self.ids)} rows")
 
     @classmethod
-    def load(cls, root_url: str, entry: ShardEntry, number: int = 0, nprobe: int | None = None) -> "Shard":
+    def load(cls, root_url: str, entry: ShardEntry, number: int = 0, search: dict | None = None) -> "Shard":
+        """Read shard ``number`` of the memory at ``root_url``, checking its sha256. ``search``
+        holds the defaults every query gets unless it asks otherwise (``nprobe``, ``k_factor``)."""
         fs, root = fsspec.core.url_to_fs(root_url)
         root = root.rstrip("/")
         with fs.open(f"{root}/{entry.index}") as f:
@@ -45,21 +82,23 @@ class Shard:
             raise ValueError(f"shard {number} of {root_url}: {entry.index} does not match its sha256 in the manifest")
         with fs.open(f"{root}/{entry.metadata}") as f:
             metadata = pq.read_table(f)
-        index = deserialize(blob)
-        if nprobe is not None:
-            faiss.ParameterSpace().set_index_parameter(index, "nprobe", nprobe)
-        return cls(index, metadata, number)
+        return cls(deserialize(blob), metadata, number, search)
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(similarities, ids) ``[nq, k]``; id −1 where the shard has fewer than k vectors."""
+    def search(self, queries: np.ndarray, k: int, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(similarities, ids) ``[nq, k]``; id −1 where the shard has fewer than k vectors.
+        ``nprobe`` overrides the default for this call (IVF indexes; ignored by Flat)."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.index.d:
             raise ValueError(f"queries must be [n, {self.index.d}], got {list(queries.shape)}")
-        return self.index.search(queries, k)
+        if nprobe is not None and nprobe < 1:
+            raise ValueError(f"nprobe must be a positive whole number, got {nprobe}")
+        params, _keep = search_parameters(self.index, nprobe or self.defaults.get("nprobe"),
+                                          self.defaults.get("k_factor"))
+        return self.index.search(queries, k, params=params)
 
-    def query(self, queries: np.ndarray, k: int) -> dict:
+    def query(self, queries: np.ndarray, k: int, nprobe: int | None = None) -> dict:
         """``search`` plus each neighbour's uri and label: what one shard answers a router."""
-        sims, ids = self.search(queries, k)
+        sims, ids = self.search(queries, k, nprobe)
         uris, labels = self.lookup(ids)
         return {"similarities": sims, "ids": ids, "uris": uris, "labels": labels}
 

@@ -13,16 +13,15 @@ import io
 import json
 import logging
 import time
-import uuid
 from dataclasses import asdict, dataclass
 
 import fsspec
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
 
 from procdata.generators import generate, get_generator
+from procdata.storage import check_writable, parquet_bytes, write_atomic
 
 log = logging.getLogger("vismem.procdata.shards")
 FORMATS = ("png", "jpeg")
@@ -46,18 +45,7 @@ class ShardJob:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.format not in FORMATS:
             raise ValueError(f"unknown image format {self.format!r}; choose one of: {', '.join(FORMATS)}")
-        fs, root = fsspec.core.url_to_fs(self.out)
-        root = root.rstrip("/")
-        parent = root.rsplit("/", 1)[0] if "/" in root.strip("/") else root
-        if not fs.exists(parent):       # never create a bucket (or a whole path) the user did not ask for
-            raise FileNotFoundError(f"cannot write to {self.out}: {parent} does not exist; create it first")
-        probe = f"{root}/.write-test-{uuid.uuid4().hex}"
-        try:
-            fs.makedirs(root, exist_ok=True)
-            fs.pipe(probe, b"")
-            fs.rm(probe)
-        except Exception as e:  # noqa: BLE001 (any storage error means the same: cannot write there)
-            raise PermissionError(f"cannot write to {self.out}: {type(e).__name__}: {e}") from None
+        check_writable(self.out, "data set")   # never creates a bucket or a path the user did not ask for
 
     @property
     def shards(self) -> int:
@@ -83,12 +71,8 @@ def write_shard(job: ShardJob, k: int, device: str = "cpu", batch: int = 256) ->
     table = pa.table({"image": pa.array(encoded, pa.binary()), "generator": [job.generator] * len(encoded),
                       "seed": pa.array([job.seed] * len(encoded), pa.int64()),
                       "index": pa.array(range(start, stop), pa.int64())})
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
     fs, path = fsspec.core.url_to_fs(job.shard_path(k))
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    fs.pipe(tmp, sink.getvalue().to_pybytes())
-    fs.mv(tmp, path)
+    write_atomic(fs, path, parquet_bytes(table))
     return len(encoded)
 
 
@@ -98,7 +82,7 @@ def write_shards(job: ShardJob, workers: int | None = None, progress=None) -> di
     from ray.util import ActorPool
 
     job.check()
-    fs, _ = fsspec.core.url_to_fs(job.out)
+    fs, root = fsspec.core.url_to_fs(job.out)
     todo = [k for k in range(job.shards) if not fs.exists(job.shard_path(k))]
     gpus = int(ray.cluster_resources().get("GPU", 0))
     workers = workers or max(1, gpus or int(ray.cluster_resources().get("CPU", 1)))
@@ -112,7 +96,7 @@ def write_shards(job: ShardJob, workers: int | None = None, progress=None) -> di
                      done / max(1e-9, time.time() - started))
     manifest = {**asdict(job), "shards": [job.shard_path(k).rsplit("/", 1)[-1] for k in range(job.shards)],
                 "columns": ["image", "generator", "seed", "index"], "written_this_run": len(todo)}
-    fs.pipe(f"{job.out.rstrip('/')}/manifest.json", json.dumps(manifest, indent=2).encode())
+    write_atomic(fs, f"{root.rstrip('/')}/manifest.json", json.dumps(manifest, indent=2).encode())   # last: complete
     return manifest
 
 

@@ -1,13 +1,15 @@
 """The command line: help that covers every option, and one-line errors for bad input that leave
 nothing behind."""
 
+import json
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
-from cluster.cli import parser
+from cluster.cli import main, parser
 
 
 def vismem(*args, cwd=None):
@@ -37,7 +39,7 @@ def test_help_texts():
         assert command in top.stdout
     demo = vismem("demo", "--help")
     assert demo.returncode == 0
-    for option in ("--store", "--train-minutes", "--train-steps", "--preset", "--workers", "--generators", "--seed",
+    for option in ("--store", "--max-minutes", "--max-steps", "--preset", "--workers", "--generators", "--seed",
                    "--shards", "--port", "--fresh", "--json", "--address"):
         assert option in demo.stdout
 
@@ -60,3 +62,123 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, message):
     assert len(lines) == 1 and message in lines[0], result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "OUT").exists() and not (tmp_path / "vismem-demo").exists()
+
+
+def test_one_option_means_one_thing_everywhere():
+    """An option spelt the same in two commands takes the same kind of value (``--workers`` is one
+    number everywhere, ``-k`` one number of neighbours)."""
+    seen = {}
+    for name, sub in subcommands(parser()):
+        for action in sub._actions:
+            for option in action.option_strings:
+                kind = (type(action).__name__, action.type, action.nargs)
+                first = seen.setdefault(option, (name, kind))
+                assert first[1] == kind, f"{option}: {first[0]} takes {first[1]}, {name} takes {kind}"
+    assert seen["--workers"][1][1] is int and seen["-k"][1][1] is int and seen["--max-minutes"][1][1] is float
+
+
+@pytest.mark.parametrize("args, message", [
+    (["demo", "--max-minutes", "0"], "--max-minutes must be positive, got 0.0"),
+    (["encoder", "train", "--generators", "shader,nope", "--out", "OUT"], "unknown generator 'nope'"),
+    (["procdata", "generate", "--generator", "kml,shader", "--n", "10", "--out", "OUT"],
+     "--generator takes one generator, got 'kml,shader'"),
+    (["classify", "--nprobe", "0", "x.png"], "--nprobe must be positive, got 0"),
+    (["index", "build", "--embeddings", "E", "--memory", "OUT", "--nprobe", "-1"], "--nprobe must be positive"),
+])
+def test_bad_values_fail_before_work_starts(tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.chdir(tmp_path)
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"vismem {args[0]}: error: {message}"] or (len(err) == 1 and message in err[0]), err
+    assert not (tmp_path / "OUT").exists()
+
+
+def test_options_need_their_full_name(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo", "--max-min", "5"])
+    assert exit_.value.code == 2 and "unrecognized arguments: --max-min" in capsys.readouterr().err
+
+
+@pytest.fixture
+def router():
+    """A stand-in router on 127.0.0.1 that records each request body and answers like the real one."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    bodies = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            bodies.append((self.path, body))
+            result = {"neighbours": [{"similarity": 0.9, "label": "cat", "uri": "mem://a.png"}]}
+            if self.path == "/classify":
+                result["decision"] = "cat"
+            answer = json.dumps({"results": [result] * len(body["images"]), "partial": False,
+                                 "missing_shards": []}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", bodies
+    server.shutdown()
+    server.server_close()
+
+
+def test_client_sends_nprobe_only_when_given(tmp_path, router, capsys):
+    base, bodies = router
+    (tmp_path / "q.png").write_bytes(b"\x89PNG not really")
+    image = str(tmp_path / "q.png")
+    assert main(["query", "--url", base, "-k", "3", "--nprobe", "16", image]) == 0
+    assert main(["classify", "--url", base, "--k", "5", "--rule", "softmax", image]) == 0
+    (path1, query), (path2, classify) = bodies
+    assert path1 == "/search" and query["k"] == 3 and query["nprobe"] == 16 and len(query["images"]) == 1
+    assert path2 == "/classify" and classify["k"] == 5 and classify["rule"] == "softmax" and "nprobe" not in classify
+    assert f"{image}: cat" in capsys.readouterr().out
+
+
+def test_index_build_replace_and_nprobe(tmp_path, capsys):
+    """--nprobe becomes the memory's default; another encoder's vectors need --replace."""
+    from index.embeddings import JOB_FILE
+    from test_memory import unit, write_embeddings
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        write_embeddings(str(tmp_path / name), unit(rng.normal(size=(60, 8))), ["x", "y"] * 30)
+    (tmp_path / "b" / JOB_FILE).write_text(json.dumps({"encoder": "runs/other", "encoder_sha256": "def"}))
+    build = ["index", "build", "--memory", str(tmp_path / "mem"), "--factory", "IVF4,Flat", "--json"]
+
+    assert main([*build, "--embeddings", str(tmp_path / "a"), "--nprobe", "1"]) == 0
+    manifest = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert manifest["version"] == 1 and manifest["search"] == {"nprobe": 1} and manifest["count"] == 60
+
+    assert main([*build, "--embeddings", str(tmp_path / "b")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and "encoder runs/other" in err[0] and "--replace" in err[0]
+
+    assert main([*build, "--embeddings", str(tmp_path / "b"), "--replace"]) == 0
+    manifest = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert manifest["version"] == 2 and manifest["encoder"]["name"] == "runs/other"
+
+
+def test_embed_shows_progress_with_images_per_second(ray_local, tmp_path, capsys):
+    from PIL import Image
+    for i in range(12):
+        (tmp_path / "images" / str(i % 2)).mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (20 * i, 0, 0)).save(tmp_path / "images" / str(i % 2) / f"{i}.png")
+    args = ["embed", "--collection", str(tmp_path / "images"), "--encoder", "raw-pixels:4", "--out",
+            str(tmp_path / "emb"), "--partition-size", "5", "--json"]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert "12/12" in captured.err and "img/s" in captured.err, captured.err
+    summary = json.loads(captured.out.splitlines()[-1])
+    assert summary["images"] == 12 and summary["computed"] == 3
+    assert main(args) == 0                                   # nothing left to embed: no bar
+    captured = capsys.readouterr()
+    assert "img/s" not in captured.err and json.loads(captured.out.splitlines()[-1])["computed"] == 0

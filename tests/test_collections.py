@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from index.collections import list_partitions, read_partition
-from index.embed_job import embed_collection, read_embeddings
+from index.embed_job import embed_collection
+from index.embeddings import read_embeddings
 
 
 def png(value: int, mode: str = "RGB") -> bytes:
@@ -61,7 +62,7 @@ def test_embed_job_s3_to_s3(ray_local, s3_folder, s3_bucket):
     fs = fsspec.filesystem("s3")
     errors = [json.loads(line) for line in fs.cat(f"{out}/errors.jsonl").decode().splitlines()]
     assert len(errors) == 1 and errors[0]["uri"].endswith("dog/d.jpg") and errors[0]["id"] == 3
-    assert "UnidentifiedImageError" in errors[0]["error"]
+    assert errors[0]["error"] == f"not an image file: {s3_folder}/dog/d.jpg"
 
     # resumable: a second run recomputes nothing; a lost partition is recomputed alone
     assert embed_collection(s3_folder, "raw-pixels:4", out, partition_size=2).computed == 0

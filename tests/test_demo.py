@@ -11,7 +11,7 @@ from cluster.demo import DemoConfig, run_demo
 @pytest.mark.slow
 def test_demo_end_to_end(ray_local, tmp_path):
     store = str(tmp_path / "store")
-    cfg = DemoConfig(store=store, train_minutes=10, train_steps=150, workers=2, seed=0, shards=2, k=10)
+    cfg = DemoConfig(store=store, max_minutes=10, max_steps=150, workers=2, seed=0, shards=2, k=10)
     result = run_demo(cfg)
     print("accuracy:", result["accuracy"])
 

@@ -92,7 +92,7 @@ def test_cli_on_parquet_and_folder_collections(tmp_path, capsys):
             (tmp_path / "queries" / label / f"{i}.png").write_bytes(png(int(v), vertical=label == "v"))
     (tmp_path / "queries" / "v" / "broken.png").write_bytes(b"not an image")
     code = main(["encoder", "eval-knn", "--encoder", "raw-pixels:8", "--memory", str(tmp_path / "memory.parquet"),
-                 "--queries", str(tmp_path / "queries"), "--k", "1,5,200", "--json"])
+                 "--queries", str(tmp_path / "queries"), "--ks", "1,5,200", "--json"])
     assert code == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["by_k"] == {"1": 1.0, "5": 1.0}                # 200 > 60 memory images: dropped
@@ -110,5 +110,5 @@ def test_cli_errors_name_the_problem(tmp_path, capsys):
                  "--queries", str(tmp_path / "flat")]) == 2
     assert "no collection at" in capsys.readouterr().err
     assert main(["encoder", "eval-knn", "--encoder", "raw-pixels:8", "--memory", str(tmp_path / "flat"),
-                 "--queries", str(tmp_path / "flat"), "--k", "0,x"]) == 2
-    assert "--k" in capsys.readouterr().err
+                 "--queries", str(tmp_path / "flat"), "--ks", "0,x"]) == 2
+    assert "--ks" in capsys.readouterr().err

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from index.build import build_memory, choose_factory, train_empty_index
-from index.embed_job import JOB_FILE, embedding_schema
+from index.embeddings import JOB_FILE, embedding_schema
 from index.manifest import Manifest, ShardEntry, list_versions, read_manifest, write_manifest
 from index.memory import VisualMemory
 from index.shards import merge_topk
@@ -54,9 +54,8 @@ def test_merge_handles_short_shards():
 
 def test_choose_factory_follows_collection_size():
     assert choose_factory(50_000, 192) == "IDMap2,Flat"
-    ivf = choose_factory(1_000_000, 192)
-    assert ivf.startswith("IVF8192,PQ48")
-    assert choose_factory(1_000_000_000, 384).startswith("OPQ")
+    assert choose_factory(1_000_000, 192) == "IVF8192,SQ8"
+    assert choose_factory(1_000_000_000, 384) == "IVF262144_HNSW32,SQ8"
 
 
 def write_embeddings(url, vectors, labels):

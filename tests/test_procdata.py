@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from procdata.generators import generate, spectral, two_means_mask
+from procdata.generators import generate, two_means_mask
 from procdata.shards import ShardJob, write_shards
 
 
@@ -63,7 +63,7 @@ def test_shards_on_ray_are_complete_reproducible_and_resumable(ray_local, tmp_pa
     (ShardJob("nope", 10, 16, "OUT"), "unknown generator"),
     (ShardJob("shader", 0, 16, "OUT"), "--n must be positive"),
     (ShardJob("shader", 10, -1, "OUT"), "--size must be positive"),
-    (ShardJob("shader", 10, 16, "s3://no-such-bucket-vismem/x"), "cannot write to s3://no-such-bucket-vismem/x"),
+    (ShardJob("shader", 10, 16, "s3://no-such-bucket-vismem/x"), "cannot write data set s3://no-such-bucket-vismem/x"),
 ])
 def test_bad_shard_jobs_fail_before_work(s3_endpoint, job, message):
     with pytest.raises((ValueError, OSError), match=message):

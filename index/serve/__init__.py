@@ -1,0 +1,23 @@
+"""Serving a memory over HTTP with Ray Serve.
+
+One ``ShardSearcher`` deployment per shard and a ``Router`` with a FastAPI ingress that fans each
+query out to every shard, merges the top-k exactly, votes and answers with every neighbour and
+its weight. A shard that fails or times out makes the answer ``partial``: never a silent wrong
+answer. Bad input gets a 4xx naming the problem, never a 500.
+
+    api.py          the HTTP contract: typed request and response models, limits, error handlers
+    images.py       base64 image files from a request, size-checked before they are decoded
+    deployments.py  ShardSearcher and Router
+    launch.py       build_app and start
+
+HTTP API (JSON):
+    GET  /info                    memory version, count, dim, encoder, shards
+    POST /search    {"images": [base64...]} or {"vectors": [[...]]}, "k": 10, "nprobe": null
+    POST /classify  same, plus "rule": plurality|distance|softmax|rank
+"""
+
+from index.serve.api import Limits
+from index.serve.deployments import Router, ShardSearcher
+from index.serve.launch import build_app, start
+
+__all__ = ["Limits", "Router", "ShardSearcher", "build_app", "start"]

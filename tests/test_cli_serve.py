@@ -1,0 +1,84 @@
+"""``vismem serve`` stops cleanly: SIGTERM (as a supervisor sends it) and Ctrl-C (SIGINT to the
+whole process group, as a terminal sends it, Ray's own processes included) shut Serve and Ray
+down, print one line and exit 0 or 130, with no traceback or stack dump."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+from conftest import free_port
+from test_memory import unit, write_embeddings
+
+
+@pytest.fixture(scope="module")
+def memory(tmp_path_factory):
+    """A 30-vector memory of raw-pixels:4 vectors (48-d), built without Ray."""
+    from encoder import Encoder
+    from index.build import build_memory
+    root = tmp_path_factory.mktemp("serve-cli")
+    vectors = unit(np.random.default_rng(0).normal(size=(30, 48)))
+    write_embeddings(str(root / "emb"), vectors, [str(i % 3) for i in range(30)])
+    encoder = Encoder.load("raw-pixels:4")
+    build_memory(str(root / "emb"), str(root / "mem"), 2, encoder={"name": encoder.name, "sha256": encoder.sha256})
+    return str(root / "mem")
+
+
+def wait_for_info(proc: subprocess.Popen, url: str, timeout: float = 150) -> None:
+    deadline = time.time() + timeout
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"vismem serve exited with {proc.returncode} before answering: {proc.stderr.read()[-2000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.time() > deadline:
+            pytest.fail(f"{url} did not answer within {timeout}s")
+        time.sleep(0.5)
+
+
+@pytest.mark.parametrize("signum, whole_group, code", [(signal.SIGTERM, False, 0), (signal.SIGINT, True, 130)],
+                         ids=["SIGTERM", "ctrl-c"])
+def test_serve_stops_cleanly_on_a_signal(memory, signum, whole_group, code):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", "--memory", memory, "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "PYTHONPATH": os.getcwd()})
+    try:
+        wait_for_info(proc, f"http://127.0.0.1:{port}/info")
+        assert proc.stdout.readline().startswith(f"serving {memory} on http://127.0.0.1:{port}")
+        if whole_group:
+            os.killpg(proc.pid, signum)
+        else:
+            proc.send_signal(signum)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    name = signal.Signals(signum).name
+    assert proc.returncode == code, err[-3000:]
+    assert f"vismem serve: stopped ({name}; Serve and Ray shut down)" in err.splitlines()
+    assert "Traceback" not in err and "*** SIG" not in err, err[-3000:]
+    with pytest.raises(OSError):                                       # the HTTP proxy is gone
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    deadline = time.time() + 30                                        # and so are Ray's processes
+    while True:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        if time.time() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail("Ray processes of the served session were still running 30 s after vismem serve exited")
+        time.sleep(0.5)
