@@ -276,7 +276,7 @@ def add_index_parsers(sub) -> None:
     bench.add_argument("--spread", type=float, default=d.spread,
                        help="within-cluster spread relative to the spread of the centres (larger: harder)")
     bench.add_argument("--shards", type=int, default=d.shards, help="shards of the memory")
-    bench.add_argument("--queries", type=int, default=d.queries, help="held-out queries per figure")
+    bench.add_argument("--held-out", type=int, default=d.queries, help="held-out queries per figure")
     bench.add_argument("--factory", default=None, help="FAISS factory string (default: the build's choice)")
     bench.add_argument("--nprobes", default=",".join(map(str, d.nprobes)), help="comma-separated nprobes to sweep")
     bench.add_argument("--also", default=None, help="semicolon-separated factory strings measured with bare FAISS too")
@@ -555,9 +555,9 @@ def cmd_info(args) -> dict:
 
 def cmd_index_bench(args) -> dict:
     from index.bench import IndexBenchConfig, run
-    check_positive(args, "vectors", "dim", "clusters", "shards", "queries")
+    check_positive(args, "vectors", "dim", "clusters", "shards", "held_out")
     cfg = IndexBenchConfig(vectors=args.vectors, dim=args.dim, clusters=args.clusters, spread=args.spread,
-                           shards=args.shards, queries=args.queries, factory=args.factory,
+                           shards=args.shards, queries=args.held_out, factory=args.factory,
                            nprobes=tuple(parse_ints(args.nprobes, "--nprobes")),
                            also=tuple(f for f in (args.also or "").split(";") if f.strip()), workdir=args.workdir)
 

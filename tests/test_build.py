@@ -120,7 +120,7 @@ def test_index_bench_command_measures_recall_beside_bare_faiss(tmp_path):
     import sys
     result = subprocess.run(
         [sys.executable, "-m", "cluster.cli", "index", "bench", "--vectors", "20000", "--dim", "32", "--clusters", "256",
-         "--queries", "200", "--shards", "3", "--factory", "IVF128,SQ8", "--nprobes", "1,4", "--json"],
+         "--held-out", "200", "--shards", "3", "--factory", "IVF128,SQ8", "--nprobes", "1,4", "--json"],
         capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": os.getcwd()})
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
