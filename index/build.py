@@ -105,6 +105,7 @@ def build_memory(embeddings_url: str, memory_url: str, shards: int = 2, factory:
     check_shards(shards, len(vectors))
     encoder = encoder or embedding_encoder(embeddings_url)
     factory = with_ids(factory or choose_factory(len(vectors), vectors.shape[1]), int(vectors.shape[1]))
+    check_nprobe(nprobe, factory, int(vectors.shape[1]))
     previous = current_manifest(memory_url)
     if previous is not None and not replace:
         check_same_encoder(previous, encoder, int(vectors.shape[1]), memory_url)
@@ -147,6 +148,16 @@ def check_shards(shards: int, count: int) -> None:
                          "(a shard of a few million vectors is typical)")
 
 
+def check_nprobe(nprobe: int | None, factory: str, dim: int) -> None:
+    """A pinned nprobe must name between 1 and nlist lists (Flat indexes ignore it)."""
+    if nprobe is None:
+        return
+    owner = empty_index(dim, factory)                  # owns the C++ object the IVF view points to
+    ivf = faiss.try_extract_index_ivf(owner)
+    if ivf is not None and not 1 <= nprobe <= ivf.nlist:
+        raise ValueError(f"nprobe must be between 1 and nlist = {ivf.nlist}, got {nprobe}")
+
+
 def current_manifest(memory_url: str) -> Manifest | None:
     try:
         return read_manifest(memory_url)
@@ -183,11 +194,8 @@ def write_shard(fs, root: str, vdir: str, number: int, index: faiss.Index, metad
 def search_defaults(shards: list[Shard], vectors: np.ndarray, ids: np.ndarray, nprobe: int | None,
                     target: float) -> tuple[dict, dict | None]:
     """The manifest's search defaults and the recall they were measured at (None for Flat)."""
-    ivf = faiss.try_extract_index_ivf(shards[0].index)
-    if ivf is None:
+    if faiss.try_extract_index_ivf(shards[0].index) is None:
         return {}, None
-    if nprobe is not None and not 1 <= nprobe <= ivf.nlist:
-        raise ValueError(f"nprobe must be between 1 and nlist = {ivf.nlist}, got {nprobe}")
     result = calibrate_nprobe(shards, vectors, ids, target, nprobe=nprobe)
     if result["recall"] < target:
         log.warning("recall@%d is %.3f at nprobe %d, below the target %.2f: the factory's codes are too coarse "

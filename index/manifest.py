@@ -49,6 +49,11 @@ class Manifest:
     def count(self) -> int:
         return sum(s.count for s in self.shards)
 
+    def search_defaults(self, nprobe: int | None = None) -> dict:
+        """The defaults every search of this version gets (``search``), with ``nprobe`` replacing
+        the recorded one when given: what an opened memory or a served shard searches with."""
+        return {**self.search, **({"nprobe": nprobe} if nprobe else {})}
+
     @classmethod
     def from_dict(cls, data: dict, source: str) -> "Manifest":
         if data.get("format") != FORMAT:

@@ -42,7 +42,7 @@ class VisualMemory:
         """The memory at ``url`` (current version by default). ``nprobe`` replaces the default the
         build recorded in the manifest, for every search of this object."""
         manifest = read_manifest(url, version)
-        search = {**manifest.search, **({"nprobe": nprobe} if nprobe else {})}
+        search = manifest.search_defaults(nprobe)
         return cls(url, manifest, [Shard.load(url, e, i, search) for i, e in enumerate(manifest.shards)])
 
     def __len__(self) -> int:

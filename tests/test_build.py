@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+from eval.knn import exact_search
 from index.build import build_memory
 from index.manifest import list_versions, read_manifest
 from index.memory import VisualMemory
@@ -25,8 +26,7 @@ def clustered(tmp_path_factory):
 
 
 def exact_ids(vectors, queries, k):
-    import faiss
-    return faiss.knn(queries, vectors, k, metric=faiss.METRIC_INNER_PRODUCT)[1]
+    return exact_search(vectors, queries, k)[1]
 
 
 def test_ivf_memory_answers_at_the_recall_it_claims(clustered, tmp_path):
@@ -78,6 +78,7 @@ def test_another_encoder_is_refused_unless_replace(tmp_path):
     ({"shards": 0}, "shards must be positive"),
     ({"factory": "IVF16,PQ7"}, "FAISS cannot build the index factory string 'IVF16,PQ7' for 8-d vectors"),
     ({"factory": "Nonsense12"}, "FAISS cannot build the index factory string 'Nonsense12'"),
+    ({"factory": "IVF4,Flat", "nprobe": 5}, "nprobe must be between 1 and nlist = 4, got 5"),
 ])
 def test_bad_build_arguments_fail_before_anything_is_written(tmp_path, kwargs, message):
     v = np.random.default_rng(1).normal(size=(50, 8)).astype(np.float32)

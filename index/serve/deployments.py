@@ -29,8 +29,7 @@ class ShardSearcher:
 
     def __init__(self, memory_url: str, version: int, number: int, nprobe: int | None = None):
         manifest = read_manifest(memory_url, version)
-        search = {**manifest.search, **({"nprobe": nprobe} if nprobe else {})}   # the defaults a request may override
-        self.shard = Shard.load(memory_url, manifest.shards[number], number, search)
+        self.shard = Shard.load(memory_url, manifest.shards[number], number, manifest.search_defaults(nprobe))
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
     async def search(self, queries: list[np.ndarray], ks: list[int], nprobes: list[int | None]) -> list[dict]:
