@@ -78,6 +78,10 @@ def add_k(p: argparse.ArgumentParser, default: int) -> None:
     p.add_argument("-k", "--k", type=int, default=default, help="neighbours per query")
 
 
+def add_device(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--device", default=None, metavar="DEVICE", help=help)
+
+
 def add_nprobe(p: argparse.ArgumentParser, help: str) -> None:
     p.add_argument("--nprobe", type=int, default=None, metavar="N",
                    help=help + "; more lists is slower and closer to exact search (a Flat memory ignores it)")
@@ -152,10 +156,15 @@ def add_procdata_parsers(sub) -> None:
     prev.add_argument("--seed", type=int, default=0, help="seed")
     add_common(prev, ray=False)
 
-    bench = add_command(proc, "bench", "images/s of every generator, one core and all cores (and GPU)")
+    bench = add_command(proc, "bench", "images/s of every generator, one core and all cores (and GPU)",
+                        epilog="examples:\n"
+                               "  vismem procdata bench --sizes 64 --generators shader,kml_mixup\n"
+                               "  vismem procdata bench --device cuda --sizes 224 --json\n")
     bench.add_argument("--sizes", default="64,224", help="comma-separated image sizes")
     bench.add_argument("--generators", default=",".join(GENERATORS), help="comma-separated generators")
     bench.add_argument("--seconds", type=float, default=2.0, help="measuring time per figure")
+    add_device(bench, "the device to time: cpu (one core, then every core) or cuda (cuda:N) (default: the CPU, and "
+                      "the GPU when there is one)")
     add_common(bench, ray=False)
 
 
@@ -168,6 +177,7 @@ def add_encoder_parsers(sub) -> None:
                         epilog="examples:\n"
                                "  vismem encoder train --max-minutes 30 --out runs/a\n"
                                "  vismem encoder train --max-minutes 40 --out runs/a --resume\n"
+                               "  vismem encoder train --local --preset vit-s16 --max-minutes 60 --out runs/gpu\n"
                                "  vismem encoder train --generators shader,dead_leaves --set momentum_teacher=0.996 "
                                "--max-steps 2000 --out runs/b\n")
     train.add_argument("--preset", default="tiny-cpu", choices=sorted(PRESETS), help="encoder and DINO recipe")
@@ -190,6 +200,11 @@ def add_encoder_parsers(sub) -> None:
     train.add_argument("--resume", action="store_true",
                        help="continue the run already in --out from its last checkpoint (without it, an --out "
                             "that holds a run is an error)")
+    train.add_argument("--local", action="store_true",
+                       help="train in this process on one device, without Ray (the same loop and checkpoints as "
+                            "Ray Train: a run can be resumed either way); for a one-GPU box")
+    add_device(train, "with --local: the device to train on, e.g. cuda, cuda:1 or cpu (default: the GPU when "
+                      "there is one)")
     add_common(train)
 
     knn = add_command(
@@ -211,11 +226,15 @@ def add_encoder_parsers(sub) -> None:
     knn.add_argument("--batch-size", type=int, default=512, help="images per embedding batch")
     add_common(knn, ray=False)
 
-    ebench = add_command(enc, "bench", "training images/s per worker (Ray Train) and embedding images/s",
+    ebench = add_command(enc, "bench", "training images/s per worker (Ray Train, or --local) and embedding images/s",
+                         epilog="examples:\n"
+                                "  vismem encoder bench --presets tiny-cpu --worker-counts 1,2\n"
+                                "  vismem encoder bench --local --presets tiny-cpu,vit-s16 --steps 40 --json\n",
                          description="Trains each preset for --steps steps at each worker count through Ray "
                                      "Train and reports images/s after warm-up, images/s per worker, the "
                                      "speed-up over the first count and the share of step time spent making "
-                                     "procedural data; then the preset's embedding images/s. JSON: one object "
+                                     "procedural data; then the preset's embedding images/s. With --local, one "
+                                     "process on one device times the same loop without Ray. JSON: one object "
                                      "per line.")
     ebench.add_argument("--presets", default="tiny-cpu", help="comma-separated presets")
     ebench.add_argument("--worker-counts", default=None,
@@ -223,6 +242,9 @@ def add_encoder_parsers(sub) -> None:
                              "core or GPU)")
     ebench.add_argument("--steps", type=int, default=80,
                         help="training steps per figure (the first 3 are warm-up; fewer than ~80 is noisy)")
+    ebench.add_argument("--local", action="store_true",
+                        help="time the training step in this process, without Ray (one worker on --device)")
+    add_device(ebench, "with --local: the device to time, e.g. cuda or cpu (default: the GPU when there is one)")
     add_common(ebench)
 
 
@@ -445,10 +467,11 @@ def cmd_preview(args) -> dict:
 
 
 def cmd_bench(args) -> dict:
-    from procdata.bench import bench
+    from procdata.bench import bench, check_device
     names = parse_generators(args.generators)
+    devices = [check_device(args.device)] if args.device else None
     records = []
-    for record in bench(list(names), parse_ints(args.sizes, "--sizes"), seconds=args.seconds):
+    for record in bench(list(names), parse_ints(args.sizes, "--sizes"), seconds=args.seconds, devices=devices):
         records.append(record)
         print(json.dumps(record) if args.json else
               f"{record['generator']:12s} {record['size']:4d}px {record['device']:5s} x{record['workers']:<3d} "
@@ -458,14 +481,18 @@ def cmd_bench(args) -> dict:
 
 
 def cmd_train(args) -> dict:
-    from cluster.runtime import ray_session
     from encoder.config import parse_settings, preset
-    from encoder.train import train
     check_positive(args, "workers", "max_minutes", "max_steps")
     flags = dict(workers=args.workers, use_gpu=True if args.gpus else None, max_minutes=args.max_minutes,
                  generators=parse_generators(args.generators) if args.generators else None, max_steps=args.max_steps,
                  seed=args.seed)
     cfg = preset(args.preset, **{**flags, **parse_settings(args.set)})      # --set wins over the flags
+    if args.local:
+        return train_here(args, cfg)
+    if args.device:
+        raise ValueError("--device goes with --local; Ray Train places its workers itself (--gpus: one GPU each)")
+    from cluster.runtime import ray_session
+    from encoder.train import train
     with ray_session(args.address):
         if args.real_data:
             from eval.real_control import train_on_collection
@@ -474,6 +501,25 @@ def cmd_train(args) -> dict:
             url = train(cfg, args.out, resume=args.resume)
     print(f"encoder: {url}")
     return {"encoder": url}
+
+
+def train_here(args, cfg) -> dict:
+    """``encoder train --local``: the same loop in this process, no Ray."""
+    from encoder.local import train_local
+    from procdata.bench import check_device
+    if args.workers not in (None, 1) or args.gpus or args.address:
+        raise ValueError("--local trains in this one process: drop --workers, --gpus and --address "
+                         "(or drop --local to train with Ray Train)")
+    device = check_device(args.device) if args.device else None
+    metrics: dict = {}
+    if args.real_data:
+        from eval.real_control import train_on_collection
+        url = train_on_collection(cfg, args.real_data, args.out, resume=args.resume, local=True, device=device,
+                                  result_metrics=metrics)
+    else:
+        url = train_local(cfg, args.out, resume=args.resume, device=device, result_metrics=metrics)
+    print(f"encoder: {url} ({metrics['step']} steps, {metrics['images_per_s']:.0f} images/s after warm-up)")
+    return {"encoder": url, **metrics}
 
 
 def cmd_eval_knn(args) -> dict:
@@ -491,15 +537,30 @@ def cmd_eval_knn(args) -> dict:
     return {**result, "encoder": args.encoder, "memory_images": len(memory), "query_images": len(queries)}
 
 
-def cmd_encoder_bench(args) -> dict:
+def bench_ray(presets, counts, steps, address):
     from cluster.runtime import ray_session
-    from encoder.bench import bench, default_worker_counts
-    counts = parse_ints(args.worker_counts, "--worker-counts") if args.worker_counts else default_worker_counts()
+    from encoder.bench import bench
+    with ray_session(address):
+        yield from bench(presets, counts, steps)
+
+
+def cmd_encoder_bench(args) -> dict:
+    from encoder.bench import bench_local, default_worker_counts
+    presets = [name.strip() for name in args.presets.split(",") if name.strip()]
+    if args.local:
+        from procdata.bench import check_device
+        if args.worker_counts or args.address:
+            raise ValueError("--local times one process: drop --worker-counts and --address")
+        runs = bench_local(presets, args.steps, check_device(args.device) if args.device else None)
+    else:
+        if args.device:
+            raise ValueError("--device goes with --local; Ray Train places its workers itself")
+        counts = parse_ints(args.worker_counts, "--worker-counts") if args.worker_counts else default_worker_counts()
+        runs = bench_ray(presets, counts, args.steps, args.address)
     records = []
-    with ray_session(args.address):
-        for record in bench(args.presets.split(","), counts, args.steps):
-            records.append(record)
-            print(json.dumps(record) if args.json else " ".join(f"{k}={v}" for k, v in record.items()), flush=True)
+    for record in runs:
+        records.append(record)
+        print(json.dumps(record) if args.json else " ".join(f"{k}={v}" for k, v in record.items()), flush=True)
     args.json = False                      # the records are already one JSON object per line
     return {"records": records}
 

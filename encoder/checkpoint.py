@@ -64,13 +64,6 @@ def save_train_state(directory: str, state: dict) -> None:
     torch.save(state, os.path.join(directory, TRAIN_STATE))
 
 
-def read_train_state(filesystem, directory: str) -> dict:
-    """The train state under ``directory`` of a pyarrow ``filesystem`` (a Ray checkpoint's own).
-
-    Read in place, not through ``Checkpoint.as_directory``: ranks on one node share its download
-    folder, and a rank that starts after another has finished downloads again over the file the
-    other is reading (ray-project/ray#48726), which corrupted resumes after a killed worker.
-    """
-    with filesystem.open_input_stream(f"{directory}/{TRAIN_STATE}") as f:
-        blob = f.read()
+def load_train_state(blob: bytes) -> dict:
+    """The train state from the bytes of a checkpoint's ``train_state.pt`` (tensors only)."""
     return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)

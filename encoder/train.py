@@ -1,20 +1,17 @@
 """DINO training on procedural data in Ray Train's TorchTrainer (gloo on CPU, NCCL on GPUs).
 
-Every worker streams its own procedural batches (procdata.stream), so no data moves between
-processes. Rank 0 decides when to stop (step or time budget) and broadcasts it, so all workers
-take the same number of steps. Checkpoints are Ray Train checkpoints on any fsspec URL; a
-restarted run (or one with ``--resume``) continues from the latest.
+The loop itself is ``encoder.loop.train_worker``, shared with the Ray-free ``encoder.local``; this
+module adapts it to Ray Train (a ``RaySession``) and drives the run. Every worker streams its own
+procedural batches (procdata.stream), so no data moves between processes. Rank 0 decides when to
+stop (step or time budget) and broadcasts it, so all workers take the same number of steps.
+Checkpoints are Ray Train checkpoints on any fsspec URL; a restarted run (or one with
+``--resume``) continues from the latest.
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
-import json
 import logging
 import os
-import tempfile
-import time
 
 import fsspec
 import fsspec.implementations.local
@@ -22,240 +19,60 @@ import pyarrow.fs
 import ray
 import ray.train
 import torch
-import torch.distributed as dist
 from ray.train.torch import TorchTrainer
 
-from encoder.augment import multi_crop
-from encoder.backbone import build_backbone
-from encoder.checkpoint import CONFIG, PROVENANCE, WEIGHTS, read_train_state, save_train_state, write_artifact
+from encoder.checkpoint import TRAIN_STATE, load_train_state
 from encoder.config import TrainConfig
-from encoder.dino import (DINOHead, DINOLoss, MultiCropWrapper, check_centering, cosine, ema_update, koleo,
-                          param_groups)
-from procdata.storage import write_atomic
-from procdata.stream import ProceduralStream, StreamConfig
+from encoder.dino import check_centering
+from encoder.loop import check_precision, train_worker
+from encoder.runs import RUN_NAME, check_new_or_resumable, checkpoint_url, encoder_url, export
 
 log = logging.getLogger("vismem.encoder.train")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
-def provenance(cfg: TrainConfig, images_seen: int, steps: int) -> dict:
-    """What the encoder was trained on: generators and seeds (or, for a control run, the real collection)."""
-    data = ({"data": f"real images: {cfg.real_data}"} if cfg.real_data else
-            {"data": "procedural only", "generators": list(cfg.generators)})
-    return {**data, "seed": cfg.seed,
-            "per_worker_seed_layout": "image index = ((epoch*steps_per_epoch + step)*workers + rank)*batch + i",
-            "workers": cfg.workers, "batch_size_per_worker": cfg.batch_size, "steps": steps,
-            "images_seen": images_seen, "preset": cfg.preset, "method": "DINO"}
+class RaySession:
+    """``encoder.loop.Session`` for one Ray Train worker."""
+
+    keeps_checkpoints = True
+
+    def __init__(self, resume_from: str | None = None):
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.resume_from = resume_from
+
+    def restore(self) -> dict | None:
+        """The train state to continue from: Ray's latest checkpoint of this run (a restarted
+        worker group, or a run Ray restored), else ``resume_from`` (the checkpoint URL of a run Ray
+        has no record of, e.g. one encoder.local wrote; Ray's ``resume_from_checkpoint`` is
+        deprecated, ray-project/ray#49454). Read in place, never through ``Checkpoint.as_directory``:
+        ranks on one node share its download folder, and a rank that starts after another has
+        finished downloads again over the file the other is reading (ray-project/ray#48726)."""
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint:
+            with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{TRAIN_STATE}") as f:
+                return load_train_state(f.read())
+        if self.resume_from:
+            fs, path = fsspec.core.url_to_fs(self.resume_from)
+            return load_train_state(fs.cat_file(f"{path}/{TRAIN_STATE}"))
+        return None
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        return ray.train.torch.prepare_model(model)
+
+    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint)
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """One Ray Train worker: set-up in phases, then ``train_one_step`` until rank 0 says stop."""
+    """One Ray Train worker: the shared loop in a ``RaySession``."""
     config = dict(config)
     stream_factory = config.pop("stream_factory", None)
+    session = RaySession(config.pop("resume_from", None))
     cfg = TrainConfig.from_dict(config)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
-
-    # ============ data: this worker's own batches, made on its device (no data moves) ============
-    if stream_factory:                               # e.g. eval.real_control's real images
-        stream = stream_factory(rank, world, str(device))
-    else:
-        stream = ProceduralStream(StreamConfig(cfg.generators, cfg.seed, cfg.arch.img_size, cfg.batch_size,
-                                               steps_per_epoch=10_000), rank, world, str(device))
-    aug_rng = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
-
-    # ============ networks: student and EMA teacher, the same initial weights on every worker ============
-    torch.manual_seed(cfg.seed)
-    student = MultiCropWrapper(build_backbone(cfg.arch), DINOHead(cfg.arch.embed_dim, cfg.out_dim, cfg.head_hidden,
-                                                                  cfg.head_bottleneck))
-    teacher = copy.deepcopy(student)
-    for p in teacher.parameters():
-        p.requires_grad = False
-
-    # ============ loss: DINO's cross-entropy against the centred, sharpened teacher ============
-    loss_fn = DINOLoss(cfg.out_dim, 2 + cfg.local_crops, cfg.student_temp, cfg.center_momentum,
-                       cfg.centering).to(device)
-
-    # ============ optimiser and precision (lr scaled by the global batch, as DINO does) ============
-    optimizer = torch.optim.AdamW(param_groups(student))
-    lr_peak = cfg.lr * cfg.batch_size * world / 256
-    amp_dtype = autocast_dtype(cfg.precision, device)
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-
-    # ============ resume from the last checkpoint (a restarted worker group, or --resume) ============
-    step, elapsed, images_seen, resumed_from = 0, 0.0, 0, None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        state = read_train_state(checkpoint.filesystem, checkpoint.path)
-        student.load_state_dict(state["student"])
-        teacher.load_state_dict(state["teacher"])
-        optimizer.load_state_dict(state["optimizer"])
-        loss_fn.center.copy_(state["center"].to(device))
-        step, elapsed, images_seen = state["step"], state["elapsed"], state["images_seen"]
-        resumed_from = step
-        if rank == 0:
-            log.info("resumed from step %d (%.1f min in)", step, elapsed / 60)
-    teacher.to(device)
-    student = ray.train.torch.prepare_model(student)
-    student_module = student.module if hasattr(student, "module") else student
-    if rank == 0:
-        log.info("training on %s in %s", device, str(amp_dtype or torch.float32).removeprefix("torch."))
-
-    # ============ train until the step or time budget is spent ============
-    speed = Throughput(first_steady_step=step + 3)
-    started = time.time() - elapsed
-    loss = None
-    while (progress := run_progress(cfg, step, started, device)) < 1.0:
-        t0 = time.time()
-        speed.step_starts(step, t0)
-        images = stream.batch(step // 10_000, step % 10_000)
-        crops = multi_crop(images, cfg.arch.img_size, cfg.global_crop_scale, cfg.local_size, cfg.local_crop_scale,
-                           cfg.local_crops, cfg.arch.mean, cfg.arch.std, aug_rng)
-        speed.data_made(time.time() - t0)
-        loss, lr = train_one_step(cfg, student, teacher, loss_fn, optimizer, scaler, amp_dtype, crops, progress,
-                                  lr_peak, step)
-        step += 1
-        images_seen += cfg.batch_size * world
-        speed.step_ends(cfg.batch_size * world)
-
-        if step % cfg.log_every == 0:
-            images_per_s, data_share = speed.window()
-            if rank == 0:
-                log.info("step %d loss %.4f lr %.2e %.0f img/s data %.0f%% progress %.0f%%", step, loss.item(), lr,
-                         images_per_s, 100 * data_share, 100 * progress)
-        if step % cfg.checkpoint_every == 0:
-            report(cfg, rank, step, time.time() - started, images_seen, student_module, teacher, optimizer, loss_fn,
-                   {"step": step, "loss": loss.item()})
-    images_per_s, data_share = speed.steady()
-    report(cfg, rank, step, time.time() - started, images_seen, student_module, teacher, optimizer, loss_fn,
-           {"step": step, "loss": float("nan") if loss is None else loss.item(), "final": True,
-            "resumed_from": resumed_from, "images_per_s": images_per_s, "data_share": data_share})
-
-
-def train_one_step(cfg: TrainConfig, student, teacher, loss_fn, optimizer, scaler, amp_dtype, crops: list,
-                   progress: float, lr_peak: float, step: int) -> tuple[torch.Tensor, float]:
-    """One DINO step on one batch of multi-crops at ``progress`` (0..1 of the run); returns the
-    loss and the learning rate. ``student`` may be DDP-wrapped; ``teacher`` never is."""
-    student_module = student.module if hasattr(student, "module") else student
-    # schedules: cosine in the run's progress, so a time budget anneals fully too
-    lr = cosine(progress, lr_peak, cfg.min_lr, cfg.warmup)
-    optimizer.param_groups[0]["lr"] = optimizer.param_groups[1]["lr"] = lr
-    optimizer.param_groups[0]["weight_decay"] = cosine(progress, cfg.weight_decay, cfg.weight_decay_end)
-    teacher_temp = (cosine(progress / cfg.teacher_temp_warmup, cfg.teacher_temp, cfg.teacher_temp, 1.0,
-                           cfg.warmup_teacher_temp) if cfg.teacher_temp_warmup > 0 else cfg.teacher_temp)
-
-    # teacher sees the two global crops, student sees every crop
-    with torch.autocast(crops[0].device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        teacher_out = teacher(crops[:2])
-        student_out, features = student(crops, with_features=True)
-    loss = loss_fn(student_out.float(), teacher_out.float(), teacher_temp)
-    if cfg.koleo_weight:                             # DINOv2's KoLeo spreads the global crops' CLS tokens
-        global_features = features[:2 * crops[0].shape[0]].chunk(2)
-        loss = loss + cfg.koleo_weight * sum(koleo(f) for f in global_features) / 2
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"DINO loss is {loss.item()} at step {step}; lower the learning rate")
-
-    # student update: clipped gradients, the head's last layer frozen at first
-    optimizer.zero_grad(set_to_none=True)
-    if scaler:
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-    else:
-        loss.backward()
-    torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.clip_grad)
-    if progress < cfg.freeze_last_layer:
-        for p in student_module.head.last_layer.parameters():
-            p.grad = None
-    if scaler:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-
-    # teacher: an EMA of the student, its momentum rising to 1
-    ema_update(teacher, student_module, cosine(progress, cfg.momentum_teacher, 1.0))
-    return loss, lr
-
-
-def run_progress(cfg: TrainConfig, step: int, started: float, device: torch.device) -> float:
-    """How far the run is, 0..1 (≥ 1: stop): the larger of its step and time fractions, as rank 0
-    measures them, so every worker takes the same steps."""
-    progress = max(step / cfg.max_steps if cfg.max_steps > 0 else 1.0,
-                   (time.time() - started) / 60 / cfg.max_minutes if cfg.max_minutes else 0.0)
-    flag = torch.tensor([progress], device=device)
-    if dist.is_initialized():
-        dist.broadcast(flag, 0)                        # rank 0's clock decides for everyone
-    return float(flag)
-
-
-class Throughput:
-    """Images/s and the share of step time spent making data: per log window, and for the whole
-    run after a warm-up (``first_steady_step`` on), which benchmarks report."""
-
-    def __init__(self, first_steady_step: int):
-        self.first_steady_step, self.steady_start = first_steady_step, None
-        self.steady_data = self.steady_images = 0.0
-        self.window_start, self.window_data, self.window_images = time.time(), 0.0, 0
-
-    def step_starts(self, step: int, now: float) -> None:
-        if step == self.first_steady_step:
-            self.steady_start = now
-
-    def data_made(self, seconds: float) -> None:
-        self.window_data += seconds
-        self.steady_data += seconds if self.steady_start else 0.0
-
-    def step_ends(self, images: int) -> None:
-        self.window_images += images
-        self.steady_images += images if self.steady_start else 0
-
-    def window(self) -> tuple[float, float]:
-        """(images/s, data share) since the last call, and start a new window."""
-        seconds = time.time() - self.window_start
-        result = self.window_images / seconds, self.window_data / seconds
-        self.window_start, self.window_data, self.window_images = time.time(), 0.0, 0
-        return result
-
-    def steady(self) -> tuple[float, float]:
-        """(images/s, data share) after the warm-up; NaN when the run never got past it."""
-        seconds = time.time() - self.steady_start if self.steady_start else float("nan")
-        return self.steady_images / seconds, self.steady_data / seconds
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``precision`` on ``device`` (None: plain fp32). bf16 halves a CPU
-    step where oneDNN has native bf16 kernels (AVX512-BF16, AMX) and slows it elsewhere, hence auto."""
-    if precision == "fp32":
-        return None
-    if precision == "auto":
-        if device.type == "cuda":
-            return torch.float16                      # the paper's mixed precision, with a GradScaler
-        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
-    check_precision(precision)
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError("precision fp16 needs a GPU; use bf16 or fp32 on CPU")
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-def check_precision(precision: str) -> None:
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
-
-
-def report(cfg, rank, step, elapsed, images_seen, student, teacher, optimizer, loss_fn, metrics) -> None:
-    """Every worker reports; rank 0 attaches the checkpoint (an encoder artifact + train state)."""
-    with tempfile.TemporaryDirectory() as d:
-        checkpoint = None
-        if rank == 0:
-            write_artifact(d, teacher.backbone.state_dict(), cfg.arch, provenance(cfg, images_seen, step))
-            save_train_state(d, {"student": student.state_dict(), "teacher": teacher.state_dict(),
-                                 "optimizer": optimizer.state_dict(), "center": loss_fn.center.cpu(),
-                                 "step": step, "elapsed": elapsed, "images_seen": images_seen})
-            checkpoint = ray.train.Checkpoint.from_directory(d)
-        ray.train.report(metrics, checkpoint=checkpoint)
+    stream = stream_factory(session.rank, session.world, str(session.device)) if stream_factory else None
+    train_worker(cfg, session, stream)
 
 
 def storage_for(url: str) -> tuple[str, pyarrow.fs.FileSystem]:
@@ -267,33 +84,26 @@ def storage_for(url: str) -> tuple[str, pyarrow.fs.FileSystem]:
     return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
-def train(cfg: TrainConfig, out_url: str, name: str = "dino", max_failures: int = 1, resume: bool = False,
+def train(cfg: TrainConfig, out_url: str, name: str = RUN_NAME, max_failures: int = 1, resume: bool = False,
           result_metrics: dict | None = None, stream_factory=None) -> str:
     """Run DINO training; return the URL of the exported encoder (``out_url/encoder``).
 
     A run that already has checkpoints under ``out_url`` continues from the latest only with
-    ``resume`` (Ray Train restores a run of the same name and storage); without it that is an
-    error, so a typo in ``--out`` never silently continues somebody else's run. Within one call,
-    a failed worker restarts the group from the last checkpoint (``max_failures`` times).
-    ``result_metrics``, when given, receives the final report (step, images/s, resumed_from).
-    ``stream_factory(rank, world_size, device)`` replaces the procedural stream (control runs).
+    ``resume`` (``encoder.runs.check_new_or_resumable``), whether Ray Train or ``encoder.local``
+    wrote it. Within one call, a failed worker restarts the group from the last checkpoint
+    (``max_failures`` times). ``result_metrics``, when given, receives the final report (step,
+    images/s, resumed_from). ``stream_factory(rank, world_size, device)`` replaces the procedural
+    stream (control runs).
     """
     check_precision(cfg.precision)
     check_centering(cfg.centering)                   # both before Ray starts, not in every worker
     if cfg.real_data and stream_factory is None:
         raise ValueError("a real-data run needs its stream: use eval.real_control.train_on_collection")
-    previous = latest_checkpoint(out_url, name)
-    if previous and not resume:
-        raise FileExistsError(f"{out_url} already holds a training run (last checkpoint at step {previous[1]}, "
-                              f"{previous[0]}); pass --resume to continue it, or choose another --out")
-    if previous:
-        check_resumable(previous[0], cfg)
-        log.info("resuming the run at %s from step %d", out_url, previous[1])
-    elif resume:
-        log.info("nothing to resume at %s: starting a new run", out_url)
+    previous = check_new_or_resumable(out_url, cfg, resume, name)
     storage_path, storage_fs = storage_for(out_url)
     trainer = TorchTrainer(
-        train_loop_per_worker, train_loop_config={**cfg.to_dict(), "stream_factory": stream_factory},
+        train_loop_per_worker, train_loop_config={**cfg.to_dict(), "stream_factory": stream_factory,
+                                                  "resume_from": previous[0] if previous else None},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
                                                resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=ray.train.RunConfig(
@@ -305,47 +115,5 @@ def train(cfg: TrainConfig, out_url: str, name: str = "dino", max_failures: int 
         raise RuntimeError(f"training under {out_url}/{name} produced no checkpoint")
     if result_metrics is not None:
         result_metrics.update(result.metrics or {})
-    return export(result.checkpoint, out_url.rstrip("/") + "/encoder")
-
-
-def latest_checkpoint(out_url: str, name: str = "dino") -> tuple[str, int] | None:
-    """(URL, step) of the newest complete checkpoint of run ``name`` under ``out_url``, if any."""
-    fs, root = fsspec.core.url_to_fs(out_url.rstrip("/") + "/" + name)
-    found = []
-    for path in fs.glob(f"{root}/checkpoint_*/{PROVENANCE}"):
-        with fs.open(path) as f:
-            found.append((int(json.load(f).get("steps", 0)), path.rsplit("/", 1)[0]))
-    if not found:
-        return None
-    step, path = max(found)
-    return (fs.unstrip_protocol(path) if "://" in out_url else path), step
-
-
-def check_resumable(checkpoint_url: str, cfg: TrainConfig) -> None:
-    """Refuse to resume a run whose network differs from ``cfg``'s, naming the fields."""
-    fs, path = fsspec.core.url_to_fs(checkpoint_url)
-    with fs.open(f"{path}/{CONFIG}") as f:
-        saved = json.load(f)
-    mine = dataclasses.asdict(cfg.arch)
-    differ = [k for k in mine if k in saved and json.dumps(saved[k]) != json.dumps(mine[k])]
-    if differ:
-        raise ValueError(f"cannot resume {checkpoint_url}: its network differs from preset {cfg.preset!r} in "
-                         + ", ".join(f"{k} ({saved[k]} vs {mine[k]})" for k in differ))
-
-
-def export(checkpoint: ray.train.Checkpoint, url: str) -> str:
-    """Copy the encoder artifact (not the train state) of ``checkpoint`` to ``url``; pointer-last.
-
-    File by file from the checkpoint's storage: the train state (optimiser included) is most of a
-    checkpoint's bytes and is not downloaded for this.
-    """
-    files = {}
-    for name in (WEIGHTS, PROVENANCE, CONFIG):
-        with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{name}") as f:
-            files[name] = f.read()
-    fs, path = fsspec.core.url_to_fs(url)
-    fs.makedirs(path, exist_ok=True)
-    for name, blob in files.items():                      # each whole or absent; config last: it marks completeness
-        write_atomic(fs, f"{path}/{name}", blob)
-    log.info("exported encoder to %s (%s images seen)", url, json.loads(files[PROVENANCE]).get("images_seen"))
-    return url
+    fs, _ = fsspec.core.url_to_fs(out_url)
+    return export(checkpoint_url(out_url, fs, result.checkpoint.path), encoder_url(out_url))

@@ -63,15 +63,21 @@ class CollectionStream:
         return self.images[torch.from_numpy(ids)].to(self.device)
 
 
-def train_on_collection(cfg, url: str, out_url: str, **train_kwargs) -> str:
-    """Train ``cfg``'s recipe on the real collection at ``url`` (the control run); the encoder URL."""
-    from encoder.train import train
+def train_on_collection(cfg, url: str, out_url: str, local: bool = False, device: str | None = None,
+                        **train_kwargs) -> str:
+    """Train ``cfg``'s recipe on the real collection at ``url`` (the control run); the encoder URL.
+    Through Ray Train, or with ``local`` in this process on ``device`` (encoder.local)."""
     from index.collections import open_collection
     url = url if "://" in url else os.path.abspath(url)       # workers run elsewhere
-    open_collection(url)                                        # a clear error before any Ray work
+    open_collection(url)                                        # a clear error before any training work
     cfg = dataclasses.replace(cfg, real_data=url)
 
     def stream(rank: int, world_size: int, device: str) -> CollectionStream:
         return CollectionStream(url, cfg.arch.img_size, cfg.batch_size, cfg.seed, rank, world_size, device=device)
 
+    if local:
+        from encoder.local import default_device, train_local
+        return train_local(cfg, out_url, device=device, stream=stream(0, 1, device or str(default_device())),
+                           **train_kwargs)
+    from encoder.train import train
     return train(cfg, out_url, stream_factory=stream, **train_kwargs)

@@ -6,6 +6,9 @@ The memory's answers are sharded and merged; bare FAISS is the reference for bot
 (recall must match: merging is exact) and the speed (the ratio is what the README reports, since
 this machine is shared and absolute figures drift). ``--also`` measures other factory strings with
 bare FAISS only, to show why the default was chosen.
+
+FAISS and the modules built on it are imported where they are used: the CLI reads this module's
+defaults for ``--help``, and must start on machines without FAISS (``eval-knn`` runs there).
 """
 
 from __future__ import annotations
@@ -17,16 +20,15 @@ import resource
 import tempfile
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import faiss
 import fsspec
 import numpy as np
 
-from index.build import build_memory, train_empty_index, with_ids
+if TYPE_CHECKING:
+    import faiss
+
 from index.embeddings import FORMAT, JOB_FILE, embedding_table, part_name
-from index.memory import VisualMemory
-from index.recall import recall_at_k
-from index.shards import search_parameters
 from index.synthetic import ClusteredVectors
 from procdata.storage import parquet_bytes, write_atomic
 
@@ -78,6 +80,7 @@ def timed_search(search, queries: np.ndarray, repeat: int = 3) -> tuple[np.ndarr
 
 def bare_faiss(vectors: np.ndarray, factory: str) -> tuple[faiss.Index, float]:
     """One index over every vector, trained and filled the way the build does: (index, seconds)."""
+    from index.build import train_empty_index
     start = time.perf_counter()
     index = train_empty_index(vectors, factory)
     index.add_with_ids(vectors, np.arange(len(vectors)))
@@ -85,6 +88,8 @@ def bare_faiss(vectors: np.ndarray, factory: str) -> tuple[faiss.Index, float]:
 
 
 def bare_search(index: faiss.Index, k: int, nprobe: int):
+    from index.shards import search_parameters
+
     def search(queries):
         params, _keep = search_parameters(index, nprobe)
         return index.search(queries, k, params=params)[1]
@@ -93,6 +98,11 @@ def bare_search(index: faiss.Index, k: int, nprobe: int):
 
 def run(cfg: IndexBenchConfig, emit=print):
     """Run the benchmark; ``emit`` gets one dict per measurement. Returns the summary dict."""
+    import faiss
+
+    from index.build import build_memory, with_ids
+    from index.memory import VisualMemory
+    from index.recall import recall_at_k
     data = ClusteredVectors(cfg.dim, cfg.clusters, cfg.spread, cfg.seed)
     with tempfile.TemporaryDirectory(prefix="vismem-index-bench-") as tmp:
         work = (cfg.workdir or tmp).rstrip("/")

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from encoder.dino import DINOLoss, koleo, sinkhorn_knopp
-from encoder.train import autocast_dtype
+from encoder.loop import autocast_dtype
 
 
 def collapsing_teacher(batch=32, prototypes=64, seed=0):

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from encoder.config import ArchConfig, TrainConfig
-from encoder.train import latest_checkpoint, train
+from encoder.runs import latest_checkpoint
+from encoder.train import train
 
 TINY = TrainConfig(preset="test-tiny", arch=ArchConfig(img_size=16, patch_size=8, embed_dim=32, depth=1, num_heads=2),
                    generators=("shader",), batch_size=8, local_crops=2, local_size=8, out_dim=64, head_hidden=64,

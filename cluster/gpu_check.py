@@ -1,0 +1,296 @@
+"""The GPU check: one command that measures what a GPU buys, with the project's own torch code.
+
+    python -m cluster.gpu_check --out gpu_check.json
+
+In one process and without Ray or FAISS (GPU machines for this check have torch alone), it
+1. names the GPU and the library versions;
+2. times every procedural generator at 64 and 224 px on the GPU (procdata.bench);
+3. times the DINO training step of tiny-cpu, vit-t16 and vit-s16 in mixed precision, data
+   generation included and separately (encoder.bench.local_train_throughput: the training loop);
+4. trains RECIPE on procedural data only for a fixed time (encoder.local.train_local), then
+   evaluates it on CIFAR-10 with eval-knn's protocol (softmax votes, T = 0.07, best k of the
+   sweep) beside the same network untrained and raw pixels, and times embedding.
+
+Every section is timed and guarded: one that fails records its error and the next one runs, and
+the JSON file is rewritten after each, so a run cut short still leaves what it measured.
+``--tiny`` shrinks everything so that the CPU test suite runs the whole script in seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+import numpy as np
+import torch
+
+log = logging.getLogger("vismem.gpu_check")
+
+# The recipe trained for the quality figure, chosen for the best CIFAR-10 kNN in ~5 GPU-minutes:
+# a ViT-S at 32 px with 4 px patches (64 tokens, CIFAR's own resolution; patch 8 leaves a 4×4 grid)
+# on tiny-cpu's short-run DINO settings (Sinkhorn centring, KoLeo), a batch of 512 to fill the GPU,
+# the peak lr of DINO's ViT-S (1.5e-3 at this batch) and the usual teacher momentum for runs of
+# thousands of steps.
+RECIPE = {"preset": "tiny-cpu",
+          "arch": {"patch_size": 4, "embed_dim": 384, "depth": 12, "num_heads": 6},
+          "batch_size": 512, "lr": 7.5e-4, "momentum_teacher": 0.996, "warmup": 0.1}
+STEP_PRESETS = ("tiny-cpu", "vit-t16", "vit-s16")
+# DINO (Caron et al. 2021, Table 8): ViT-S/16, 2×224² + 10×96² crops, 100 ImageNet epochs in 24.2 h
+# on two 8-GPU V100 machines.
+DINO_PAPER = {"model": "ViT-S/16", "crops": "2x224 + 10x96", "gpus": "16 x V100", "hours_per_100_epochs": 24.2,
+              "images_per_s": round(100 * 1_281_167 / (24.2 * 3600)),
+              "images_per_s_per_gpu": round(100 * 1_281_167 / (24.2 * 3600) / 16, 1)}
+TARGET_GENERATOR_RATE = 5000          # images/s at 224 px, every generator (issue 12)
+
+
+@dataclasses.dataclass
+class Settings:
+    out: str
+    cifar: str | None
+    device: str
+    train_minutes: float
+    sizes: tuple[int, ...] = (64, 224)
+    generator_seconds: float = 1.0
+    generator_batch: int | None = None   # None: procdata.bench.gpu_batch (hundreds to thousands of images)
+    step_counts: dict = dataclasses.field(default_factory=lambda: {"tiny-cpu": 40, "vit-t16": 25, "vit-s16": 25})
+    step_overrides: dict = dataclasses.field(default_factory=dict)
+    recipe: dict = dataclasses.field(default_factory=lambda: dict(RECIPE))
+    recipe_steps: int | None = None      # a step budget instead of the time budget (tests)
+    eval_limit: int | None = None        # at most this many memory and query images (tests)
+    trained_encoder: str | None = None   # set by the training section, read by the evaluation
+
+    @classmethod
+    def tiny(cls, out: str, cifar: str | None, device: str) -> "Settings":
+        """Seconds on a CPU: every section runs, on toy sizes."""
+        small = {"batch_size": 2, "local_crops": 2, "local_size": 32, "arch": {"img_size": 64}}
+        return cls(out, cifar, device, train_minutes=0.2, sizes=(16,), generator_seconds=0.05, generator_batch=16,
+                   step_counts={p: 4 for p in STEP_PRESETS}, step_overrides=small,
+                   recipe={**RECIPE, "arch": {**RECIPE["arch"], "depth": 1}, "batch_size": 8}, recipe_steps=3,
+                   eval_limit=200)
+
+
+class Report:
+    """The JSON of figures, rewritten whole (atomically) after every section."""
+
+    def __init__(self, path: str):
+        self.path, self.data = path, {"sections": {}}
+
+    def section(self, name: str, run) -> None:
+        start = time.perf_counter()
+        log.info("== %s", name)
+        try:
+            result = run()
+            entry = {**result, "seconds": round(time.perf_counter() - start, 1)}
+        except Exception as e:  # noqa: BLE001 (recorded; the other sections still run)
+            log.error("%s failed: %s", name, e)
+            entry = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=8),
+                     "seconds": round(time.perf_counter() - start, 1)}
+        self.data["sections"][name] = entry
+        self.write()
+
+    def write(self) -> None:
+        tmp = f"{self.path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(finite(self.data), f, indent=2, default=str, allow_nan=False)
+        os.replace(tmp, self.path)
+
+
+def finite(value):
+    """``value`` with NaN and infinities as None: strict JSON (a run too short to time has none)."""
+    if isinstance(value, float):
+        return value if np.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
+def environment(device: str) -> dict:
+    import timm
+    info = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "python": platform.python_version(),
+            "torch": torch.__version__, "timm": timm.__version__, "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+            "device": device, "cpu_cores": os.cpu_count(), "git_commit": git_commit()}
+    if device.startswith("cuda"):
+        props = torch.cuda.get_device_properties(torch.device(device))
+        info.update(gpu=props.name, gpu_memory_gb=round(props.total_memory / 2 ** 30, 1),
+                    compute_capability=f"{props.major}.{props.minor}", gpus_visible=torch.cuda.device_count())
+    else:
+        info.update(gpu=None)
+    return info
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def generators(s: Settings) -> dict:
+    from procdata.bench import gpu_batch, images_per_second
+    from procdata.generators import GENERATORS
+    records = []
+    for size in s.sizes:
+        batch = s.generator_batch or gpu_batch(size)
+        for name in GENERATORS:
+            rate = images_per_second(name, size, s.device, batch, s.generator_seconds, threads=None)
+            records.append({"generator": name, "size": size, "batch": batch, "images_per_s": round(rate)})
+            log.info("%-12s %4d px %10.0f images/s", name, size, rate)
+    largest = max(s.sizes)
+    slowest = min((r for r in records if r["size"] == largest), key=lambda r: r["images_per_s"])
+    return {"records": records, "slowest_at_largest_size": slowest,
+            "target": f"every generator >= {TARGET_GENERATOR_RATE} images/s at 224 px",
+            "target_met": slowest["images_per_s"] >= TARGET_GENERATOR_RATE if largest == 224 else None}
+
+
+def dino_steps(s: Settings) -> dict:
+    from encoder.bench import local_train_throughput
+    records = []
+    for name in STEP_PRESETS:
+        record = local_train_throughput(name, s.step_counts[name], s.device, **s.step_overrides)
+        share = record["data_share"]
+        record["step_only_images_per_s"] = round(record["images_per_s"] / (1 - share), 1) if share < 1 else None
+        if name == "vit-s16":
+            record["dino_paper_images_per_s_per_gpu"] = DINO_PAPER["images_per_s_per_gpu"]
+            record["ratio_to_dino_paper_per_gpu"] = round(record["images_per_s"] / DINO_PAPER["images_per_s_per_gpu"], 1)
+        records.append(record)
+        log.info("%s", record)
+        if s.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    return {"records": records, "dino_paper": DINO_PAPER,
+            "note": "vit-s16 here crops 2x224 + 8x96 (the source paper's recipe); DINO's Table 8 figure is 2x224 + 10x96"}
+
+
+def recipe_config(s: Settings):
+    from encoder.config import preset
+    recipe = dict(s.recipe)
+    name, arch = recipe.pop("preset"), recipe.pop("arch", {})
+    return dataclasses.replace(preset(name, arch=arch, **recipe), max_minutes=s.train_minutes,
+                               max_steps=s.recipe_steps or 10 ** 9, log_every=200, checkpoint_every=10 ** 9)
+
+
+def train_recipe(s: Settings, work: str) -> dict:
+    from encoder.local import train_local
+    cfg = recipe_config(s)
+    metrics: dict = {}
+    start = time.perf_counter()
+    url = train_local(cfg, f"{work}/run", device=s.device, result_metrics=metrics)
+    seconds = time.perf_counter() - start
+    with open(os.path.join(url, "provenance.json")) as f:
+        images_seen = json.load(f)["images_seen"]
+    s.trained_encoder = url
+    return {"recipe": s.recipe, "arch": dataclasses.asdict(cfg.arch), "data": "procedural only",
+            "generators": list(cfg.generators), "budget_minutes": s.train_minutes, "wall_seconds": round(seconds, 1),
+            "steps": metrics["step"], "images_seen": images_seen, "images_per_s": round(metrics["images_per_s"], 1),
+            "data_share": round(metrics["data_share"], 3), "final_loss": round(metrics["loss"], 4), "encoder": url}
+
+
+def load_split(url: str, limit: int | None) -> tuple[torch.Tensor, list[str]]:
+    """Decoded images (uint8 [n, 3, H, W]) and labels of a labelled Parquet split, decoded once
+    for every encoder (eval-knn decodes per encoder; the figures are the same)."""
+    import pyarrow.parquet as pq
+
+    from encoder.embed import decode_image
+    table = pq.read_table(url, columns=["image", "label"])
+    if limit:
+        table = table.take(np.random.default_rng(0).permutation(len(table))[:limit])
+    images = np.stack([decode_image(b) for b in table.column("image").to_pylist()])
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), table.column("label").to_pylist()
+
+
+def cifar_knn(s: Settings) -> dict:
+    from encoder.backbone import build_backbone
+    from encoder.embed import Encoder
+    from eval.knn import K_SWEEP, knn_sweep
+    if not s.cifar or not os.path.exists(os.path.join(s.cifar, "train.parquet")):
+        raise FileNotFoundError(f"no CIFAR-10 Parquet at {s.cifar} (train.parquet, test.parquet)")
+    memory, memory_labels = load_split(os.path.join(s.cifar, "train.parquet"), s.eval_limit)
+    queries, query_labels = load_split(os.path.join(s.cifar, "test.parquet"), s.eval_limit)
+    arch = recipe_config(s).arch
+    torch.manual_seed(0)
+    encoders = {"procedural": lambda: Encoder.load(s.trained_encoder, device=s.device),
+                "random_init": lambda: Encoder("random-init:recipe", arch, build_backbone(arch), "random-init",
+                                               device=s.device),
+                "raw_pixels": lambda: Encoder.load("raw-pixels:32", device=s.device)}
+    results = {}
+    for name, make in encoders.items():
+        if name == "procedural" and not s.trained_encoder:
+            results[name] = {"error": "the training section did not produce an encoder"}
+            continue
+        encoder = make()
+        start = time.perf_counter()
+        mem = encoder.embed(memory, batch_size=1024)
+        if s.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        embed_rate = len(memory) / (time.perf_counter() - start)
+        found = knn_sweep(mem, memory_labels, encoder.embed(queries, batch_size=1024), query_labels, K_SWEEP)
+        results[name] = {"top1": round(found["top1"], 4), "best_k": found["best_k"],
+                         "by_k": {k: round(v, 4) for k, v in found["by_k"].items()},
+                         "embed_images_per_s": round(embed_rate)}
+        log.info("%s: kNN top-1 %.1f%% (k=%d)", name, 100 * found["top1"], found["best_k"])
+    out = {"memory_images": len(memory), "query_images": len(queries), "protocol": "eval-knn: softmax votes, "
+           "T=0.07, best k of " + ",".join(map(str, K_SWEEP)), "results": results}
+    trained, raw, rand = (results.get(n, {}).get("top1") for n in ("procedural", "raw_pixels", "random_init"))
+    if trained is not None and raw is not None and rand:
+        out["targets"] = {"beats_raw_pixels": trained > raw, "ratio_to_random_init": round(trained / rand, 2),
+                          "at_least_1.5x_random_init": trained >= 1.5 * rand}
+    return out
+
+
+def embedding_speed(s: Settings) -> dict:
+    """Embedding images/s of the step presets at their own image size (random weights)."""
+    from encoder.bench import embed_throughput
+    images = 8 if s.eval_limit else 8192
+    return {"records": [embed_throughput(name, images=images, batch_size=min(images, 1024), device=s.device)
+                        for name in STEP_PRESETS]}
+
+
+def run(s: Settings) -> dict:
+    report = Report(s.out)
+    report.data["settings"] = dataclasses.asdict(s)
+    report.section("environment", lambda: environment(s.device))
+    with tempfile.TemporaryDirectory(prefix="vismem-gpu-check-") as work:
+        report.section("train_recipe", lambda: train_recipe(s, work))
+        report.section("cifar10_knn", lambda: cifar_knn(s))
+        report.section("generators", lambda: generators(s))
+        report.section("dino_step", lambda: dino_steps(s))
+        report.section("embedding", lambda: embedding_speed(s))
+    report.data["errors"] = [name for name, entry in report.data["sections"].items() if "error" in entry]
+    report.write()
+    return report.data
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m cluster.gpu_check", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="gpu_check.json", help="JSON file of figures (rewritten after every section)")
+    p.add_argument("--cifar", default=os.path.join("..", "shared", "data", "cifar10"),
+                   help="folder with CIFAR-10 train.parquet and test.parquet (image, label)")
+    p.add_argument("--device", default=None, help="device (default: cuda when there is a GPU, else cpu)")
+    p.add_argument("--train-minutes", type=float, default=4.5, help="time budget of the recipe's training run")
+    p.add_argument("--tiny", action="store_true", help="toy sizes, seconds on a CPU (the test suite's run)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stderr)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    settings = (Settings.tiny(args.out, args.cifar, device) if args.tiny else
+                Settings(args.out, args.cifar, device, args.train_minutes))
+    data = run(settings)
+    print(json.dumps({"out": args.out, "errors": data["errors"]}))
+    return 1 if data["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
