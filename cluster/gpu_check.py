@@ -257,16 +257,19 @@ def embedding_speed(s: Settings) -> dict:
                         for name in STEP_PRESETS]}
 
 
-def run(s: Settings) -> dict:
+SECTIONS = ("environment", "train_recipe", "cifar10_knn", "generators", "dino_step", "embedding")
+
+
+def run(s: Settings, sections: tuple[str, ...] = SECTIONS) -> dict:
+    """Run ``sections`` in order (the quality figure first: it is the one a cut-short run must keep)."""
     report = Report(s.out)
     report.data["settings"] = dataclasses.asdict(s)
-    report.section("environment", lambda: environment(s.device))
     with tempfile.TemporaryDirectory(prefix="vismem-gpu-check-") as work:
-        report.section("train_recipe", lambda: train_recipe(s, work))
-        report.section("cifar10_knn", lambda: cifar_knn(s))
-        report.section("generators", lambda: generators(s))
-        report.section("dino_step", lambda: dino_steps(s))
-        report.section("embedding", lambda: embedding_speed(s))
+        steps = {"environment": lambda: environment(s.device), "train_recipe": lambda: train_recipe(s, work),
+                 "cifar10_knn": lambda: cifar_knn(s), "generators": lambda: generators(s),
+                 "dino_step": lambda: dino_steps(s), "embedding": lambda: embedding_speed(s)}
+        for name in sections:
+            report.section(name, steps[name])
     report.data["errors"] = [name for name, entry in report.data["sections"].items() if "error" in entry]
     report.write()
     return report.data
@@ -280,14 +283,26 @@ def main(argv: list[str] | None = None) -> int:
                    help="folder with CIFAR-10 train.parquet and test.parquet (image, label)")
     p.add_argument("--device", default=None, help="device (default: cuda when there is a GPU, else cpu)")
     p.add_argument("--train-minutes", type=float, default=4.5, help="time budget of the recipe's training run")
+    p.add_argument("--recipe", default=None, metavar="JSON",
+                   help="fields replacing RECIPE's for the training section, e.g. "
+                        "'{\"arch\": {\"embed_dim\": 192, \"num_heads\": 3}, \"lr\": 1e-3}'")
+    p.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated sections to run, in order")
     p.add_argument("--tiny", action="store_true", help="toy sizes, seconds on a CPU (the test suite's run)")
     args = p.parse_args(argv)
+    sections = tuple(name.strip() for name in args.sections.split(",") if name.strip())
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        p.error(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         stream=sys.stderr)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     settings = (Settings.tiny(args.out, args.cifar, device) if args.tiny else
                 Settings(args.out, args.cifar, device, args.train_minutes))
-    data = run(settings)
+    if args.recipe:
+        extra = json.loads(args.recipe)
+        settings.recipe = {**settings.recipe, **extra,
+                           "arch": {**settings.recipe.get("arch", {}), **extra.get("arch", {})}}
+    data = run(settings, sections)
     print(json.dumps({"out": args.out, "errors": data["errors"]}))
     return 1 if data["errors"] else 0
 
