@@ -197,27 +197,15 @@ def train_recipe(s: Settings, work: str) -> dict:
             "data_share": round(metrics["data_share"], 3), "final_loss": round(metrics["loss"], 4), "encoder": url}
 
 
-def load_split(url: str, limit: int | None) -> tuple[torch.Tensor, list[str]]:
-    """Decoded images (uint8 [n, 3, H, W]) and labels of a labelled Parquet split, decoded once
-    for every encoder (eval-knn decodes per encoder; the figures are the same)."""
-    import pyarrow.parquet as pq
-
-    from encoder.embed import decode_image
-    table = pq.read_table(url, columns=["image", "label"])
-    if limit:
-        table = table.take(np.random.default_rng(0).permutation(len(table))[:limit])
-    images = np.stack([decode_image(b) for b in table.column("image").to_pylist()])
-    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), table.column("label").to_pylist()
-
-
 def cifar_knn(s: Settings) -> dict:
     from encoder.backbone import build_backbone
     from encoder.embed import Encoder
     from eval.knn import K_SWEEP, knn_sweep
+    from eval.readable import same_size_images
     if not s.cifar or not os.path.exists(os.path.join(s.cifar, "train.parquet")):
         raise FileNotFoundError(f"no CIFAR-10 Parquet at {s.cifar} (train.parquet, test.parquet)")
-    memory, memory_labels = load_split(os.path.join(s.cifar, "train.parquet"), s.eval_limit)
-    queries, query_labels = load_split(os.path.join(s.cifar, "test.parquet"), s.eval_limit)
+    memory, memory_labels = same_size_images(os.path.join(s.cifar, "train.parquet"), s.eval_limit)
+    queries, query_labels = same_size_images(os.path.join(s.cifar, "test.parquet"), s.eval_limit)
     arch = recipe_config(s).arch
     torch.manual_seed(0)
     encoders = {"procedural": lambda: Encoder.load(s.trained_encoder, device=s.device),

@@ -13,8 +13,6 @@ defaults for ``--help``, and must start on machines without FAISS (``eval-knn`` 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import resource
 import tempfile
@@ -28,9 +26,8 @@ import numpy as np
 if TYPE_CHECKING:
     import faiss
 
-from index.embeddings import FORMAT, JOB_FILE, embedding_table, part_name
+from index.embeddings import write_vectors
 from index.synthetic import ClusteredVectors
-from procdata.storage import parquet_bytes, write_atomic
 
 log = logging.getLogger("vismem.index.bench")
 NPROBES = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -55,17 +52,9 @@ class IndexBenchConfig:
 
 def write_synthetic_embeddings(url: str, data: ClusteredVectors, n: int, file_rows: int) -> None:
     """``n`` vectors of ``data`` as an embeddings folder that ``build_memory`` reads like any other."""
-    fs, root = fsspec.core.url_to_fs(url)
-    fs.makedirs(root, exist_ok=True)
     spec = f"synthetic:clustered:{data.dim}:{data.clusters}:{data.spread}:{data.seed}"
-    for number, start in enumerate(range(0, n, file_rows)):
-        stop = min(n, start + file_rows)
-        ids = list(range(start, stop))
-        table = embedding_table(ids, [f"synthetic://{i}" for i in ids], [None] * len(ids), data.rows(start, stop))
-        write_atomic(fs, f"{root}/{part_name(number)}", parquet_bytes(table))
-    job = {"format": FORMAT, "collection": spec, "encoder": spec,
-           "encoder_sha256": hashlib.sha256(spec.encode()).hexdigest(), "dim": data.dim}
-    write_atomic(fs, f"{root}/{JOB_FILE}", json.dumps(job).encode())
+    write_vectors(url, data.rows(0, n), [None] * n, [f"synthetic://{i}" for i in range(n)], collection=spec,
+                  encoder=spec, rows_per_file=file_rows)
 
 
 def timed_search(search, queries: np.ndarray, repeat: int = 3) -> tuple[np.ndarray, float]:

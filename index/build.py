@@ -1,9 +1,12 @@
 """Embeddings → a sharded memory: choose the index type, train one empty index, fill the shards,
 and measure the recall the memory will answer at.
 
-Shard ``s`` owns the ids with ``id % shards == s``, so adding and removing vectors later touches
-exactly one shard per id. A build writes every file of its version first and the manifest last;
-a build that fails removes what it wrote, so a memory never shows a half-built version.
+The memory hands out its own ids: a build numbers the collection's vectors 0..n−1 in the order of
+the collection's ids (the same numbers for ``vismem embed``'s output) and keeps the collection's
+id as ``source_id``. Shard ``s`` owns the ids with ``id % shards == s``, so adding and removing
+vectors later touches exactly one shard per id. A build commits its version like every edit
+(``index.commit``): files first, in a folder of its own, then the manifest; a build that fails
+removes what it wrote, so a memory never shows a half-built version.
 """
 
 from __future__ import annotations
@@ -14,13 +17,12 @@ import math
 import faiss
 import fsspec
 import numpy as np
-import pyarrow as pa
 
+from index import commit
 from index.embeddings import JOB_FILE, embedding_matrix, read_embeddings
-from index.manifest import Manifest, ShardEntry, read_manifest, sha256, version_dir, write_manifest
+from index.manifest import Manifest, ShardEntry, read_manifest
 from index.recall import calibrate_nprobe
-from index.shards import Shard, serialize
-from procdata.storage import parquet_bytes, write_atomic
+from index.shards import Shard, metadata_table, serialize
 
 log = logging.getLogger("vismem.index.build")
 FLAT_LIMIT = 100_000
@@ -90,13 +92,14 @@ def train_empty_index(vectors: np.ndarray, factory: str, seed: int = 0) -> faiss
 
 def build_memory(embeddings_url: str, memory_url: str, shards: int = 2, factory: str | None = None,
                  encoder: dict | None = None, replace: bool = False, nprobe: int | None = None,
-                 target_recall: float = TARGET_RECALL) -> Manifest:
+                 target_recall: float = TARGET_RECALL, trained: faiss.Index | None = None) -> Manifest:
     """Build the next version of the memory at ``memory_url`` (version 1 for a new one).
 
     ``nprobe`` fixes the default search depth; by default the build picks the smallest nprobe
     whose recall@10 against exact search, measured on vectors of the collection, reaches
     ``target_recall``. A memory that holds another encoder's vectors is refused unless
-    ``replace``.
+    ``replace``. ``trained`` is a trained empty index of ``factory`` to fill instead of training
+    one (another memory's): two memories over one trained index answer comparably, exactly.
     """
     table = read_embeddings(embeddings_url)
     vectors = embedding_matrix(table)
@@ -110,33 +113,36 @@ def build_memory(embeddings_url: str, memory_url: str, shards: int = 2, factory:
     if previous is not None and not replace:
         check_same_encoder(previous, encoder, int(vectors.shape[1]), memory_url)
 
+    if trained is not None and (trained.d != vectors.shape[1] or not trained.is_trained):
+        raise ValueError(f"the trained index given must be a trained {vectors.shape[1]}-d index")
+
     log.info("building %s over %d vectors of dim %d in %d shards", factory, len(vectors), vectors.shape[1], shards)
-    empty = train_empty_index(vectors, factory)
-    ids = table.column("id").to_numpy()
-    fs, root = fsspec.core.url_to_fs(memory_url)
-    root = root.rstrip("/")
-    version = next_version(fs, root)
-    vdir = version_dir(version)
-    try:
-        fs.makedirs(f"{root}/{vdir}", exist_ok=True)
-        write_atomic(fs, f"{root}/{vdir}/trained.faiss", serialize(empty))
+    empty = trained if trained is not None else train_empty_index(vectors, factory)
+    ids = np.arange(len(vectors), dtype=np.int64)                 # read_embeddings sorts by the collection's id
+    source_ids = table.column("id").to_numpy()
+    uris = np.array(table.column("uri").to_pylist(), dtype=object)
+    labels = np.array(table.column("label").to_pylist(), dtype=object)
+    fs, root = commit.filesystem(memory_url)
+    version = previous.version + 1 if previous else 1
+    with commit.staged(fs, root, version) as folder:
+        commit.write(fs, f"{root}/{folder}/trained.faiss", serialize(empty))
         entries, filled = [], []
         for s in range(shards):
             rows = np.flatnonzero(ids % shards == s)
             index = faiss.clone_index(empty)
             index.add_with_ids(vectors[rows], ids[rows])
-            metadata = table.select(["id", "uri", "label"]).take(pa.array(rows))
-            entries.append(write_shard(fs, root, vdir, s, index, metadata))
-            filled.append(Shard(index, metadata, s))
+            metadata = metadata_table(ids[rows], uris[rows], labels[rows], source_ids[rows])
+            shard, entry = write_shard(fs, root, folder, s, index, metadata)
+            entries.append(entry)
+            filled.append(shard)
         search, recall = search_defaults(filled, vectors, ids, nprobe, target_recall)
         manifest = Manifest(version=version, encoder=encoder, dim=int(vectors.shape[1]), metric="inner_product",
-                            factory=factory, trained_index=f"{vdir}/trained.faiss", shards=entries,
-                            next_id=int(ids.max()) + 1, search=search, recall=recall,
-                            parent=previous.version if previous else None)
-        write_manifest(memory_url, manifest)
-    except BaseException:
-        fs.rm(f"{root}/{vdir}", recursive=True)                 # nothing of a failed build stays behind
-        raise
+                            factory=factory, trained_index=f"{folder}/trained.faiss", shards=entries,
+                            next_id=len(ids), search=search, recall=recall,
+                            parent=previous.version if previous else None, operation="build",
+                            counts={"vectors": len(ids)})
+        commit.commit(fs, root, version, manifest.to_json())
+    commit.move_pointer(fs, root, version)
     return manifest
 
 
@@ -174,21 +180,10 @@ def check_same_encoder(previous: Manifest, encoder: dict, dim: int, memory_url: 
                          "Build into another --memory, or pass --replace to make them the current version")
 
 
-def next_version(fs, root: str) -> int:
-    """One more than any version folder present, complete or not: a build never writes into the
-    folder of another build (a crashed one, or one running now)."""
-    if not fs.exists(root):
-        return 1
-    names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
-    return 1 + max((int(n[1:]) for n in names if n.startswith("v") and n[1:].isdigit()), default=0)
-
-
-def write_shard(fs, root: str, vdir: str, number: int, index: faiss.Index, metadata: pa.Table) -> ShardEntry:
-    blob = serialize(index)
-    name = f"{vdir}/shard-{number:04d}"
-    write_atomic(fs, f"{root}/{name}.faiss", blob)
-    write_atomic(fs, f"{root}/{name}.parquet", parquet_bytes(metadata))
-    return ShardEntry(f"{name}.faiss", f"{name}.parquet", metadata.num_rows, sha256(blob))
+def write_shard(fs, root: str, folder: str, number: int, index: faiss.Index, metadata) -> tuple[Shard, ShardEntry]:
+    """Shard ``number`` (``index`` over ``metadata``'s ids), saved under ``folder``."""
+    shard = Shard(index, metadata, number)
+    return shard, shard.save(fs, root, folder)
 
 
 def search_defaults(shards: list[Shard], vectors: np.ndarray, ids: np.ndarray, nprobe: int | None,

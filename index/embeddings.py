@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from index.collections import protocol_prefix
-from procdata.storage import write_atomic
+from procdata.storage import parquet_bytes, write_atomic
 
 FORMAT = "vismem-embeddings/2"
 JOB_FILE, ERRORS_FILE = "_embedding.json", "errors.jsonl"
@@ -55,6 +55,25 @@ def embedding_table(ids: list[int], uris: list[str], labels: list[str | None], v
                      "label": pa.array(labels, pa.string()),
                      "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel(), pa.float32()), dim)},
                     schema=embedding_schema(dim))
+
+
+def write_vectors(url: str, vectors: np.ndarray, labels, uris, ids=None, collection: str = "vectors",
+                  encoder: str = "vectors", encoder_sha256: str | None = None, rows_per_file: int = 100_000) -> str:
+    """An embeddings folder at ``url`` from vectors already in hand (benchmarks, figures, vectors
+    made by another tool), readable by everything that reads ``vismem embed``'s output. ``ids``
+    default to 0..n-1; ``encoder_sha256`` defaults to the sha256 of the ``encoder`` string."""
+    import hashlib
+    fs, root = fsspec.core.url_to_fs(url)
+    fs.makedirs(root, exist_ok=True)
+    ids = np.arange(len(vectors)) if ids is None else np.asarray(ids)
+    labels, uris = list(labels), list(uris)
+    for number, start in enumerate(range(0, len(vectors), rows_per_file)):
+        stop = min(len(vectors), start + rows_per_file)
+        table = embedding_table(ids[start:stop].tolist(), uris[start:stop], labels[start:stop], vectors[start:stop])
+        write_atomic(fs, f"{root}/{part_name(number)}", parquet_bytes(table))
+    write_job(fs, root, {"format": FORMAT, "collection": collection, "encoder": encoder, "dim": int(vectors.shape[1]),
+                         "encoder_sha256": encoder_sha256 or hashlib.sha256(encoder.encode()).hexdigest()})
+    return url
 
 
 # records ---------------------------------------------------------------------------------------

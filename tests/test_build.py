@@ -108,9 +108,12 @@ def test_failed_build_removes_its_files_and_keeps_the_current_version(tmp_path, 
         build_memory(str(tmp_path / "emb"), mem, shards=4)
     assert sorted(p.name for p in (tmp_path / "mem").iterdir()) == ["manifest.json", "v1"]
     assert read_manifest(mem).version == 1 and len(VisualMemory.open(mem)) == 60
-    (tmp_path / "mem" / "v2").mkdir()                     # a crashed build's leftover folder is never reused
+    leftover = tmp_path / "mem" / "v2" / "crashed"        # a killed build's files, never referenced
+    leftover.mkdir(parents=True)
+    (leftover / "shard-0000.faiss").write_bytes(b"half a file")
     monkeypatch.setattr(index.build, "write_shard", real)
-    assert build_memory(str(tmp_path / "emb"), mem, shards=2).version == 3
+    assert build_memory(str(tmp_path / "emb"), mem, shards=2).version == 2       # writes beside them, in a folder of its own
+    assert (leftover / "shard-0000.faiss").read_bytes() == b"half a file" and len(VisualMemory.open(mem)) == 60
 
 
 def test_index_bench_command_measures_recall_beside_bare_faiss(tmp_path):

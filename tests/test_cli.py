@@ -112,7 +112,7 @@ def router():
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             bodies.append((self.path, body))
             result = {"neighbours": [{"similarity": 0.9, "label": "cat", "uri": "mem://a.png"}]}
-            if self.path == "/classify":
+            if self.path == "/v1/classify":
                 result["decision"] = "cat"
             answer = json.dumps({"results": [result] * len(body["images"]), "partial": False,
                                  "missing_shards": []}).encode()
@@ -139,8 +139,8 @@ def test_client_sends_nprobe_only_when_given(tmp_path, router, capsys):
     assert main(["query", "--url", base, "-k", "3", "--nprobe", "16", image]) == 0
     assert main(["classify", "--url", base, "--k", "5", "--rule", "softmax", image]) == 0
     (path1, query), (path2, classify) = bodies
-    assert path1 == "/search" and query["k"] == 3 and query["nprobe"] == 16 and len(query["images"]) == 1
-    assert path2 == "/classify" and classify["k"] == 5 and classify["rule"] == "softmax" and "nprobe" not in classify
+    assert path1 == "/v1/search" and query["k"] == 3 and query["nprobe"] == 16 and len(query["images"]) == 1
+    assert path2 == "/v1/classify" and classify["k"] == 5 and classify["rule"] == "softmax" and "nprobe" not in classify
     assert f"{image}: cat" in capsys.readouterr().out
 
 

@@ -268,7 +268,7 @@ def test_unexpected_error_is_a_json_500(served):
 
     @serve.deployment(ray_actor_options={"num_cpus": 0})
     class NonsenseShard:
-        async def search(self, queries, k, nprobe=None):
+        async def search(self, queries, k, nprobe=None, version=None):
             return {"nonsense": np.zeros((len(queries), k))}
 
     base, memory_url, _ = served
@@ -284,16 +284,18 @@ def test_unexpected_error_is_a_json_500(served):
 def test_corrupt_shard_stops_the_start_naming_the_shard(served, tmp_path):
     from ray import serve
 
+    from index.manifest import read_manifest
     from index.serve import start
 
     base, memory_url, _ = served
     copy = tmp_path / "mem"
     shutil.copytree(memory_url, copy)
-    shard = copy / "v1" / "shard-0001.faiss"
+    relative = read_manifest(str(copy)).shards[1].index
+    shard = copy / relative
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match=r"^shard 1 of .*: v1/shard-0001.faiss does not match its sha256"):
+    with pytest.raises(ValueError, match=rf"^shard 1 of .*: {relative} does not match its sha256"):
         start(str(copy), port=int(base.rsplit(":", 1)[1]), name="corrupt", route_prefix="/corrupt")
     assert "corrupt" not in serve.status().applications
 
@@ -308,12 +310,12 @@ def test_failed_or_slow_shard_gives_a_partial_answer(served):
 
     @serve.deployment(ray_actor_options={"num_cpus": 0})
     class BrokenShard:
-        async def search(self, queries, k, nprobe=None):
+        async def search(self, queries, k, nprobe=None, version=None):
             raise RuntimeError("disk gone")
 
     @serve.deployment(ray_actor_options={"num_cpus": 0})
     class SlowShard:
-        async def search(self, queries, k, nprobe=None):
+        async def search(self, queries, k, nprobe=None, version=None):
             await asyncio.sleep(4)     # well past the router's 2 s shard timeout
 
     base, memory_url, colours = served

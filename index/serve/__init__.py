@@ -9,11 +9,16 @@ answer. Bad input gets a 4xx naming the problem, never a 500.
     images.py       base64 image files from a request, size-checked before they are decoded
     deployments.py  ShardSearcher and Router
     launch.py       build_app and start
+    editing.py      edits applied live by the shards that own the vectors, committed by the Router
+    auth.py         the bearer token that edits need
 
-HTTP API (JSON):
-    GET  /info                    memory version, count, dim, encoder, shards
-    POST /search    {"images": [base64...]} or {"vectors": [[...]]}, "k": 10, "nprobe": null
-    POST /classify  same, plus "rule": plurality|distance|softmax|rank
+HTTP API (JSON; the unversioned paths of the first three are kept as aliases):
+    GET  /v1/info                 memory version, count, dim, encoder, shards
+    POST /v1/search    {"images": [base64...]} or {"vectors": [[...]]}, "k": 10, "nprobe": null
+    POST /v1/classify  same, plus "rule": plurality|distance|softmax|rank
+    POST /v1/memory/add     {"images" or "vectors", "labels", "uris"?, "reason"?}   bearer token
+    POST /v1/memory/remove  {"ids"?, "uris"?, "labels"?, "reason"?}              bearer token
+    GET  /v1/memory/versions, /v1/memory/log
 """
 
 from index.serve.api import Limits

@@ -33,6 +33,7 @@ class Limits:
     max_pixels: int = 40_000_000              # per image, checked from its header before decoding (400)
     max_request_pixels: int = 160_000_000     # all images of one request together (400)
     max_queries: int = 256                    # images or vectors per request (422)
+    max_added: int = 10_000                   # vectors per /v1/memory/add (images: max_queries)
 
 
 # ---- requests --------------------------------------------------------------------------------
@@ -67,7 +68,60 @@ class ClassifyRequest(SearchRequest):
         return rule
 
 
+class AddRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    images: list[str] | None = Field(None, description="base64-encoded image files, embedded by the memory's encoder")
+    vectors: list[list[float]] | None = Field(None, description="embeddings of the memory's encoder and dimension")
+    labels: list[str] = Field(description="one label per image or vector; new classes are welcome")
+    uris: list[str] | None = Field(None, description="one URI per image or vector, shown with it as a neighbour")
+    reason: str | None = Field(None, max_length=1000, description="why, for the memory's log")
+
+    @model_validator(mode="after")
+    def one_label_each(self):
+        given = self.images if self.images is not None else self.vectors
+        if (self.images is None) == (self.vectors is None):
+            raise ValueError("give exactly one of 'images' (base64 image files) or 'vectors'")
+        if not given:
+            raise ValueError("nothing to add: 'images' or 'vectors' is empty")
+        for name, values in (("labels", self.labels), ("uris", self.uris)):
+            if values is not None and len(values) != len(given):
+                raise ValueError(f"{len(given)} items to add but {len(values)} {name}: give one per item")
+        return self
+
+
+class RemoveRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ids: list[int] | None = Field(None, description="memory ids to remove")
+    uris: list[str] | None = Field(None, description="remove the vectors with these URIs")
+    labels: list[str] | None = Field(None, description="remove every vector of these labels (whole classes)")
+    reason: str | None = Field(None, max_length=1000, description="why, for the memory's log")
+
+    @model_validator(mode="after")
+    def something_named(self):
+        if not (self.ids or self.uris or self.labels):
+            raise ValueError("name what to remove: 'ids', 'uris' or 'labels' (non-empty)")
+        return self
+
+
 # ---- answers ---------------------------------------------------------------------------------
+
+class EditResponse(BaseModel):
+    version: int = Field(description="the memory version the edit made; answers from now on are computed on it or later")
+    operation: str
+    count: int = Field(description="vectors added or removed")
+    ids: list[int] = Field(description="their memory ids")
+
+
+class VersionsResponse(BaseModel):
+    current: int = Field(description="the version this server answers from")
+    versions: list[int]
+
+
+class LogResponse(BaseModel):
+    log: list[dict[str, Any]] = Field(description="one record per version: version, time, operation, counts, user, reason")
+
 
 class Neighbour(BaseModel):
     id: int = Field(description="the memory's global id")

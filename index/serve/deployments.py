@@ -3,36 +3,44 @@
 The Router turns a request into unit query vectors (``index.queries.check_vectors`` is the gate
 for vectors and embeddings alike), fans them out to every shard concurrently through
 DeploymentHandles, merges the top-k exactly and votes. A shard that fails or times out makes the
-answer ``partial`` and names the missing shards.
+answer ``partial`` and names the missing shards. Edits go through the Router too and are applied
+live by the shards that own the vectors (index.serve.editing); every answer names the version it
+was computed on. The Router runs as one replica: it is the memory's one writer in this server.
 """
 
 import asyncio
 import logging
 
 import numpy as np
-from fastapi import HTTPException
+from fastapi import Header, HTTPException
 from ray import serve
 
-from index.manifest import read_manifest
+from index.history import log as memory_log
+from index.manifest import list_versions, read_manifest
 from index.queries import QueryError, check_vectors
-from index.serve.api import (ClassifyRequest, ClassifyResponse, Info, Limits, SearchRequest, SearchResponse, app)
+from index.serve.api import (AddRequest, ClassifyRequest, ClassifyResponse, EditResponse, Info, Limits, LogResponse,
+                             RemoveRequest, SearchRequest, SearchResponse, VersionsResponse, app)
+from index.serve.auth import require_token
+from index.serve.editing import EditConflict, ShardState, by_shard, commit_edit
 from index.serve.images import decode_images
-from index.shards import Shard, merge_topk
+from index.shards import merge_topk
 from index.voting import vote
 
 log = logging.getLogger("vismem.index.serve")
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
-class ShardSearcher:
-    """Holds one shard in memory; concurrent requests are batched, one FAISS search per nprobe."""
+class ShardSearcher(ShardState):
+    """Holds one shard in memory; concurrent requests are batched, one FAISS search per nprobe,
+    at the newest memory version any of them carries."""
 
     def __init__(self, memory_url: str, version: int, number: int, nprobe: int | None = None):
-        manifest = read_manifest(memory_url, version)
-        self.shard = Shard.load(memory_url, manifest.shards[number], number, manifest.search_defaults(nprobe))
+        self.open_shard(memory_url, version, number, nprobe)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
-    async def search(self, queries: list[np.ndarray], ks: list[int], nprobes: list[int | None]) -> list[dict]:
+    async def search(self, queries: list[np.ndarray], ks: list[int], nprobes: list[int | None],
+                     versions: list[int]) -> list[dict]:
+        await self.follow(max(versions))
         answers: list[dict | None] = [None] * len(queries)
         for nprobe in dict.fromkeys(nprobes):
             calls = [i for i, p in enumerate(nprobes) if p == nprobe]
@@ -64,15 +72,22 @@ class Router:
     """The HTTP ingress: queries in, merged neighbours and votes out (the models are in index.serve.api)."""
 
     def __init__(self, memory_url: str, version: int, *shards, shard_timeout_s: float = 10.0,
-                 limits: Limits = Limits()):
+                 limits: Limits = Limits(), token_digest: str | None = None):
         from encoder import Encoder
         self.manifest = read_manifest(memory_url, version)
         self.memory_url, self.shards, self.timeout, self.limits = memory_url, list(shards), shard_timeout_s, limits
-        self.encoder = Encoder.load(self.manifest.encoder["name"])
-        if self.encoder.sha256 != self.manifest.encoder["sha256"]:
+        self.token_digest, self.edit_lock = token_digest, asyncio.Lock()
+        self.encoder, self.no_images = None, None
+        try:
+            self.encoder = Encoder.load(self.manifest.encoder["name"])
+        except FileNotFoundError as e:       # vectors made elsewhere (e.g. synthetic): queries by vector only
+            self.no_images = f"this server cannot embed images ({e}); send 'vectors' instead"
+            log.warning("memory %s: %s", memory_url, self.no_images)
+        if self.encoder is not None and self.encoder.sha256 != self.manifest.encoder["sha256"]:
             raise ValueError(f"encoder {self.manifest.encoder['name']} changed since memory {memory_url} was built "
                              "(sha256 differs); rebuild the memory or point it at the original encoder")
 
+    @app.get("/v1/info")
     @app.get("/info")
     def info(self) -> Info:
         m = self.manifest
@@ -90,14 +105,16 @@ class Router:
         try:
             if q.vectors is not None:
                 return check_vectors(q.vectors, self.manifest.dim)
+            if self.encoder is None:
+                raise HTTPException(422, self.no_images)
             return check_vectors(self.encoder.embed(decode_images(q.images, self.limits)), self.manifest.dim,
                                  name="embedding of images")
         except QueryError as e:
             raise HTTPException(422, str(e)) from None
 
-    async def fan_out(self, vectors: np.ndarray, k: int, nprobe: int | None) -> tuple[list, list[int]]:
+    async def fan_out(self, vectors: np.ndarray, k: int, nprobe: int | None, version: int) -> tuple[list, list[int]]:
         async def one(handle):
-            return await asyncio.wait_for(handle.search.remote(vectors, k, nprobe), self.timeout)
+            return await asyncio.wait_for(handle.search.remote(vectors, k, nprobe, version), self.timeout)
 
         results = await asyncio.gather(*(one(h) for h in self.shards), return_exceptions=True)
         missing = [n for n, r in enumerate(results) if isinstance(r, BaseException)]
@@ -105,27 +122,114 @@ class Router:
             log.warning("shard %d failed: %r", n, results[n])
         return [r for r in results if not isinstance(r, BaseException)], missing
 
-    async def neighbours(self, q: SearchRequest) -> tuple[dict, list[int]]:
+    async def neighbours(self, q: SearchRequest) -> tuple[dict, dict]:
+        """The merged top-k, and the answer's envelope: the version it was computed on (the one
+        this Router answers from when the query starts) and which shards are missing."""
         vectors = self.queries(q)
-        results, missing = await self.fan_out(vectors, q.k, q.nprobe)
+        version = self.manifest.version
+        results, missing = await self.fan_out(vectors, q.k, q.nprobe, version)
         if not results:
             raise HTTPException(503, f"no shard answered within {self.timeout}s; shards {missing} failed")
         answered = [n for n in range(len(self.shards)) if n not in missing]
-        return merge_topk(results, q.k, answered), missing
+        envelope = {"version": version, "partial": bool(missing), "missing_shards": missing}
+        return merge_topk(results, q.k, answered), envelope
 
-    def envelope(self, missing: list[int]) -> dict:
-        return {"version": self.manifest.version, "partial": bool(missing), "missing_shards": missing}
-
+    @app.post("/v1/search")
     @app.post("/search")
     async def search(self, q: SearchRequest) -> SearchResponse:
-        found, missing = await self.neighbours(q)
-        return SearchResponse(**self.envelope(missing), results=[
+        found, envelope = await self.neighbours(q)
+        return SearchResponse(**envelope, results=[
             {"neighbours": neighbour_list(found, row)} for row in range(len(found["ids"]))])
 
+    @app.post("/v1/classify")
     @app.post("/classify")
     async def classify(self, q: ClassifyRequest) -> ClassifyResponse:
-        found, missing = await self.neighbours(q)
-        v = vote(found["labels"], found["similarities"], q.rule, ids=found["ids"])
-        return ClassifyResponse(**self.envelope(missing), rule=q.rule, results=[
+        found, envelope = await self.neighbours(q)
+        v = vote(found["labels"], found["similarities"], q.rule, sample_weights=found.get("sample_weights"),
+                 ids=found["ids"])
+        return ClassifyResponse(**envelope, rule=q.rule, results=[
             {"decision": v.decisions[row], "scores": v.scores[row],
              "neighbours": neighbour_list(found, row, v.weights[row])} for row in range(len(v.decisions))])
+
+    # ---- editing -------------------------------------------------------------------------------
+    @app.post("/v1/memory/add")
+    async def add(self, q: AddRequest, authorization: str | None = Header(None)) -> EditResponse:
+        """Add images or vectors with their labels; searchable by every query that starts after the answer."""
+        require_token(authorization, self.token_digest)
+        limit = self.limits.max_queries if q.images is not None else self.limits.max_added
+        given = q.images if q.images is not None else q.vectors
+        if len(given) > limit:
+            raise HTTPException(422, f"{len(given)} items in one add, over the limit of {limit}: split them")
+        vectors = self.queries(SearchRequest(images=q.images) if q.images is not None
+                               else SearchRequest(vectors=q.vectors))
+        uris = q.uris or [None] * len(vectors)
+        added: list[np.ndarray] = []
+
+        async def stage(m, version, folder):
+            ids = np.arange(m.next_id, m.next_id + len(vectors), dtype=np.int64)
+            added[:] = [ids]
+            groups = by_shard(ids, len(self.shards))
+            rows = {s: np.flatnonzero(ids % len(self.shards) == s) for s in groups}
+            entries = await asyncio.gather(*(self.shards[s].stage_add.remote(
+                version, folder, vectors[rows[s]], ids[rows[s]], [uris[i] for i in rows[s]],
+                [q.labels[i] for i in rows[s]]) for s in groups))
+            return dict(zip(groups, entries)), {"counts": {"added": len(ids)}, "next_id": int(ids[-1]) + 1}
+
+        new = await self.edit(stage, "add", q.reason)
+        return EditResponse(version=new.version, operation="add", count=len(vectors), ids=added[0].tolist())
+
+    @app.post("/v1/memory/remove")
+    async def remove(self, q: RemoveRequest, authorization: str | None = Header(None)) -> EditResponse:
+        """Remove vectors by id, URI or label, exactly: no query that starts after the answer returns them."""
+        require_token(authorization, self.token_digest)
+        removed: list[np.ndarray] = []
+
+        async def stage(m, version, folder):
+            ids = await self.resolve_removal(q, m.version) if q.uris or q.labels else np.unique(np.asarray(q.ids, np.int64))
+            removed[:] = [ids]
+            groups = by_shard(ids, len(self.shards))
+            entries = await asyncio.gather(*(self.shards[s].stage_remove.remote(version, folder, groups[s].tolist())
+                                             for s in groups))
+            unknown = sorted(i for e in entries if isinstance(e, dict) for i in e["unknown"])
+            if unknown:
+                raise HTTPException(404, f"not in memory {self.memory_url} (version {m.version}): ids {unknown[:20]}"
+                                         f"{f' and {len(unknown) - 20} more' if len(unknown) > 20 else ''}; "
+                                         "nothing was removed")
+            return dict(zip(groups, entries)), {"counts": {"removed": len(ids)}}
+
+        new = await self.edit(stage, "remove", q.reason)
+        return EditResponse(version=new.version, operation="remove", count=len(removed[0]), ids=removed[0].tolist())
+
+    async def resolve_removal(self, q: RemoveRequest, version: int) -> np.ndarray:
+        """The live ids ``q`` names at ``version``; a 404 naming whatever it names that is not there."""
+        ids = np.unique(np.asarray(q.ids or [], dtype=np.int64))
+        groups = by_shard(ids, len(self.shards))
+        answers = await asyncio.gather(*(h.resolve.remote(version, groups.get(n, ids[:0]).tolist(), q.uris or [],
+                                                          q.labels or [])
+                                         for n, h in enumerate(self.shards)))
+        live = {i for a in answers for i in a["live"]}
+        problems = [f"ids {sorted(set(ids.tolist()) - live)[:20]}" if len(live) < len(ids) else None]
+        for field, wanted in (("uris", q.uris or []), ("labels", q.labels or [])):
+            seen = {v for a in answers for v in a[field]}
+            missing = [w for w in dict.fromkeys(wanted) if w not in seen]
+            problems.append(f"{field} {missing[:20]}" if missing else None)
+        problems = [p for p in problems if p]
+        if problems:
+            raise HTTPException(404, f"not in memory {self.memory_url} (version {self.manifest.version}): "
+                                     f"{'; '.join(problems)}; nothing was removed")
+        return np.unique(np.asarray([i for a in answers for i in a["matched"]], dtype=np.int64))
+
+    async def edit(self, stage, operation: str, reason: str | None):
+        """``commit_edit`` with a persistent conflict as a 409."""
+        try:
+            return await commit_edit(self, stage, operation, reason)
+        except EditConflict as e:
+            raise HTTPException(409, str(e)) from None
+
+    @app.get("/v1/memory/versions")
+    def versions(self) -> VersionsResponse:
+        return VersionsResponse(current=self.manifest.version, versions=list_versions(self.memory_url))
+
+    @app.get("/v1/memory/log")
+    def log(self) -> LogResponse:
+        return LogResponse(log=memory_log(self.memory_url))

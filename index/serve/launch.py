@@ -19,16 +19,18 @@ from index.serve.deployments import Router, ShardSearcher
 
 
 def build_app(memory_url: str, version: int | None = None, nprobe: int | None = None, shard_timeout_s: float = 10.0,
-              replicas: int = 1, limits: Limits = Limits()):
+              replicas: int = 1, limits: Limits = Limits(), token_digest: str | None = None):
     """The Serve application for the memory at ``memory_url`` (current version by default).
 
     ``nprobe`` is the shards' default (a request may ask for another); ``limits`` bound what one
-    request may ask.
+    request may ask; ``token_digest`` (``index.serve.auth.token_digest``) is the sha256 of the
+    bearer token that edits need (None: editing is off).
     """
     manifest = read_manifest(memory_url, version)
     shards = [ShardSearcher.options(name=f"ShardSearcher-{n}", num_replicas=replicas)
               .bind(memory_url, manifest.version, n, nprobe) for n in range(len(manifest.shards))]
-    return Router.bind(memory_url, manifest.version, *shards, shard_timeout_s=shard_timeout_s, limits=limits)
+    return Router.bind(memory_url, manifest.version, *shards, shard_timeout_s=shard_timeout_s, limits=limits,
+                       token_digest=token_digest)
 
 
 def start(memory_url: str, host: str = "127.0.0.1", port: int = 8000, name: str = "vismem", route_prefix: str = "/",

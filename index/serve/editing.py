@@ -1,0 +1,172 @@
+"""Edits of a served memory, applied live: the shard replicas that own the vectors do the work.
+
+An edit through the Router (``/v1/memory/add``, ``/v1/memory/remove``) runs under the Router's
+edit lock, as one writer of the memory:
+
+1. each shard that owns some of the edit's ids stages its new state in one of its replicas
+   (``ShardState.stage_add`` / ``stage_remove``) and writes only the new files (a segment, a
+   deletion set) into the edit's folder, returning its manifest entry;
+2. the Router commits the next version with those entries (``index.commit``: the exclusive create
+   of ``v<N+1>/manifest.json``; a writer elsewhere that got there first is a conflict, after which
+   the Router adopts the newer version and tries once more);
+3. the Router answers from the new version from then on and tells each shard to follow it.
+
+Every search carries the version the Router answers from, and a replica that holds an older one
+follows before it searches: the staged shard when its entry is the committed one, else the
+version read from storage with every part it already holds reused. So once an edit is
+acknowledged, no query that starts later is answered from before it, on any replica, and the
+only cost of a remove is its deletion file and a manifest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import faiss
+import numpy as np
+
+from index import commit
+from index.edits import load_trained, next_manifest
+from index.manifest import Manifest, read_manifest
+from index.shards import Shard, metadata_table
+
+log = logging.getLogger("vismem.index.serve")
+
+
+class ShardState:
+    """The editable state of one shard replica (mixed into ``ShardSearcher``): the shard it
+    answers from, the version that shard belongs to, and shards staged for edits not yet committed."""
+
+    def open_shard(self, memory_url: str, version: int, number: int, nprobe: int | None) -> None:
+        self.memory_url, self.number, self.nprobe = memory_url, number, nprobe
+        manifest = read_manifest(memory_url, version)
+        self.version, self.trained = manifest.version, None
+        self.shard = Shard.load(memory_url, manifest.shards[number], number, manifest.search_defaults(nprobe))
+        self.staged: dict[int, tuple[Shard, object]] = {}
+
+    async def follow(self, version: int) -> int:
+        """Answer from ``version`` from now on if it is newer than the one held; returns the version
+        held. Async like every method that touches the shard, so that they run one at a time on the
+        replica's event loop, between searches, never in a thread beside one."""
+        if version <= self.version:
+            return self.version
+        manifest = read_manifest(self.memory_url, version)
+        entry = manifest.shards[self.number]
+        staged, staged_entry = self.staged.pop(version, (None, None))
+        if staged is not None and staged_entry == entry:
+            self.shard = staged
+        else:
+            loaded = {p.stored.index: p for p in self.shard.parts if p.stored is not None}
+            self.shard = Shard.load(self.memory_url, entry, self.number, manifest.search_defaults(self.nprobe), loaded)
+        self.staged = {v: s for v, s in self.staged.items() if v > version}
+        self.version = version
+        return version
+
+    async def resolve(self, version: int, ids: list[int], uris: list[str], labels: list[str]) -> dict:
+        """At ``version``: which of ``ids`` (those this shard owns) are live here, and the live ids
+        whose URI or label is one of ``uris`` / ``labels`` (with the URIs and labels seen)."""
+        await self.follow(version)
+        ids = np.asarray(ids, dtype=np.int64)
+        live = ids[self.shard.live(ids)] if len(ids) else ids
+        wanted_uris, wanted_labels = set(uris), set(labels)
+        matched, seen_uris, seen_labels = [live], set(), set()
+        if wanted_uris or wanted_labels:
+            for part in self.shard.parts:
+                hit_uri = np.fromiter((u in wanted_uris for u in part.uris), bool, len(part.uris))
+                hit_label = np.fromiter((lab in wanted_labels for lab in part.labels), bool, len(part.labels))
+                alive = ~np.isin(part.ids, self.shard.deleted)
+                matched.append(part.ids[(hit_uri | hit_label) & alive])
+                seen_uris.update(part.uris[hit_uri & alive])
+                seen_labels.update(part.labels[hit_label & alive])
+        return {"live": live.tolist(), "matched": np.unique(np.concatenate(matched)).tolist(),
+                "uris": sorted(seen_uris), "labels": sorted(seen_labels)}
+
+    async def stage_remove(self, version: int, folder: str, ids: list[int]):
+        """Stage this shard without ``ids`` (ids it owns) for ``version`` and write its new deletion
+        set; ``{"unknown": [...]}`` instead, writing nothing, when some of them are not live here."""
+        await self.follow(version - 1)
+        ids = np.asarray(ids, dtype=np.int64)
+        unknown = ids[~self.shard.live(ids)]
+        if len(unknown):
+            return {"unknown": unknown.tolist()}
+        return self.stage(version, folder, self.shard.without(ids))
+
+    async def stage_add(self, version: int, folder: str, vectors: np.ndarray, ids: np.ndarray, uris: list,
+                        labels: list):
+        """Stage this shard plus a segment holding ``vectors`` (encoded with the memory's trained
+        index, no training) for ``version``; write the segment."""
+        await self.follow(version - 1)
+        index = faiss.clone_index(self.trained_index())
+        index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.asarray(ids, dtype=np.int64))
+        return self.stage(version, folder, self.shard.with_segment(index, metadata_table(ids, uris, labels)))
+
+    def stage(self, version: int, folder: str, shard: Shard):
+        fs, root = commit.filesystem(self.memory_url)
+        entry = shard.save(fs, root, folder)
+        self.staged[version] = (shard, entry)
+        return entry
+
+    def trained_index(self) -> faiss.Index:
+        """The memory's trained empty index, read once (it is the same for every version)."""
+        if self.trained is None:
+            self.trained = load_trained(self.memory_url, read_manifest(self.memory_url, self.version))
+        return self.trained
+
+
+class EditConflict(Exception):
+    """The memory moved on under this server twice in a row."""
+
+
+async def commit_edit(router, stage, operation: str, reason: str | None) -> Manifest:
+    """Stage on the shards (``await stage(manifest, version, folder)`` → ({shard number: entry},
+    manifest changes such as ``counts`` and ``next_id``)), commit the next version, switch the
+    Router to it and tell every shard. On a conflict (another writer committed that version) the
+    Router adopts the memory's current version and stages again, once."""
+    async with router.edit_lock:
+        for attempt in range(2):
+            m = router.manifest
+            version = m.version + 1
+            fs, root = commit.filesystem(router.memory_url)
+            try:
+                with commit.staged(fs, root, version) as folder:
+                    entries, changes = await stage(m, version, folder)
+                    new = next_manifest(m, [entries.get(n, entry) for n, entry in enumerate(m.shards)],
+                                        operation=operation, reason=reason, **changes)
+                    commit.commit(fs, root, version, new.to_json())
+            except commit.MemoryConflict:
+                if attempt:
+                    raise EditConflict(f"memory {router.memory_url} was edited elsewhere twice while this edit ran; "
+                                       "retry it") from None
+                await follow_storage(router)
+                continue
+            router.manifest = new
+            commit.move_pointer(fs, root, version)
+            # not awaited: every later query carries the version and its replicas follow first anyway;
+            # telling them now only spares the first such query the manifest read
+            router.following = asyncio.create_task(tell_shards(router, version))
+            return new
+
+
+async def follow_storage(router) -> None:
+    """Answer from the memory's current version on storage (written by another writer)."""
+    fs, root = commit.filesystem(router.memory_url)
+    current = commit.current_version(fs, root)
+    if current is not None and current > router.manifest.version:
+        log.info("memory %s moved to version %d elsewhere; following it", router.memory_url, current)
+        router.manifest = read_manifest(router.memory_url, current)
+
+
+async def tell_shards(router, version: int) -> None:
+    """Ask every shard to follow ``version`` now (one replica each; the others follow on their next
+    query, which carries it). A shard that cannot is logged: its queries will say so."""
+    results = await asyncio.gather(*(h.follow.remote(version) for h in router.shards), return_exceptions=True)
+    for n, r in enumerate(results):
+        if isinstance(r, BaseException):
+            log.warning("shard %d did not follow version %d: %r", n, version, r)
+
+
+def by_shard(ids: np.ndarray, shards: int) -> dict[int, np.ndarray]:
+    """``ids`` grouped by the shard that owns them (id % shards)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    return {int(s): ids[ids % shards == s] for s in np.unique(ids % shards)}

@@ -1,0 +1,161 @@
+"""A served memory follows its edits live: adds and removes through HTTP (with the bearer token)
+are exact, answered by every query that starts after the acknowledgement, under concurrent query
+load, and the server follows an edit made by another writer."""
+
+import hashlib
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+from fastapi import HTTPException
+
+from index.build import build_memory
+from index.memory import VisualMemory
+from index.synthetic import ClusteredVectors
+from test_memory_edits import write_collection
+
+TOKEN = "s3cret-token"
+ENCODER = ("raw-pixels:4", hashlib.sha256(b"raw-pixels:4").hexdigest())     # 48-d, loadable by the Router
+
+
+def call(url, body=None, token=None):
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
+    request = urllib.request.Request(url, None if body is None else json.dumps(body).encode(), headers)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.fixture(scope="module")
+def served(ray_local, tmp_path_factory):
+    from conftest import free_port
+    from ray import serve
+
+    from index.serve import start
+    root = tmp_path_factory.mktemp("serve-edits")
+    source = ClusteredVectors(dim=48, clusters=32, spread=0.8, seed=3)
+    vectors = source.rows(0, 900)
+    labels = [f"c{i % 4}" for i in range(len(vectors))]
+    build_memory(write_collection(str(root / "emb"), vectors, labels, encoder=ENCODER), str(root / "mem"), shards=3)
+    port = free_port()
+    start(str(root / "mem"), host="127.0.0.1", port=port, name="vismem-edits",
+          token_digest=hashlib.sha256(TOKEN.encode()).hexdigest())
+    yield f"http://127.0.0.1:{port}", str(root / "mem"), vectors
+    serve.shutdown()                       # the next module starts Serve on its own port
+
+
+def nearest(base, vectors, k=5):
+    status, answer = call(f"{base}/v1/search", {"vectors": np.asarray(vectors).tolist(), "k": k})
+    assert status == 200, answer
+    return answer["version"], [[n["id"] for n in r["neighbours"]] for r in answer["results"]], answer
+
+
+def test_edits_need_the_token(served):
+    base, mem, vectors = served
+    body = {"ids": [1]}
+    assert call(f"{base}/v1/memory/remove", body)[0] == 401
+    status, answer = call(f"{base}/v1/memory/remove", body, token="wrong")
+    assert status == 401 and "wrong editing token" in answer["detail"]
+    with pytest.raises(HTTPException) as off:                         # a server started without a token
+        from index.serve.auth import require_token
+        require_token(f"Bearer {TOKEN}", None)
+    assert off.value.status_code == 403
+    assert call(f"{base}/v1/memory/versions")[1]["current"] == VisualMemory.open(mem).version   # nothing written
+
+
+def test_remove_is_exact_and_answered_from_the_next_query(served):
+    base, mem, vectors = served
+    version, ids, _ = nearest(base, vectors[10:12])
+    assert ids[0][0] == 10 and ids[1][0] == 11
+    status, answer = call(f"{base}/v1/memory/remove", {"ids": [10, 11], "reason": "test"}, token=TOKEN)
+    assert status == 200 and answer["count"] == 2 and answer["version"] == version + 1, answer
+    after, ids, found = nearest(base, vectors[10:12])
+    assert after == version + 1 and 10 not in ids[0] + ids[1] and 11 not in ids[0] + ids[1]
+    expected = VisualMemory.open(mem).search(vectors[10:12], 5)         # the committed version, from storage
+    assert ids == expected.ids.tolist()
+    np.testing.assert_allclose([[n["similarity"] for n in r["neighbours"]] for r in found["results"]],
+                               expected.similarities, atol=1e-6)
+    log = call(f"{base}/v1/memory/log")[1]["log"]
+    assert log[-1]["operation"] == "remove" and log[-1]["counts"] == {"removed": 2} and log[-1]["reason"] == "test"
+
+
+def test_add_is_searchable_by_the_next_query(served):
+    base, mem, vectors = served
+    new = np.random.default_rng(9).standard_normal((3, 48)).astype(np.float32)
+    status, answer = call(f"{base}/v1/memory/add", {"vectors": new.tolist(), "labels": ["new-class"] * 3,
+                                                    "uris": ["a", "b", "c"]}, token=TOKEN)
+    assert status == 200 and answer["count"] == 3, answer
+    status, found = call(f"{base}/v1/classify", {"vectors": new.tolist(), "k": 1})
+    assert found["version"] == answer["version"]
+    assert [r["neighbours"][0]["id"] for r in found["results"]] == answer["ids"]
+    assert [r["decision"] for r in found["results"]] == ["new-class"] * 3
+    status, again = call(f"{base}/v1/memory/remove", {"labels": ["new-class"]}, token=TOKEN)   # a whole class
+    assert status == 200 and sorted(again["ids"]) == sorted(answer["ids"])
+    assert all(r["neighbours"][0]["label"] != "new-class"
+               for r in call(f"{base}/v1/classify", {"vectors": new.tolist(), "k": 1})[1]["results"])
+
+
+def test_bad_edits_name_the_problem_and_write_nothing(served):
+    base, mem, vectors = served
+    before = call(f"{base}/v1/memory/versions")[1]
+    status, answer = call(f"{base}/v1/memory/remove", {"ids": [5, 10 ** 9]}, token=TOKEN)
+    assert status == 404 and "1000000000" in answer["detail"]
+    status, answer = call(f"{base}/v1/memory/remove", {"labels": ["no-such-class"]}, token=TOKEN)
+    assert status == 404 and "no-such-class" in answer["detail"]
+    status, answer = call(f"{base}/v1/memory/add", {"vectors": [[0.1] * 7], "labels": ["x"]}, token=TOKEN)
+    assert status == 422 and "dimension" in json.dumps(answer)
+    status, answer = call(f"{base}/v1/memory/add", {"vectors": [[0.1] * 48], "labels": []}, token=TOKEN)
+    assert status == 422
+    assert call(f"{base}/v1/memory/versions")[1] == before
+
+
+def test_no_removed_id_after_the_acknowledgement_under_query_load(served):
+    """Queries run without pause in threads while ids are removed one at a time; a query that
+    started after a remove was acknowledged never returns that id."""
+    base, mem, vectors = served
+    targets = list(range(100, 112))
+    acked: dict[int, float] = {}
+    seen: list[tuple[float, list[int]]] = []
+    stop = threading.Event()
+
+    def load():
+        while not stop.is_set():
+            started = time.monotonic()
+            _, ids, _ = nearest(base, vectors[targets], k=3)
+            seen.append((started, [i for row in ids for i in row]))
+
+    threads = [threading.Thread(target=load) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        for target in targets:
+            time.sleep(0.05)
+            status, answer = call(f"{base}/v1/memory/remove", {"ids": [target]}, token=TOKEN)
+            assert status == 200, answer
+            acked[target] = time.monotonic()
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    late = [(started, ids) for started, ids in seen if started > min(acked.values())]
+    assert len(late) > 20, "too few queries overlapped the removes"
+    for started, ids in late:
+        stale = [t for t, when in acked.items() if when < started and t in ids]
+        assert not stale, f"a query started after removing {stale} returned them"
+
+
+def test_follows_an_edit_made_elsewhere(served):
+    base, mem, vectors = served
+    elsewhere = VisualMemory.open(mem)
+    version, _ = elsewhere.remove(ids=[200], reason="from the CLI")
+    status, answer = call(f"{base}/v1/memory/remove", {"ids": [201]}, token=TOKEN)
+    assert status == 200 and answer["version"] == version + 1          # the server adopted it, then edited
+    _, ids, _ = nearest(base, vectors[200:202])
+    assert 200 not in ids[0] and 201 not in ids[1]
