@@ -85,9 +85,9 @@ def edit_figures(cfg: MemoryBenchConfig, memory, data: ClusteredVectors, n: int,
 
 
 def http_figures(cfg: MemoryBenchConfig, memory_url: str, data: ClusteredVectors, live: np.ndarray, emit) -> None:
-    """Single-id removes through the served app while two threads query it without pause: the
-    acknowledgement's latency; the first query after each acknowledgement (its latency, and
-    whether it returns the removed id); and whether any query that started after an
+    """Single-id removes through the served app, first alone, then while two threads query it
+    without pause: the acknowledgement's latency; the first query after each acknowledgement (its
+    latency, and whether it returns the removed id); and whether any query that started after an
     acknowledgement returned that id."""
     import secrets
     import socket
@@ -100,45 +100,54 @@ def http_figures(cfg: MemoryBenchConfig, memory_url: str, data: ClusteredVectors
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    targets = live[:cfg.http_removes]
+    half = cfg.http_removes // 2
+    alone, loaded = live[:half], live[half:cfg.http_removes]
     with ray_session(None, serve_too=True):
         start_serving(memory_url, port=port, name="vismem-memory-bench",
                       token_digest=hashlib.sha256(token.encode()).hexdigest())
         base = f"http://127.0.0.1:{port}"
-        acked: dict[int, float] = {}
-        seen: list[tuple[float, set]] = []
-        stop = threading.Event()
-
-        def load():
-            rng = np.random.default_rng()
-            while not stop.is_set():
-                begun = time.perf_counter()
-                rows = rng.choice(targets, 8)
-                vectors = np.concatenate([data.rows(int(t), int(t) + 1) for t in rows])
-                answer = post(f"{base}/v1/search", {"vectors": vectors.tolist(), "k": 10})
-                seen.append((begun, {n["id"] for r in answer["results"] for n in r["neighbours"]}))
-
-        threads = [threading.Thread(target=load, daemon=True) for _ in range(2)]
-        for t in threads:
-            t.start()
-        acks, firsts, returned = [], [], 0
         try:
-            for target in targets:
-                vector = data.rows(int(target), int(target) + 1).tolist()
-                begun = time.perf_counter()
-                post(f"{base}/v1/memory/remove", {"ids": [int(target)]}, token)
-                acked[int(target)] = done = time.perf_counter()
-                acks.append(done - begun)
-                answer = post(f"{base}/v1/search", {"vectors": vector, "k": 10})
-                firsts.append(time.perf_counter() - done)
-                returned += int(target) in {n["id"] for n in answer["results"][0]["neighbours"]}
-        finally:
-            stop.set()
+            removes(base, token, data, alone, [], {}, emit, "http_remove_alone", len(live))
+            seen: list[tuple[float, set]] = []
+            acked: dict[int, float] = {}
+            stop = threading.Event()
+
+            def load():
+                rng = np.random.default_rng()
+                while not stop.is_set():
+                    begun = time.perf_counter()
+                    vectors = np.concatenate([data.rows(int(t), int(t) + 1) for t in rng.choice(loaded, 8)])
+                    answer = post(f"{base}/v1/search", {"vectors": vectors.tolist(), "k": 10})
+                    seen.append((begun, {n["id"] for r in answer["results"] for n in r["neighbours"]}))
+
+            threads = [threading.Thread(target=load, daemon=True) for _ in range(2)]
             for t in threads:
-                t.join()
+                t.start()
+            try:
+                removes(base, token, data, loaded, seen, acked, emit, "http_remove_under_query_load", len(live))
+            finally:
+                stop.set()
+                for t in threads:
+                    t.join()
+        finally:
             serve.delete("vismem-memory-bench")
-    stale = sum(1 for begun, ids in seen for t, when in acked.items() if when < begun and t in ids)
-    emit({"what": "http_remove", "vectors": int(len(live)), "removes": len(targets), "ack": percentiles(acks),
+
+
+def removes(base: str, token: str, data: ClusteredVectors, targets: np.ndarray, seen: list, acked: dict, emit,
+            what: str, vectors: int) -> None:
+    """Remove ``targets`` one at a time through HTTP, each followed by a query for its vector."""
+    acks, firsts, returned = [], [], 0
+    for target in targets:
+        vector = data.rows(int(target), int(target) + 1).tolist()
+        begun = time.perf_counter()
+        post(f"{base}/v1/memory/remove", {"ids": [int(target)]}, token)
+        acked[int(target)] = done = time.perf_counter()
+        acks.append(done - begun)
+        answer = post(f"{base}/v1/search", {"vectors": vector, "k": 10})
+        firsts.append(time.perf_counter() - done)
+        returned += int(target) in {n["id"] for n in answer["results"][0]["neighbours"]}
+    stale = sum(1 for begun, ids in list(seen) for t, when in acked.items() if when < begun and t in ids)
+    emit({"what": what, "vectors": vectors, "removes": len(targets), "ack": percentiles(acks),
           "first_query_after_ack": percentiles(firsts), "first_query_returned_the_id": returned,
           "concurrent_queries": len(seen), "queries_after_an_ack_returning_that_id": stale})
 

@@ -16,7 +16,9 @@ def test_memory_bench_reports_every_figure(ray_local):
     assert all(r["p50_ms"] > 0 and r["bare_faiss_remove_ids_ms"] >= 0 for r in removes)
     adds = [r for r in records if r["what"] == "add"]
     assert [r["next_query_finds_them"] for r in adds] == [1.0, 1.0]
-    (http,) = [r for r in records if r["what"] == "http_remove"]
-    assert http["removes"] == 5 and http["ack"]["p50_ms"] > 0
+    (alone,) = [r for r in records if r["what"] == "http_remove_alone"]
+    (http,) = [r for r in records if r["what"] == "http_remove_under_query_load"]
+    assert alone["removes"] == 2 and alone["first_query_returned_the_id"] == 0
+    assert http["removes"] == 3 and http["ack"]["p50_ms"] > 0
     assert http["first_query_returned_the_id"] == 0 and http["queries_after_an_ack_returning_that_id"] == 0
     assert http["concurrent_queries"] > 0

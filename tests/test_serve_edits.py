@@ -159,3 +159,30 @@ def test_follows_an_edit_made_elsewhere(served):
     assert status == 200 and answer["version"] == version + 1          # the server adopted it, then edited
     _, ids, _ = nearest(base, vectors[200:202])
     assert 200 not in ids[0] and 201 not in ids[1]
+
+
+def test_edits_of_a_memory_on_s3(served, s3_bucket):
+    """The same live edits when the memory lives on S3 (moto): the commit is S3's conditional put."""
+    from ray import serve
+
+    from index.serve import build_app
+    base = served[0]
+    url = f"{s3_bucket}/mem"
+    vectors = ClusteredVectors(dim=48, clusters=8, spread=0.8, seed=4).rows(0, 120)
+    build_memory(write_collection(f"{s3_bucket}/emb", vectors, [f"c{i % 3}" for i in range(120)], encoder=ENCODER),
+                 url, shards=2)
+    serve.run(build_app(url, token_digest=hashlib.sha256(TOKEN.encode()).hexdigest()), name="s3", route_prefix="/s3")
+    try:
+        status, removed = call(f"{base}/s3/v1/memory/remove", {"ids": [7]}, token=TOKEN)
+        assert status == 200, removed
+        status, added = call(f"{base}/s3/v1/memory/add", {"vectors": [vectors[7].tolist()], "labels": ["again"]},
+                             token=TOKEN)
+        assert status == 200 and added["version"] == removed["version"] + 1, added
+        status, found = call(f"{base}/s3/v1/search", {"vectors": [vectors[7].tolist()], "k": 2})
+        assert found["version"] == added["version"]
+        assert [n["id"] for n in found["results"][0]["neighbours"]][0] == added["ids"][0]
+        assert 7 not in [n["id"] for n in found["results"][0]["neighbours"]]
+        assert VisualMemory.open(url).version == added["version"]
+        assert [r["operation"] for r in call(f"{base}/s3/v1/memory/log")[1]["log"]] == ["build", "remove", "add"]
+    finally:
+        serve.delete("s3")
