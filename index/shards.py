@@ -32,6 +32,7 @@ from index import commit
 from index.manifest import Segment, ShardEntry, sha256
 from procdata.storage import parquet_bytes
 
+OVERFETCH_LIMIT = 4096         # removed ids per shard up to which Flat parts over-fetch (see Shard.overfetch)
 METADATA_SCHEMA = pa.schema([("id", pa.int64()), ("uri", pa.string()), ("label", pa.string()),
                              ("source_id", pa.int64())])
 
@@ -293,17 +294,43 @@ class Shard:
             raise ValueError(f"queries must be [n, {self.index.d}], got {list(queries.shape)}")
         if nprobe is not None and nprobe < 1:
             raise ValueError(f"nprobe must be a positive whole number, got {nprobe}")
-        sel = self.selector()
         answers = []
         for part in [p for p in self.parts if p.index.ntotal] or self.parts[:1]:
-            params, _keep = search_parameters(part.index, nprobe or self.defaults.get("nprobe"),
-                                              self.defaults.get("k_factor"), sel)
-            sims, ids = part.index.search(queries, k, params=params)
+            if self.overfetch(part):
+                sims, ids = self.search_flat_overfetching(part, queries, k)
+            else:
+                params, _keep = search_parameters(part.index, nprobe or self.defaults.get("nprobe"),
+                                                  self.defaults.get("k_factor"), self.selector())
+                sims, ids = part.index.search(queries, k, params=params)
             answers.append({"similarities": sims, "ids": ids})
         if len(answers) == 1:
             return answers[0]["similarities"], answers[0]["ids"]
         merged = merge_topk(answers, k)
         return merged["similarities"], merged["ids"]
+
+    def overfetch(self, part: "Part") -> bool:
+        """Whether ``part`` is searched by over-fetching rather than with the deletion selector: a
+        brute-force index given an ``IDSelector`` leaves FAISS's batched BLAS path for a scalar loop
+        (tens of times slower), so a Flat part with few removed ids is searched for k + that many
+        and the removed ones dropped, which gives the same k; with many, compaction is the cure."""
+        if not len(self.deleted) or len(self.deleted) > OVERFETCH_LIMIT:
+            return False
+        inner = faiss.downcast_index(part.index)
+        inner = faiss.downcast_index(inner.index) if isinstance(inner, (faiss.IndexIDMap, faiss.IndexIDMap2)) else inner
+        return isinstance(inner, faiss.IndexFlat)
+
+    def search_flat_overfetching(self, part: "Part", queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The k best live vectors of a Flat ``part``: its k + (removed ids it holds) best, less those."""
+        removed = int(part.positions(self.deleted)[1].sum())
+        sims, ids = part.index.search(queries, k + removed)
+        if not removed:
+            return sims, ids
+        gone = np.isin(ids, self.deleted)
+        missing = np.float32(-np.finfo(np.float32).max)          # what FAISS reports where fewer than k exist
+        sims = np.where(gone, missing, sims)
+        ids = np.where(gone, -1, ids)
+        order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(sims, order, 1), np.take_along_axis(ids, order, 1)
 
     def query(self, queries: np.ndarray, k: int, nprobe: int | None = None) -> dict:
         """``search`` plus each neighbour's uri, label and vote weight (``sample_weights``, 1.0

@@ -227,7 +227,8 @@ def test_every_memory_command_has_memory_json_and_examples():
     from cluster.cli import parser
     actions = {name: p for name, p in subcommands(parser()) if name.startswith("memory ")}
     assert set(actions) == {f"memory {a}" for a in ("info", "add", "remove", "prune", "versions", "log", "diff",
-                                                    "rollback", "compact", "vacuum")}
+                                                    "rollback", "compact", "vacuum", "bench")}
+    assert actions.pop("memory bench").epilog.startswith("examples:\n  vismem memory bench")   # makes its own memories
     for name, p in actions.items():
         options = set(p._option_string_actions)
         assert {"--memory", "--json", "-v"} <= options, name
