@@ -8,8 +8,11 @@ def test_memory_bench_reports_every_figure(ray_local):
     from ray import serve
     serve.shutdown()                       # the bench starts Serve on a port of its own
     records = []
-    run(MemoryBenchConfig(sizes=(2000, 4000), dim=32, clusters=64, repeats=2, add=300, http_removes=5),
-        records.append)
+    try:
+        run(MemoryBenchConfig(sizes=(2000, 4000), dim=32, clusters=64, repeats=2, add=300, http_removes=5),
+            records.append)
+    finally:
+        serve.shutdown()                   # and the next module starts it on another
     removes = [r for r in records if r["what"] == "remove"]
     assert sorted({(r["vectors"], r["ids_per_remove"]) for r in removes}) == [
         (n, b) for n in (2000, 4000) for b in (1, 100, 1000)]

@@ -76,6 +76,7 @@ def served(ray_local, tmp_path_factory):
     embed_collection(str(root / "images"), "raw-pixels:4", str(root / "emb"), partition_size=10)
     build_memory(str(root / "emb"), str(root / "mem"), shards=3)
     port = free_port()
+    serve.shutdown()                       # Serve keeps the port it first started on: start it afresh on ours
     start(str(root / "mem"), host="127.0.0.1", port=port, name="vismem-test", limits=Limits(max_body_bytes=BODY_LIMIT))
     yield f"http://127.0.0.1:{port}", str(root / "mem"), colours
     serve.shutdown()

@@ -44,6 +44,7 @@ def served(ray_local, tmp_path_factory):
     labels = [f"c{i % 4}" for i in range(len(vectors))]
     build_memory(write_collection(str(root / "emb"), vectors, labels, encoder=ENCODER), str(root / "mem"), shards=3)
     port = free_port()
+    serve.shutdown()                       # Serve keeps the port it first started on: start it afresh on ours
     start(str(root / "mem"), host="127.0.0.1", port=port, name="vismem-edits",
           token_digest=hashlib.sha256(TOKEN.encode()).hexdigest())
     yield f"http://127.0.0.1:{port}", str(root / "mem"), vectors
