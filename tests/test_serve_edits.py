@@ -154,8 +154,15 @@ def test_no_removed_id_after_the_acknowledgement_under_query_load(served):
 
 def test_follows_an_edit_made_elsewhere(served):
     base, mem, vectors = served
-    elsewhere = VisualMemory.open(mem)
-    version, _ = elsewhere.remove(ids=[200], reason="from the CLI")
+    nearest(base, vectors[:1])                            # the server is up and watching its storage
+    version, _ = VisualMemory.open(mem).remove(ids=[202], reason="from the CLI")
+    deadline = time.monotonic() + 15
+    while (answer := nearest(base, vectors[202:203]))[0] < version:
+        assert time.monotonic() < deadline, "the server did not adopt a version committed elsewhere"
+        time.sleep(0.5)
+    assert 202 not in answer[1][0]
+
+    version, _ = VisualMemory.open(mem).remove(ids=[200], reason="from the CLI")
     status, answer = call(f"{base}/v1/memory/remove", {"ids": [201]}, token=TOKEN)
     assert status == 200 and answer["version"] == version + 1          # the server adopted it, then edited
     _, ids, _ = nearest(base, vectors[200:202])

@@ -21,7 +21,7 @@ from index.queries import QueryError, check_vectors
 from index.serve.api import (AddRequest, ClassifyRequest, ClassifyResponse, EditResponse, Info, Limits, LogResponse,
                              RemoveRequest, SearchRequest, SearchResponse, VersionsResponse, app)
 from index.serve.auth import require_token
-from index.serve.editing import EditConflict, ShardState, by_shard, commit_edit
+from index.serve.editing import EditConflict, ShardState, by_shard, commit_edit, watch_storage
 from index.serve.images import decode_images
 from index.shards import merge_topk
 from index.voting import vote
@@ -77,6 +77,7 @@ class Router:
         self.manifest = read_manifest(memory_url, version)
         self.memory_url, self.shards, self.timeout, self.limits = memory_url, list(shards), shard_timeout_s, limits
         self.token_digest, self.edit_lock = token_digest, asyncio.Lock()
+        self.watching: asyncio.Task | None = None           # follows versions committed elsewhere (watch_storage)
         self.encoder, self.no_images = None, None
         try:
             self.encoder = Encoder.load(self.manifest.encoder["name"])
@@ -126,6 +127,8 @@ class Router:
         """The merged top-k, and the answer's envelope: the version it was computed on (the one
         this Router answers from when the query starts) and which shards are missing."""
         vectors = self.queries(q)
+        if self.watching is None:                            # a task needs the replica's running loop
+            self.watching = asyncio.create_task(watch_storage(self))
         version = self.manifest.version
         results, missing = await self.fan_out(vectors, q.k, q.nprobe, version)
         if not results:

@@ -32,6 +32,7 @@ from index.manifest import Manifest, read_manifest
 from index.shards import Shard, metadata_table
 
 log = logging.getLogger("vismem.index.serve")
+WATCH_S = 2.0                # how often a served memory checks its storage for versions written elsewhere
 
 
 class ShardState:
@@ -149,12 +150,25 @@ async def commit_edit(router, stage, operation: str, reason: str | None) -> Mani
 
 
 async def follow_storage(router) -> None:
-    """Answer from the memory's current version on storage (written by another writer)."""
+    """Answer from the memory's current version on storage (written by another writer); the shards
+    follow with the next query, which carries it."""
     fs, root = commit.filesystem(router.memory_url)
     current = commit.current_version(fs, root)
     if current is not None and current > router.manifest.version:
         log.info("memory %s moved to version %d elsewhere; following it", router.memory_url, current)
         router.manifest = read_manifest(router.memory_url, current)
+
+
+async def watch_storage(router, every_s: float = WATCH_S) -> None:
+    """Adopt versions committed by other writers (the CLI, another process) within ``every_s``:
+    a pointer read and one existence check per period, under the edit lock."""
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            async with router.edit_lock:
+                await follow_storage(router)
+        except Exception as e:  # noqa: BLE001 (a storage hiccup must not end the watch)
+            log.warning("could not check %s for newer versions: %r", router.memory_url, e)
 
 
 async def tell_shards(router, version: int) -> None:
