@@ -752,6 +752,10 @@ def cmd_info(args) -> dict:
               f"against exact search, measured by the build on {m.recall['queries']} of its vectors")
     elif m.search:
         print(f"  search defaults: {m.search}")
+    segments, removed = sum(len(s.segments) for s in m.shards), sum(s.deleted_count for s in m.shards)
+    if segments or removed:
+        print(f"  since the last compaction: {segments} added segments, {removed} removed ids still in the files "
+              "(`vismem memory compact` merges and drops them)")
     return {**asdict(m), "count": m.count}
 
 

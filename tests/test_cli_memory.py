@@ -329,3 +329,14 @@ def test_prune(tmp_path, capsys, mode):
     code, _, err = vismem(capsys, "memory", "prune", "--memory", mem, "--queries", unlabelled, "--mode", mode,
                           *threshold)
     assert code == 2 and "4 of them without a label" in err and list_versions(mem) == before
+
+
+def test_info_says_what_compaction_would_drop(small, capsys):
+    small, _ = small
+    code, out, _ = vismem(capsys, "memory", "info", "--memory", small)
+    assert code == 0 and "since the last compaction" not in out
+    vismem(capsys, "memory", "remove", "--memory", small, "--ids", "1,2,3")
+    code, out, _ = vismem(capsys, "memory", "info", "--memory", small)
+    assert code == 0 and "3 removed ids still in the files" in out
+    vismem(capsys, "memory", "compact", "--memory", small)
+    assert "since the last compaction" not in vismem(capsys, "memory", "info", "--memory", small)[1]
