@@ -17,8 +17,7 @@ import torch
 
 from encoder.checkpoint import CONFIG, PROVENANCE, TRAIN_STATE, WEIGHTS, load_train_state
 from encoder.config import TrainConfig
-from encoder.dino import check_centering
-from encoder.loop import check_precision, train_worker
+from encoder.loop import check_recipe, train_worker
 from encoder.runs import RUN_NAME, check_new_or_resumable, encoder_url, export, latest_checkpoint
 from procdata.storage import write_atomic
 
@@ -36,7 +35,6 @@ class LocalSession:
                  name: str = RUN_NAME):
         self.device, self.out_url, self.state, self.keep, self.name = device, out_url, state, keep, name
         self.keeps_checkpoints = out_url is not None
-        self.metrics: dict = {}
 
     def restore(self) -> dict | None:
         return self.state
@@ -45,7 +43,6 @@ class LocalSession:
         return model.to(self.device)
 
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
-        self.metrics = metrics
         if checkpoint_dir is None:
             return
         fs, root = fsspec.core.url_to_fs(f"{self.out_url.rstrip('/')}/{self.name}")
@@ -67,8 +64,7 @@ def train_local(cfg: TrainConfig, out_url: str, resume: bool = False, device: st
     """Train ``cfg`` in this process on ``device`` (default: the GPU when there is one); return
     the exported encoder's URL (``out_url/encoder``). ``resume`` as in ``encoder.train.train``;
     ``result_metrics`` receives the final report; ``stream`` replaces the procedural batches."""
-    check_precision(cfg.precision)
-    check_centering(cfg.centering)
+    check_recipe(cfg)
     torch_device = torch.device(device) if device else default_device()
     cfg = local_config(cfg, torch_device)
     previous = check_new_or_resumable(out_url, cfg, resume)

@@ -20,7 +20,8 @@ from encoder.augment import multi_crop
 from encoder.backbone import build_backbone
 from encoder.checkpoint import save_train_state, write_artifact
 from encoder.config import TrainConfig
-from encoder.dino import DINOHead, DINOLoss, MultiCropWrapper, cosine, ema_update, koleo, param_groups
+from encoder.dino import (DINOHead, DINOLoss, MultiCropWrapper, check_centering, cosine, ema_update, koleo,
+                          param_groups)
 from procdata.stream import ProceduralStream, StreamConfig
 
 log = logging.getLogger("vismem.encoder.train")
@@ -264,3 +265,9 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 def check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
+
+
+def check_recipe(cfg: TrainConfig) -> None:
+    """The recipe's choices by name, before any worker starts (Ray Train's or the local one)."""
+    check_precision(cfg.precision)
+    check_centering(cfg.centering)

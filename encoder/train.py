@@ -23,8 +23,7 @@ from ray.train.torch import TorchTrainer
 
 from encoder.checkpoint import TRAIN_STATE, load_train_state
 from encoder.config import TrainConfig
-from encoder.dino import check_centering
-from encoder.loop import check_precision, train_worker
+from encoder.loop import check_recipe, train_worker
 from encoder.runs import RUN_NAME, check_new_or_resumable, checkpoint_url, encoder_url, export
 
 log = logging.getLogger("vismem.encoder.train")
@@ -95,8 +94,7 @@ def train(cfg: TrainConfig, out_url: str, name: str = RUN_NAME, max_failures: in
     images/s, resumed_from). ``stream_factory(rank, world_size, device)`` replaces the procedural
     stream (control runs).
     """
-    check_precision(cfg.precision)
-    check_centering(cfg.centering)                   # both before Ray starts, not in every worker
+    check_recipe(cfg)                                # before Ray starts, not in every worker
     if cfg.real_data and stream_factory is None:
         raise ValueError("a real-data run needs its stream: use eval.real_control.train_on_collection")
     previous = check_new_or_resumable(out_url, cfg, resume, name)
