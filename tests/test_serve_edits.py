@@ -102,6 +102,17 @@ def test_add_is_searchable_by_the_next_query(served):
                for r in call(f"{base}/v1/classify", {"vectors": new.tolist(), "k": 1})[1]["results"])
 
 
+def test_an_add_may_carry_more_vectors_than_a_query(served):
+    """An add takes up to Limits.max_added vectors (10,000), a query at most max_queries (256)."""
+    base, mem, vectors = served
+    many = np.random.default_rng(11).standard_normal((300, 48)).astype(np.float32)
+    status, answer = call(f"{base}/v1/memory/add", {"vectors": many.tolist(), "labels": ["bulk"] * 300}, token=TOKEN)
+    assert status == 200 and answer["count"] == 300, answer
+    assert call(f"{base}/v1/search", {"vectors": many.tolist(), "k": 1})[0] == 422
+    status, answer = call(f"{base}/v1/memory/remove", {"labels": ["bulk"]}, token=TOKEN)
+    assert status == 200 and answer["count"] == 300
+
+
 def test_bad_edits_name_the_problem_and_write_nothing(served):
     base, mem, vectors = served
     before = call(f"{base}/v1/memory/versions")[1]

@@ -95,20 +95,21 @@ class Router:
         return Info(memory=self.memory_url, version=m.version, count=m.count, dim=m.dim, factory=m.factory,
                     encoder=m.encoder, shards=[s.count for s in m.shards], search=m.search, recall=m.recall)
 
-    def queries(self, q: SearchRequest) -> np.ndarray:
-        """The request's unit query vectors ``[n, dim]``; a 4xx naming the field for anything else."""
-        field, given = ("images", q.images) if q.images is not None else ("vectors", q.vectors)
+    def unit_vectors(self, images: list[str] | None, vectors: list | None, limit: int) -> np.ndarray:
+        """The unit vectors ``[n, dim]`` of a request's ``images`` (embedded) or ``vectors``, at
+        most ``limit`` of them; a 4xx naming the field for anything else."""
+        field, given = ("images", images) if images is not None else ("vectors", vectors)
         if not given:
-            raise HTTPException(422, f"'{field}' is empty: give at least one query")
-        if len(given) > self.limits.max_queries:
-            raise HTTPException(422, f"{len(given)} {field} in one request, over the limit of "
-                                     f"{self.limits.max_queries}: split them over several requests")
+            raise HTTPException(422, f"'{field}' is empty: give at least one")
+        if len(given) > limit:
+            raise HTTPException(422, f"{len(given)} {field} in one request, over the limit of {limit}: split them "
+                                     "over several requests")
         try:
-            if q.vectors is not None:
-                return check_vectors(q.vectors, self.manifest.dim)
+            if vectors is not None:
+                return check_vectors(vectors, self.manifest.dim)
             if self.encoder is None:
                 raise HTTPException(422, self.no_images)
-            return check_vectors(self.encoder.embed(decode_images(q.images, self.limits)), self.manifest.dim,
+            return check_vectors(self.encoder.embed(decode_images(images, self.limits)), self.manifest.dim,
                                  name="embedding of images")
         except QueryError as e:
             raise HTTPException(422, str(e)) from None
@@ -126,7 +127,7 @@ class Router:
     async def neighbours(self, q: SearchRequest) -> tuple[dict, dict]:
         """The merged top-k, and the answer's envelope: the version it was computed on (the one
         this Router answers from when the query starts) and which shards are missing."""
-        vectors = self.queries(q)
+        vectors = self.unit_vectors(q.images, q.vectors, self.limits.max_queries)
         if self.watching is None:                            # a task needs the replica's running loop
             self.watching = asyncio.create_task(watch_storage(self))
         version = self.manifest.version
@@ -159,24 +160,19 @@ class Router:
     async def add(self, q: AddRequest, authorization: str | None = Header(None)) -> EditResponse:
         """Add images or vectors with their labels; searchable by every query that starts after the answer."""
         require_token(authorization, self.token_digest)
-        limit = self.limits.max_queries if q.images is not None else self.limits.max_added
-        given = q.images if q.images is not None else q.vectors
-        if len(given) > limit:
-            raise HTTPException(422, f"{len(given)} items in one add, over the limit of {limit}: split them")
-        vectors = self.queries(SearchRequest(images=q.images) if q.images is not None
-                               else SearchRequest(vectors=q.vectors))
+        vectors = self.unit_vectors(q.images, q.vectors, self.limits.max_queries if q.images is not None
+                                    else self.limits.max_added)
         uris = q.uris or [None] * len(vectors)
         added: list[np.ndarray] = []
 
         async def stage(m, version, folder):
             ids = np.arange(m.next_id, m.next_id + len(vectors), dtype=np.int64)
             added[:] = [ids]
-            groups = by_shard(ids, len(self.shards))
-            rows = {s: np.flatnonzero(ids % len(self.shards) == s) for s in groups}
+            rows = by_shard(ids, len(self.shards))
             entries = await asyncio.gather(*(self.shards[s].stage_add.remote(
-                version, folder, vectors[rows[s]], ids[rows[s]], [uris[i] for i in rows[s]],
-                [q.labels[i] for i in rows[s]]) for s in groups))
-            return dict(zip(groups, entries)), {"counts": {"added": len(ids)}, "next_id": int(ids[-1]) + 1}
+                version, folder, vectors[r], ids[r], [uris[i] for i in r], [q.labels[i] for i in r])
+                for s, r in rows.items()))
+            return dict(zip(rows, entries)), {"counts": {"added": len(ids)}, "next_id": int(ids[-1]) + 1}
 
         new = await self.edit(stage, "add", q.reason)
         return EditResponse(version=new.version, operation="add", count=len(vectors), ids=added[0].tolist())
@@ -190,15 +186,15 @@ class Router:
         async def stage(m, version, folder):
             ids = await self.resolve_removal(q, m.version) if q.uris or q.labels else np.unique(np.asarray(q.ids, np.int64))
             removed[:] = [ids]
-            groups = by_shard(ids, len(self.shards))
-            entries = await asyncio.gather(*(self.shards[s].stage_remove.remote(version, folder, groups[s].tolist())
-                                             for s in groups))
+            rows = by_shard(ids, len(self.shards))
+            entries = await asyncio.gather(*(self.shards[s].stage_remove.remote(version, folder, ids[r].tolist())
+                                             for s, r in rows.items()))
             unknown = sorted(i for e in entries if isinstance(e, dict) for i in e["unknown"])
             if unknown:
                 raise HTTPException(404, f"not in memory {self.memory_url} (version {m.version}): ids {unknown[:20]}"
                                          f"{f' and {len(unknown) - 20} more' if len(unknown) > 20 else ''}; "
                                          "nothing was removed")
-            return dict(zip(groups, entries)), {"counts": {"removed": len(ids)}}
+            return dict(zip(rows, entries)), {"counts": {"removed": len(ids)}}
 
         new = await self.edit(stage, "remove", q.reason)
         return EditResponse(version=new.version, operation="remove", count=len(removed[0]), ids=removed[0].tolist())
@@ -206,8 +202,8 @@ class Router:
     async def resolve_removal(self, q: RemoveRequest, version: int) -> np.ndarray:
         """The live ids ``q`` names at ``version``; a 404 naming whatever it names that is not there."""
         ids = np.unique(np.asarray(q.ids or [], dtype=np.int64))
-        groups = by_shard(ids, len(self.shards))
-        answers = await asyncio.gather(*(h.resolve.remote(version, groups.get(n, ids[:0]).tolist(), q.uris or [],
+        rows = by_shard(ids, len(self.shards))
+        answers = await asyncio.gather(*(h.resolve.remote(version, ids[rows.get(n, [])].tolist(), q.uris or [],
                                                           q.labels or [])
                                          for n, h in enumerate(self.shards)))
         live = {i for a in answers for i in a["live"]}

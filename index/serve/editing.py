@@ -181,6 +181,6 @@ async def tell_shards(router, version: int) -> None:
 
 
 def by_shard(ids: np.ndarray, shards: int) -> dict[int, np.ndarray]:
-    """``ids`` grouped by the shard that owns them (id % shards)."""
-    ids = np.asarray(ids, dtype=np.int64)
-    return {int(s): ids[ids % shards == s] for s in np.unique(ids % shards)}
+    """The rows of ``ids`` that each shard owns (id % shards), for the shards that own some."""
+    owner = np.asarray(ids, dtype=np.int64) % shards
+    return {int(s): np.flatnonzero(owner == s) for s in np.unique(owner)}
