@@ -1030,13 +1030,18 @@ def cmd_index_bench(args) -> dict:
                            shards=args.shards, queries=args.held_out, factory=args.factory,
                            nprobes=tuple(parse_ints(args.nprobes, "--nprobes")),
                            also=tuple(f for f in (args.also or "").split(";") if f.strip()), workdir=args.workdir)
+    return run(cfg, record_printer(args))
+
+
+def record_printer(args):
+    """Prints a benchmark's records as they come: one JSON object per line with --json (the
+    command then prints no summary object after them), else ``key=value`` pairs."""
+    as_json, args.json = args.json, False
 
     def emit(record: dict) -> None:
-        print(json.dumps(record) if args.json else "  ".join(f"{k}={v}" for k, v in record.items()), flush=True)
+        print(json.dumps(record) if as_json else "  ".join(f"{k}={v}" for k, v in record.items()), flush=True)
 
-    summary = run(cfg, emit)
-    args.json = False                      # the records are already one JSON object per line
-    return summary
+    return emit
 
 
 def cmd_memory_bench(args) -> dict:
@@ -1045,13 +1050,11 @@ def cmd_memory_bench(args) -> dict:
     cfg = MemoryBenchConfig(sizes=tuple(parse_ints(args.sizes, "--sizes")), dim=args.dim, shards=args.shards,
                             repeats=args.repeats, add=args.add, http=not args.no_http, http_removes=args.http_removes,
                             workdir=args.workdir)
-
-    def emit(record: dict) -> None:
-        print(json.dumps(record) if args.json else "  ".join(f"{k}={v}" for k, v in record.items()), flush=True)
-
-    summary = run(cfg, emit)
-    args.json = False                      # the records are already one JSON object per line
-    return summary
+    if not cfg.http:
+        return run(cfg, record_printer(args))
+    from cluster.runtime import ray_session
+    with ray_session(None, serve_too=True):
+        return run(cfg, record_printer(args))
 
 
 def cmd_serve(args) -> dict:

@@ -85,8 +85,8 @@ def edit_figures(cfg: MemoryBenchConfig, memory, data: ClusteredVectors, n: int,
 
 
 def http_figures(cfg: MemoryBenchConfig, memory_url: str, data: ClusteredVectors, live: np.ndarray, emit) -> None:
-    """Single-id removes through the served app, first alone, then while two threads query it
-    without pause: the acknowledgement's latency; the first query after each acknowledgement (its
+    """Single-id removes through the served app (Ray must be up: the caller connects), first alone,
+    then while two threads query it without pause: the acknowledgement's latency; the first query after each acknowledgement (its
     latency, and whether it returns the removed id); and whether any query that started after an
     acknowledgement returned that id."""
     import secrets
@@ -94,7 +94,6 @@ def http_figures(cfg: MemoryBenchConfig, memory_url: str, data: ClusteredVectors
 
     from ray import serve
 
-    from cluster.runtime import ray_session
     from index.serve import start as start_serving
     token = secrets.token_hex(16)
     with socket.socket() as s:
@@ -102,35 +101,34 @@ def http_figures(cfg: MemoryBenchConfig, memory_url: str, data: ClusteredVectors
         port = s.getsockname()[1]
     half = cfg.http_removes // 2
     alone, loaded = live[:half], live[half:cfg.http_removes]
-    with ray_session(None, serve_too=True):
-        start_serving(memory_url, port=port, name="vismem-memory-bench",
-                      token_digest=hashlib.sha256(token.encode()).hexdigest())
-        base = f"http://127.0.0.1:{port}"
+    start_serving(memory_url, port=port, name="vismem-memory-bench",
+                  token_digest=hashlib.sha256(token.encode()).hexdigest())
+    base = f"http://127.0.0.1:{port}"
+    try:
+        removes(base, token, data, alone, [], {}, emit, "http_remove_alone", len(live))
+        seen: list[tuple[float, set]] = []
+        acked: dict[int, float] = {}
+        stop = threading.Event()
+
+        def load():
+            rng = np.random.default_rng()
+            while not stop.is_set():
+                begun = time.perf_counter()
+                vectors = np.concatenate([data.rows(int(t), int(t) + 1) for t in rng.choice(loaded, 8)])
+                answer = post(f"{base}/v1/search", {"vectors": vectors.tolist(), "k": 10})
+                seen.append((begun, {n["id"] for r in answer["results"] for n in r["neighbours"]}))
+
+        threads = [threading.Thread(target=load, daemon=True) for _ in range(2)]
+        for t in threads:
+            t.start()
         try:
-            removes(base, token, data, alone, [], {}, emit, "http_remove_alone", len(live))
-            seen: list[tuple[float, set]] = []
-            acked: dict[int, float] = {}
-            stop = threading.Event()
-
-            def load():
-                rng = np.random.default_rng()
-                while not stop.is_set():
-                    begun = time.perf_counter()
-                    vectors = np.concatenate([data.rows(int(t), int(t) + 1) for t in rng.choice(loaded, 8)])
-                    answer = post(f"{base}/v1/search", {"vectors": vectors.tolist(), "k": 10})
-                    seen.append((begun, {n["id"] for r in answer["results"] for n in r["neighbours"]}))
-
-            threads = [threading.Thread(target=load, daemon=True) for _ in range(2)]
-            for t in threads:
-                t.start()
-            try:
-                removes(base, token, data, loaded, seen, acked, emit, "http_remove_under_query_load", len(live))
-            finally:
-                stop.set()
-                for t in threads:
-                    t.join()
+            removes(base, token, data, loaded, seen, acked, emit, "http_remove_under_query_load", len(live))
         finally:
-            serve.delete("vismem-memory-bench")
+            stop.set()
+            for t in threads:
+                t.join()
+    finally:
+        serve.delete("vismem-memory-bench")
 
 
 def removes(base: str, token: str, data: ClusteredVectors, targets: np.ndarray, seen: list, acked: dict, emit,
@@ -153,7 +151,8 @@ def removes(base: str, token: str, data: ClusteredVectors, targets: np.ndarray, 
 
 
 def run(cfg: MemoryBenchConfig, emit=print) -> dict:
-    """Build each size's memory, measure it (``emit`` gets one dict per figure); returns a summary."""
+    """Build each size's memory, measure it (``emit`` gets one dict per figure); returns a summary.
+    With ``cfg.http`` the caller connects Ray first (``vismem memory bench`` does)."""
     from index.build import build_memory
     from index.memory import VisualMemory
     data = ClusteredVectors(cfg.dim, cfg.clusters, cfg.spread, cfg.seed)
