@@ -139,15 +139,8 @@ def next_manifest(m: Manifest, entries: list, **changes) -> Manifest:
 
 def matching(memory: "VisualMemory", column: str, wanted: set) -> tuple[np.ndarray, set]:
     """Live ids whose ``column`` (uri or label) is in ``wanted``, and which of ``wanted`` occur."""
-    ids, seen = [], set()
-    for shard in memory.shards:
-        for part in shard.parts:
-            values = part.uris if column == "uri" else part.labels
-            hit = np.fromiter((v in wanted for v in values), dtype=bool, count=len(values))
-            hit &= ~np.isin(part.ids, shard.deleted)
-            ids.append(part.ids[hit])
-            seen.update(values[hit])
-    return np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64), seen
+    found = [shard.matching(column, wanted) for shard in memory.shards]
+    return np.concatenate([ids for ids, _ in found]), set().union(*(seen for _, seen in found))
 
 
 def describe(items: list, limit: int = 10) -> str:

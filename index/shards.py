@@ -270,6 +270,18 @@ class Shard:
             found |= part.positions(ids)[1]
         return found
 
+    def matching(self, column: str, wanted: set) -> tuple[np.ndarray, set]:
+        """Live ids whose ``column`` ("uri" or "label") is in ``wanted``, and which of ``wanted`` occur."""
+        ids, seen = [np.zeros(0, dtype=np.int64)], set()
+        if wanted:
+            for part in self.parts:
+                values = part.uris if column == "uri" else part.labels
+                hit = np.fromiter((v in wanted for v in values), dtype=bool, count=len(values))
+                hit &= ~np.isin(part.ids, self.deleted)
+                ids.append(part.ids[hit])
+                seen.update(values[hit])
+        return np.concatenate(ids), seen
+
     def live(self, ids: np.ndarray) -> np.ndarray:
         """Whether each of ``ids`` is a vector this shard answers with."""
         ids = np.asarray(ids, dtype=np.int64)

@@ -70,17 +70,9 @@ class ShardState:
         await self.follow(version)
         ids = np.asarray(ids, dtype=np.int64)
         live = ids[self.shard.live(ids)] if len(ids) else ids
-        wanted_uris, wanted_labels = set(uris), set(labels)
-        matched, seen_uris, seen_labels = [live], set(), set()
-        if wanted_uris or wanted_labels:
-            for part in self.shard.parts:
-                hit_uri = np.fromiter((u in wanted_uris for u in part.uris), bool, len(part.uris))
-                hit_label = np.fromiter((lab in wanted_labels for lab in part.labels), bool, len(part.labels))
-                alive = ~np.isin(part.ids, self.shard.deleted)
-                matched.append(part.ids[(hit_uri | hit_label) & alive])
-                seen_uris.update(part.uris[hit_uri & alive])
-                seen_labels.update(part.labels[hit_label & alive])
-        return {"live": live.tolist(), "matched": np.unique(np.concatenate(matched)).tolist(),
+        by_uri, seen_uris = self.shard.matching("uri", set(uris))
+        by_label, seen_labels = self.shard.matching("label", set(labels))
+        return {"live": live.tolist(), "matched": np.unique(np.concatenate([live, by_uri, by_label])).tolist(),
                 "uris": sorted(seen_uris), "labels": sorted(seen_labels)}
 
     async def stage_remove(self, version: int, folder: str, ids: list[int]):
