@@ -249,14 +249,49 @@ def add_encoder_parsers(sub) -> None:
 
 
 def add_embed_parser(sub) -> None:
-    embed = add_command(sub, "embed", "embed a real image collection into Parquet with Ray Data (resumable)")
-    embed.add_argument("--collection", required=True,
-                       help="folder tree ROOT/<label>/<image> or Parquet with an 'image' column, any fsspec URL")
-    embed.add_argument("--encoder", required=True,
-                       help="encoder checkpoint URL, random-init:PRESET, or raw-pixels:SIZE")
-    embed.add_argument("--out", required=True, help="output URL: part-NNNNN.parquet per partition + errors.jsonl")
-    embed.add_argument("--partition-size", type=int, default=512, help="images per output file")
-    embed.add_argument("--concurrency", type=int, default=2, help="encoder actors in the pool")
+    from index.embed_bench import EmbedBenchConfig
+    d = EmbedBenchConfig()
+    embed = add_command(
+        sub, "embed", "embed a real image collection into Parquet with Ray Data (resumable)",
+        description="A streaming Ray Data pipeline: CPU tasks read, decode and resize each partition's images; "
+                    "a pool of encoder actors (one GPU each when the cluster has GPUs, else a fraction of a CPU "
+                    "each) embeds them and writes one Parquet file per partition. With --bench: the pipeline's "
+                    "images/s beside the bare encoder's forward pass on the same images (JSON: one object per "
+                    "line).",
+        epilog="examples:\n"
+               "  vismem embed --collection s3://bucket/images --encoder runs/enc1/encoder --out s3://bucket/emb\n"
+               "  vismem embed --bench --json\n"
+               "  vismem embed --bench --encoder random-init:vit-s16 --images 256 --json\n")
+    embed.add_argument("--collection", default=None,
+                       help="collection URL (any fsspec URL: a folder or one file): a folder tree "
+                            "ROOT/<label>/<image>, Parquet with an 'image' column, or WebDataset .tar shards "
+                            "(<key>.jpg|png|... with an optional <key>.cls/.label/.json label; uncompressed) "
+                            "(required, except with --bench: default synthetic images)")
+    embed.add_argument("--encoder", default=None,
+                       help="encoder checkpoint URL, random-init:PRESET, or raw-pixels:SIZE (required, except with "
+                            f"--bench: default {d.encoders[0]}; there a comma-separated list)")
+    embed.add_argument("--out", default=None,
+                       help="output URL: part-NNNNN.parquet per partition + errors.jsonl (required, except with "
+                            "--bench)")
+    embed.add_argument("--partition-size", type=int, default=None,
+                       help="images per output file (default: 512; with --bench: a sixteenth of the collection)")
+    embed.add_argument("--concurrency", type=int, default=None,
+                       help="encoder actors in the pool (default: one per GPU, or one per CPU on a CPU-only "
+                            "cluster; at most one per GPU)")
+    embed.add_argument("--batch-size", type=int, default=d.batch_size, help="images per forward pass of the encoder")
+    bench = embed.add_argument_group("benchmark (--bench)")
+    bench.add_argument("--bench", action="store_true",
+                       help="time the pipeline on a fresh output folder, then the bare encoder on the same images")
+    bench.add_argument("--images", type=int, default=d.images, help="synthetic images (without --collection)")
+    bench.add_argument("--source-size", type=int, default=None,
+                       help="synthetic image width in px, height 3/4 of it (default: twice the encoder's input, at "
+                            "most 320); PNG below 128 px, JPEG above")
+    bench.add_argument("--layout", default=d.layout, choices=("parquet", "folder"),
+                       help="synthetic collection: Parquet files of image bytes, or one file per image")
+    bench.add_argument("--repeats", type=int, default=d.repeats, help="bare forward passes timed; the best counts")
+    bench.add_argument("--workdir", default=None,
+                       help="folder or URL for the collection and the embeddings (default: a temporary folder, "
+                            "removed; on a cluster, storage every node reads)")
     add_common(embed)
 
 
@@ -279,7 +314,32 @@ def add_index_parsers(sub) -> None:
     add_nprobe(build, "the IVF lists a query visits unless it asks for another number, recorded in the manifest "
                       "(default: the smallest nprobe whose recall@10, measured by the build against exact search "
                       "on the collection's own vectors, reaches 0.95)")
-    add_common(build, ray=False)
+    build.add_argument("--local", action="store_true",
+                       help="build in this process, one file after another, without Ray (default: Ray tasks encode "
+                            "the embedding files in parallel and merge each shard; the driver holds only the "
+                            "training sample)")
+    add_common(build)
+
+    tune = add_command(
+        idx, "tune", "set a memory's default nprobe to the cheapest one that reaches a target recall",
+        description="Measures recall@k of the memory across nprobe = 1, 2, 4, ... (each query through the shards "
+                    "and the exact merge, against exact search over the vectors the memory stores) on held-out "
+                    "vectors, and commits a new version whose default nprobe is the first that reaches the target, "
+                    "with the recall measured. Queries: --queries (embeddings of the memory's encoder that are not in "
+                    "it, e.g. a test split), or by default a sample of the memory's own vectors, each left out of "
+                    "its own answers.",
+        epilog="examples:\n"
+               "  vismem index tune --memory mem --target-recall 0.95\n"
+               "  vismem index tune --memory s3://bucket/mem --target-recall 0.9 --queries s3://bucket/test-emb\n")
+    tune.add_argument("--memory", required=True, help="memory root URL")
+    tune.add_argument("--target-recall", type=float, required=True, help="recall@k to reach, e.g. 0.95")
+    tune.add_argument("--queries", default=None,
+                      help="held-out query embeddings (`vismem embed` output with the memory's encoder; default: a "
+                           "sample of the memory's own vectors, leave-one-out)")
+    tune.add_argument("--held-out", type=int, default=1000, help="memory vectors to sample without --queries")
+    add_k(tune, 10)
+    tune.add_argument("--reason", default=None, metavar="TEXT", help="why: recorded in the memory's log")
+    add_common(tune, ray=False)
 
     bench = add_command(
         idx, "bench", "recall@10 and queries/s of a memory across nprobe, beside bare FAISS (synthetic vectors)",
@@ -304,6 +364,9 @@ def add_index_parsers(sub) -> None:
     bench.add_argument("--also", default=None, help="semicolon-separated factory strings measured with bare FAISS too")
     bench.add_argument("--workdir", default=None,
                        help="folder or URL for the embeddings and the memory (default: a temporary folder, removed)")
+    bench.add_argument("--workers", type=int, default=None,
+                       help="CPUs of the local Ray that runs the parallel build (default: all); the build also runs "
+                            "with one worker in one process, and bare FAISS trains and adds in one process, for the ratio")
     add_common(bench, ray=False)
 
 
@@ -712,20 +775,53 @@ def cmd_embed(args) -> dict:
     from tqdm import tqdm
 
     from cluster.runtime import ray_session
+    from index.embed_bench import EmbedBenchConfig
+    check_positive(args, "partition_size", "concurrency", "batch_size", "images", "source_size", "repeats")
+    d = EmbedBenchConfig()
+    if args.bench:
+        return embed_bench(args, d)
+    bench_only = [option for option, value, default in (("--images", args.images, d.images),
+                                                        ("--source-size", args.source_size, None),
+                                                        ("--layout", args.layout, d.layout),
+                                                        ("--repeats", args.repeats, d.repeats),
+                                                        ("--workdir", args.workdir, None)) if value != default]
+    if bench_only:
+        raise ValueError(f"{', '.join(bench_only)}: only with --bench")
+    missing = [option for option in ("--collection", "--encoder", "--out") if getattr(args, option[2:]) is None]
+    if missing:
+        raise ValueError(f"vismem embed needs {', '.join(missing)} (or --bench)")
     from index.embed_job import plan_embedding, run_embedding
-    check_positive(args, "partition_size", "concurrency")
-    plan = plan_embedding(args.collection, args.encoder, args.out, args.partition_size)
+    plan = plan_embedding(args.collection, args.encoder, args.out, args.partition_size or 512)
     with ray_session(args.address), tqdm(total=plan.pending_images, unit="img", desc=f"embed → {args.out}",
                                          file=sys.stderr, disable=not plan.pending) as bar:
-        summary = run_embedding(plan, args.concurrency, progress=bar.update)
+        summary = run_embedding(plan, args.concurrency, args.batch_size, progress=bar.update)
     print(f"{summary.images} vectors in {summary.partitions} partitions at {summary.out} ({summary.computed} "
           f"partitions embedded by this run); {summary.errors} unreadable")
     return asdict(summary)
 
 
+def embed_bench(args, defaults) -> dict:
+    """``vismem embed --bench``: one record per encoder (index.embed_bench)."""
+    from dataclasses import replace
+
+    from cluster.runtime import ray_session
+    from index.embed_bench import run
+    if args.out:
+        raise ValueError("--bench embeds into a fresh folder under --workdir (default: a temporary one): drop --out")
+    encoders = tuple(e.strip() for e in (args.encoder or ",".join(defaults.encoders)).split(",") if e.strip())
+    cfg = replace(defaults, encoders=encoders, images=args.images, collection=args.collection,
+                  source_size=args.source_size, layout=args.layout, partition_size=args.partition_size,
+                  batch_size=args.batch_size, concurrency=args.concurrency, repeats=args.repeats, workdir=args.workdir)
+    with ray_session(args.address):
+        return run(cfg, record_printer(args))
+
+
 def cmd_build(args) -> dict:
     from dataclasses import asdict
 
+    from tqdm import tqdm
+
+    from cluster.runtime import ray_session
     from index.build import build_memory
     check_positive(args, "shards", "nprobe")
     options = {}                                     # only what was asked for: build_memory's defaults otherwise
@@ -733,10 +829,47 @@ def cmd_build(args) -> dict:
         options["replace"] = True
     if args.nprobe is not None:
         options["nprobe"] = args.nprobe
-    manifest = build_memory(args.embeddings, args.memory, args.shards, args.factory, **options)
+    bars = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if stage not in bars:
+            unit = {"sample": "file", "encode": "file", "merge": "shard"}.get(stage, "task")
+            bars[stage] = tqdm(total=total, unit=unit, desc=f"build: {stage}", file=sys.stderr)
+        bars[stage].update(done - bars[stage].n)
+
+    if args.local:
+        manifest = build_memory(args.embeddings, args.memory, args.shards, args.factory, progress=progress,
+                                use_ray=False, **options)
+    else:
+        with ray_session(args.address):
+            manifest = build_memory(args.embeddings, args.memory, args.shards, args.factory, progress=progress,
+                                    use_ray=True, **options)
+    for bar in bars.values():
+        bar.close()
     print(f"memory {args.memory}: version {manifest.version}, {manifest.count} vectors, {manifest.factory}, "
           f"shards {[s.count for s in manifest.shards]}")
     return {**asdict(manifest), "count": manifest.count}
+
+
+def cmd_tune(args) -> dict:
+    from index.memory import VisualMemory
+    from index.tune import tune
+    check_positive(args, "held_out", "k")
+    memory = VisualMemory.open(args.memory)
+    queries = None
+    if args.queries:
+        from index.build import embedding_encoder
+        from index.edits import check_embeddings_encoder
+        from index.embeddings import embedding_matrix, read_embeddings
+        queries = embedding_matrix(read_embeddings(args.queries))
+        check_embeddings_encoder(memory.manifest, memory.url, embedding_encoder(args.queries), queries.shape[1],
+                                 args.queries)
+    before = memory.manifest.search.get("nprobe")
+    version, result = tune(memory, args.target_recall, queries, args.held_out, args.k, args.reason)
+    print(f"memory {args.memory}: version {version}, nprobe {before} -> {result['nprobe']}: recall@{result['k']} "
+          f"{result['recall']:.4f} on {result['queries']} {result['held_out']} (target {result['target']}; by nprobe "
+          f"{result['by_nprobe']})")
+    return {"memory": args.memory, "version": version, **result}
 
 
 def cmd_info(args) -> dict:
@@ -1029,8 +1162,10 @@ def cmd_index_bench(args) -> dict:
     cfg = IndexBenchConfig(vectors=args.vectors, dim=args.dim, clusters=args.clusters, spread=args.spread,
                            shards=args.shards, queries=args.held_out, factory=args.factory,
                            nprobes=tuple(parse_ints(args.nprobes, "--nprobes")),
-                           also=tuple(f for f in (args.also or "").split(";") if f.strip()), workdir=args.workdir)
-    return run(cfg, record_printer(args))
+                           also=tuple(f for f in (args.also or "").split(";") if f.strip()), workdir=args.workdir,
+                           workers=args.workers)
+    from cluster.runtime import init_ray
+    return run(cfg, record_printer(args), start_ray=init_ray)
 
 
 def record_printer(args):
@@ -1104,7 +1239,8 @@ def cmd_client(args) -> dict:
 COMMANDS = {("demo", None): cmd_demo, ("procdata", "generate"): cmd_generate, ("procdata", "preview"): cmd_preview,
             ("procdata", "bench"): cmd_bench, ("encoder", "train"): cmd_train,
             ("encoder", "eval-knn"): cmd_eval_knn, ("encoder", "bench"): cmd_encoder_bench, ("embed", None): cmd_embed,
-            ("index", "build"): cmd_build, ("index", "bench"): cmd_index_bench, ("memory", "info"): cmd_info,
+            ("index", "build"): cmd_build, ("index", "bench"): cmd_index_bench,
+            ("index", "tune"): cmd_tune, ("memory", "info"): cmd_info,
             ("memory", "add"): cmd_memory_add, ("memory", "remove"): cmd_memory_remove,
             ("memory", "prune"): cmd_memory_prune, ("memory", "versions"): cmd_memory_versions,
             ("memory", "log"): cmd_memory_log, ("memory", "diff"): cmd_memory_diff,

@@ -9,7 +9,9 @@ In one process and without Ray or FAISS (GPU machines for this check have torch 
    generation included and separately (encoder.bench.local_train_throughput: the training loop);
 4. trains RECIPE on procedural data only for a fixed time (encoder.local.train_local), then
    evaluates it on CIFAR-10 with eval-knn's protocol (softmax votes, T = 0.07, best k of the
-   sweep) beside the same network untrained and raw pixels, and times embedding.
+   sweep) beside the same network untrained and raw pixels, and times embedding;
+5. times the embedding job's two steps as a pipeline (JPEG decode + resize on CPU worker
+   processes feeding the encoder on the GPU) against the bare forward pass (``embed_pipeline``).
 
 Every section is timed and guarded: one that fails records its error and the next one runs, and
 the JSON file is rewritten after each, so a run cut short still leaves what it measured.
@@ -245,7 +247,24 @@ def embedding_speed(s: Settings) -> dict:
                         for name in STEP_PRESETS]}
 
 
-SECTIONS = ("environment", "train_recipe", "cifar10_knn", "generators", "dino_step", "embedding")
+def embed_pipeline(s: Settings) -> dict:
+    """The embedding job's two steps on this machine: JPEG decode + resize on CPU worker processes
+    feeding the encoder on the device, against the bare forward on the same pixels (issue 11):
+    tiny-cpu from 64 px sources, vit-s16 from ImageNet-sized ones (500×375)."""
+    from encoder.bench import device_decode_throughput, pipeline_throughput
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    counts = sorted({0, 2} if s.eval_limit else {4, 8, max(1, cores - 1)})
+    images = 32 if s.eval_limit else 8192
+    return {"cores": cores, "records": [
+        pipeline_throughput("tiny-cpu", images, (64, 64), counts, batch_size=min(images, 512), device=s.device),
+        pipeline_throughput("vit-s16", images // (1 if s.eval_limit else 2), (375, 500), counts,
+                            batch_size=min(images, 256), device=s.device),
+        device_decode_throughput("vit-s16", images // (1 if s.eval_limit else 2), (375, 500),
+                                 batch_size=min(images, 128), device=s.device),
+        device_decode_throughput("tiny-cpu", images, (64, 64), batch_size=min(images, 512), device=s.device)]}
+
+
+SECTIONS = ("environment", "train_recipe", "cifar10_knn", "generators", "dino_step", "embedding", "embed_pipeline")
 
 
 def run(s: Settings, sections: tuple[str, ...] = SECTIONS) -> dict:
@@ -255,7 +274,8 @@ def run(s: Settings, sections: tuple[str, ...] = SECTIONS) -> dict:
     with tempfile.TemporaryDirectory(prefix="vismem-gpu-check-") as work:
         steps = {"environment": lambda: environment(s.device), "train_recipe": lambda: train_recipe(s, work),
                  "cifar10_knn": lambda: cifar_knn(s), "generators": lambda: generators(s),
-                 "dino_step": lambda: dino_steps(s), "embedding": lambda: embedding_speed(s)}
+                 "dino_step": lambda: dino_steps(s), "embedding": lambda: embedding_speed(s),
+                 "embed_pipeline": lambda: embed_pipeline(s)}
         for name in sections:
             report.section(name, steps[name])
     report.data["errors"] = [name for name, entry in report.data["sections"].items() if "error" in entry]

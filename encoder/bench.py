@@ -86,3 +86,111 @@ def default_worker_counts() -> list[int]:
     from procdata.bench import available_cores
     devices = torch.cuda.device_count() or available_cores()
     return sorted({1, min(2, devices), devices})
+
+
+def jpeg_images(count: int, height: int, width: int, seed: int = 0) -> list[bytes]:
+    """``count`` JPEG files (quality 90) of smooth colour fields with fine noise: decoding them costs
+    what decoding photos of that size costs (the cost is in the pixel count and the entropy)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        coarse = rng.integers(0, 256, (height // 16 + 1, width // 16 + 1, 3), dtype=np.uint8)
+        smooth = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC), dtype=np.int16)
+        pixels = np.clip(smooth + rng.integers(-12, 13, smooth.shape), 0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+class DecodeResize(torch.utils.data.Dataset):
+    """Encoded images → uint8 ``[3, S, S]`` with the encoder's CPU step (decode, then ``Encoder.resize``)."""
+
+    def __init__(self, blobs: list[bytes], resize):
+        self.blobs, self.resize = blobs, resize
+
+    def __len__(self) -> int:
+        return len(self.blobs)
+
+    def __getitem__(self, i: int):
+        from encoder.embed import decode_image
+        return torch.from_numpy(self.resize(decode_image(self.blobs[i])))
+
+
+def pipeline_throughput(preset_name: str, images: int, source: tuple[int, int], workers: Sequence[int],
+                        batch_size: int = 256, device: str | None = None) -> dict:
+    """Embedding fed by CPU decode-and-resize workers (torch DataLoader processes: the GPU check runs
+    without Ray; the Ray Data pipeline runs the same two steps) against the bare forward pass on the
+    same pixels, and one core's decode-and-resize rate: how many CPU cores keep one device busy."""
+    from encoder.embed import Encoder
+    encoder = Encoder.load(f"random-init:{preset_name}", device=device)
+    blobs = jpeg_images(min(images, 256), *source)
+    blobs = [blobs[i % len(blobs)] for i in range(images)]
+    data = DecodeResize(blobs, encoder.resize)
+    start = time.perf_counter()
+    pixels = torch.stack([data[i] for i in range(min(images, 512))])
+    one_core = len(pixels) / (time.perf_counter() - start)
+    pixels = torch.cat([pixels] * -(-images // len(pixels)))[:images]
+    encoder.embed_pixels(pixels[:batch_size], batch_size)                  # warm-up
+    bare = max(images / timed(lambda: encoder.embed_pixels(pixels, batch_size)) for _ in range(2))
+    record = {"bench": "embed_pipeline", "preset": preset_name, "device": encoder.device.type, "images": images,
+              "source_px": list(source), "image_size": encoder.arch.img_size, "bare_images_per_s": round(bare, 1),
+              "decode_resize_per_core_images_per_s": round(one_core, 1),
+              "cores_for_bare_rate": round(bare / one_core, 1), "loader": []}
+    for n in workers:
+        loader = torch.utils.data.DataLoader(data, batch_size=batch_size, num_workers=n, pin_memory=False,
+                                             prefetch_factor=4 if n else None, persistent_workers=False)
+
+        def run():
+            for batch in loader:
+                encoder.embed_pixels(batch, batch_size)
+        rate = images / timed(run)
+        record["loader"].append({"workers": n, "images_per_s": round(rate, 1), "ratio_to_bare": round(rate / bare, 2)})
+    return record
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def device_decode_throughput(preset_name: str, images: int, source: tuple[int, int], batch_size: int = 256,
+                             device: str | None = None) -> dict:
+    """JPEG decode on the GPU (nvJPEG through torchvision, a batch per call), resize on the GPU and
+    embed, against the bare forward on the same pixels: whether an encoder actor that decodes its
+    own JPEGs keeps up with its network, where CPU decode needs ~13 cores per GPU."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    from encoder.embed import Encoder
+    encoder = Encoder.load(f"random-init:{preset_name}", device=device)
+    blobs = jpeg_images(min(images, 256), *source)
+    data = [torch.frombuffer(bytearray(blobs[i % len(blobs)]), dtype=torch.uint8) for i in range(images)]
+    resize = encoder.resize
+
+    def decoded(start: int) -> torch.Tensor:
+        batch = decode_jpeg(data[start:start + batch_size], mode=ImageReadMode.RGB, device=encoder.device)
+        # float: CUDA has no uint8 antialiased resize; rounded back to uint8 to match the CPU step
+        return torch.cat([resize.apply(x[None].float()).round_().clamp_(0, 255).to(torch.uint8) for x in batch])
+
+    pixels = torch.cat([decoded(s) for s in range(0, min(images, 4 * batch_size), batch_size)]).cpu()
+    pixels = torch.cat([pixels] * -(-images // len(pixels)))[:images]
+    encoder.embed_pixels(pixels[:batch_size], batch_size)
+    bare = max(images / timed(lambda: encoder.embed_pixels(pixels, batch_size)) for _ in range(2))
+    decode_only = images / timed(lambda: [decoded(s) for s in range(0, images, batch_size)])
+
+    @torch.no_grad()
+    def run():
+        for start in range(0, images, batch_size):
+            encoder.vectors(encoder.normalise(decoded(start).float() / 255))
+    rate = max(images / timed(run) for _ in range(2))
+    return {"bench": "embed_device_decode", "preset": preset_name, "device": encoder.device.type, "images": images,
+            "source_px": list(source), "bare_images_per_s": round(bare, 1),
+            "decode_resize_images_per_s": round(decode_only, 1), "images_per_s": round(rate, 1),
+            "ratio_to_bare": round(rate / bare, 2)}

@@ -14,6 +14,7 @@ defaults for ``--help``, and must start on machines without FAISS (``eval-knn`` 
 from __future__ import annotations
 
 import logging
+import os
 import resource
 import tempfile
 import time
@@ -47,6 +48,7 @@ class IndexBenchConfig:
     also: tuple[str, ...] = ()            # more factory strings, bare FAISS only
     workdir: str | None = None            # where embeddings and the memory go (default: a temporary folder)
     file_rows: int = 100_000              # vectors per embedding Parquet file
+    workers: int | None = None            # CPUs of the local Ray for the parallel build (default: all)
     seed: int = 0
 
 
@@ -85,11 +87,20 @@ def bare_search(index: faiss.Index, k: int, nprobe: int):
     return search
 
 
-def run(cfg: IndexBenchConfig, emit=print):
-    """Run the benchmark; ``emit`` gets one dict per measurement. Returns the summary dict."""
+def run(cfg: IndexBenchConfig, emit=print, start_ray=None):
+    """Run the benchmark; ``emit`` gets one dict per measurement. Returns the summary dict.
+
+    Each build (one worker in one process; all workers on Ray) and the bare FAISS build run in a
+    process of their own, so that each one's peak RSS is its own. Searches compare the memory with
+    one bare FAISS index filled from the memory's own trained index, so both hold the same codes.
+    ``start_ray(num_cpus=...)`` starts the local Ray of the parallel build in its process (the CLI
+    passes ``cluster.runtime.init_ray``; default ``ray.init``).
+    """
     import faiss
 
-    from index.build import build_memory, with_ids
+    from index.build import training_size, with_ids
+    from index.edits import load_trained
+    from index.manifest import read_manifest
     from index.memory import VisualMemory
     from index.recall import recall_at_k
     data = ClusteredVectors(cfg.dim, cfg.clusters, cfg.spread, cfg.seed)
@@ -99,23 +110,44 @@ def run(cfg: IndexBenchConfig, emit=print):
         write_synthetic_embeddings(f"{work}/embeddings", data, cfg.vectors, cfg.file_rows)
         log.info("wrote %d synthetic vectors in %.0fs", cfg.vectors, time.perf_counter() - start)
 
-        start = time.perf_counter()
-        manifest = build_memory(f"{work}/embeddings", f"{work}/memory", cfg.shards, cfg.factory, replace=True)
-        build_s = time.perf_counter() - start
-        fs, root = fsspec.core.url_to_fs(f"{work}/memory")
+        builds = {}
+        for workers in dict.fromkeys((1, cfg.workers or os.cpu_count() or 1)):
+            builds[workers] = in_own_process(timed_build, f"{work}/embeddings", f"{work}/memory-{workers}w",
+                                             cfg.shards, cfg.factory, workers, start_ray)
+        memory_url = f"{work}/memory-{max(builds)}w"
+        manifest = read_manifest(memory_url)
+        bare_build = in_own_process(timed_bare_build, data, cfg.vectors, manifest.factory)
+        sample_gb = training_size(manifest.factory) * cfg.dim * 4 / 2 ** 30
+        fs, root = fsspec.core.url_to_fs(memory_url)
         memory_bytes = sum(fs.size(f"{root}/{s.index}") for s in manifest.shards)
+        for workers, build in builds.items():
+            emit({"what": "build_run", "vectors": cfg.vectors, "dim": cfg.dim, "shards": cfg.shards,
+                  "factory": manifest.factory, "workers": workers, "build_s": build["seconds"],
+                  "vectors_per_s": round(cfg.vectors / build["seconds"]),
+                  "bare_train_add_s": bare_build["seconds"], "wall_ratio_to_bare": round(build["seconds"] / bare_build["seconds"], 2),
+                  "driver_peak_rss_gb": build["peak_rss_gb"], "training_sample_gb": round(sample_gb, 2),
+                  "driver_above_sample_gb": round(build["peak_rss_gb"] - sample_gb, 2),
+                  "bare_peak_rss_gb": bare_build["peak_rss_gb"]})
         summary = {"what": "build", "vectors": cfg.vectors, "dim": cfg.dim, "shards": cfg.shards,
-                   "factory": manifest.factory, "build_s": round(build_s, 1),
+                   "factory": manifest.factory, "build_s": builds[max(builds)]["seconds"],
                    "bytes_per_vector": round(memory_bytes / cfg.vectors, 1), "default_nprobe": manifest.search.get("nprobe"),
-                   "claimed_recall": manifest.recall, "peak_rss_gb": round(peak_rss_gb(), 2)}
+                   "claimed_recall": manifest.recall}
+
+        start = time.perf_counter()
+        memory = VisualMemory.open(memory_url)
+        load_s = time.perf_counter() - start
+        start = time.perf_counter()
+        mapped = VisualMemory.open(memory_url, mmap=True) if "://" not in memory_url else None
+        mmap_s = time.perf_counter() - start
+        summary.update(load_s=round(load_s, 2), mmap_load_s=round(mmap_s, 2) if mapped else None)
         emit(summary)
-        memory = VisualMemory.open(f"{work}/memory")
         vectors = data.rows(0, cfg.vectors)
         queries = data.queries(cfg.queries)
         truth = faiss.knn(queries, vectors, cfg.k, metric=faiss.METRIC_INNER_PRODUCT)[1]
 
-        bare, bare_s = bare_faiss(vectors, manifest.factory)
-        emit({"what": "bare_faiss_build", "factory": manifest.factory, "train_add_s": round(bare_s, 1),
+        bare = load_trained(memory_url, manifest)           # the memory's trained index: the same codes
+        bare.add_with_ids(vectors, np.arange(cfg.vectors))
+        emit({"what": "bare_faiss_index", "factory": manifest.factory,
               "bytes_per_vector": round(faiss.serialize_index(bare).nbytes / cfg.vectors, 1)})
         sweep = sorted(set(cfg.nprobes) | ({manifest.search["nprobe"]} if manifest.search.get("nprobe") else set()))
         for nprobe in sweep if manifest.search else [None]:
@@ -126,6 +158,9 @@ def run(cfg: IndexBenchConfig, emit=print):
                       "recall_at_10": round(recall_at_k(found, truth), 4), "qps": round(qps),
                       "bare_recall_at_10": round(recall_at_k(bare_found, truth), 4), "bare_qps": round(bare_qps),
                       "qps_ratio": round(qps / bare_qps, 2)}
+            if mapped is not None:
+                record["mmap_qps"] = round(timed_search(lambda q: mapped.search(q, cfg.k, nprobe=nprobe).ids,
+                                                        queries)[1])
             emit(record)
             if record["default"]:
                 summary.update(default_recall_at_10=record["recall_at_10"], default_qps_ratio=record["qps_ratio"])
@@ -140,6 +175,38 @@ def run(cfg: IndexBenchConfig, emit=print):
                       "recall_at_10": round(recall_at_k(found, truth), 4), "qps": round(qps)})
             del index
     return summary
+
+
+def in_own_process(fn, *args) -> dict:
+    """``fn(*args)`` (a dict) run in a fresh process, so that its peak RSS is its own."""
+    import multiprocessing
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
+
+
+def timed_build(embeddings: str, memory: str, shards: int, factory: str | None, workers: int, start_ray=None) -> dict:
+    """``vismem index build`` in this process: in process with one worker, on a local Ray of
+    ``workers`` CPUs otherwise (its start-up not counted). Seconds and this driver's peak RSS."""
+    import ray
+
+    from index.build import build_memory
+    if workers > 1:
+        (start_ray or ray.init)(num_cpus=workers)
+    try:
+        start = time.perf_counter()
+        build_memory(embeddings, memory, shards, factory, replace=True, use_ray=workers > 1)
+        return {"seconds": round(time.perf_counter() - start, 1), "peak_rss_gb": round(peak_rss_gb(), 2)}
+    finally:
+        if workers > 1:
+            ray.shutdown()
+
+
+def timed_bare_build(data: ClusteredVectors, n: int, factory: str) -> dict:
+    """Bare FAISS's train + add of the same vectors in one process (every core through OpenMP):
+    the reference for the build's wall time."""
+    vectors = data.rows(0, n)
+    _, seconds = bare_faiss(vectors, factory)
+    return {"seconds": round(seconds, 1), "peak_rss_gb": round(peak_rss_gb(), 2)}
 
 
 def peak_rss_gb() -> float:

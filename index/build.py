@@ -1,32 +1,36 @@
 """Embeddings → a sharded memory: choose the index type, train one empty index, fill the shards,
 and measure the recall the memory will answer at.
 
-The memory hands out its own ids: a build numbers the collection's vectors 0..n−1 in the order of
-the collection's ids (the same numbers for ``vismem embed``'s output) and keeps the collection's
-id as ``source_id``. Shard ``s`` owns the ids with ``id % shards == s``, so adding and removing
+The memory hands out its own ids: a build numbers the collection's vectors 0..n−1, file by file in
+the order of each file's smallest collection id and within a file by collection id (for ``vismem
+embed``'s output, whose files hold contiguous id ranges, that is the collection's id order), and
+keeps the collection's id as ``source_id``. Shard ``s`` owns the ids with ``id % shards == s``, so adding and removing
 vectors later touches exactly one shard per id. A build commits its version like every edit
 (``index.commit``): files first, in a folder of its own, then the manifest; a build that fails
-removes what it wrote, so a memory never shows a half-built version.
+removes what it wrote, so a memory never shows a half-built version. The filling itself is a
+parallel add (``index.parallel_add``) that never gathers the collection in the driver.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from typing import Callable
 
 import faiss
 import fsspec
 import numpy as np
 
 from index import commit
-from index.embeddings import JOB_FILE, embedding_matrix, read_embeddings
-from index.manifest import Manifest, ShardEntry, read_manifest
-from index.recall import calibrate_nprobe
-from index.shards import Shard, metadata_table, serialize
+from index.embeddings import JOB_FILE
+from index.manifest import Manifest, read_manifest
+from index.parallel_add import Runner, parallel_add, plan_files, training_sample
+from index.shards import serialize
 
 log = logging.getLogger("vismem.index.build")
 FLAT_LIMIT = 100_000
 TARGET_RECALL = 0.95
+CALIBRATION_QUERIES = 1000     # memory vectors whose recall@10 the build measures
 
 
 def choose_factory(n: int, dim: int) -> str:
@@ -82,7 +86,9 @@ def train_empty_index(vectors: np.ndarray, factory: str, seed: int = 0) -> faiss
         want = training_size(factory)
         if len(vectors) < want:
             log.warning("training %s on %d vectors (< %d recommended)", factory, len(vectors), want)
-        sample = vectors[np.random.default_rng(seed).permutation(len(vectors))[:max(want, 1)]]
+        sample = vectors                    # the build passes a random sample of the right size: no copy
+        if len(vectors) > max(want, 1):
+            sample = vectors[np.random.default_rng(seed).permutation(len(vectors))[:max(want, 1)]]
         if faiss.get_num_gpus() > 0 and "IVF" in factory:
             ivf = faiss.extract_index_ivf(index)
             ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(ivf.d))
@@ -92,55 +98,61 @@ def train_empty_index(vectors: np.ndarray, factory: str, seed: int = 0) -> faiss
 
 def build_memory(embeddings_url: str, memory_url: str, shards: int = 2, factory: str | None = None,
                  encoder: dict | None = None, replace: bool = False, nprobe: int | None = None,
-                 target_recall: float = TARGET_RECALL, trained: faiss.Index | None = None) -> Manifest:
+                 target_recall: float = TARGET_RECALL, trained: faiss.Index | None = None,
+                 progress: Callable[[str, int, int], object] | None = None, use_ray: bool | None = None) -> Manifest:
     """Build the next version of the memory at ``memory_url`` (version 1 for a new one).
 
-    ``nprobe`` fixes the default search depth; by default the build picks the smallest nprobe
-    whose recall@10 against exact search, measured on vectors of the collection, reaches
-    ``target_recall``. A memory that holds another encoder's vectors is refused unless
-    ``replace``. ``trained`` is a trained empty index of ``factory`` to fill instead of training
-    one (another memory's): two memories over one trained index answer comparably, exactly.
+    A parallel add (``index.parallel_add``): the driver reads the files' footers and a training
+    sample, trains the empty index, and tasks (Ray's when it is connected) encode the files into
+    per-shard pieces and merge each shard. ``nprobe`` fixes the default search depth; by default
+    the build picks the smallest nprobe whose recall@10 against exact search, measured on vectors
+    of the collection, reaches ``target_recall``. A memory that holds another encoder's vectors is
+    refused unless ``replace``. ``trained`` is a trained empty index of ``factory`` to fill instead
+    of training one (another memory's): two memories over one trained index answer comparably.
+    ``progress(stage, done, total)`` is called as tasks finish. ``use_ray``: None runs the tasks on
+    Ray when this process is connected to it, False in this process, True requires Ray.
     """
-    table = read_embeddings(embeddings_url)
-    vectors = embedding_matrix(table)
-    if len(vectors) == 0:
+    files, dim = plan_files(embeddings_url)
+    count = sum(f.rows for f in files)
+    if count == 0:
         raise ValueError(f"no vectors under {embeddings_url}: every image failed to embed?")
-    check_shards(shards, len(vectors))
+    check_shards(shards, count)
     encoder = encoder or embedding_encoder(embeddings_url)
-    factory = with_ids(factory or choose_factory(len(vectors), vectors.shape[1]), int(vectors.shape[1]))
-    check_nprobe(nprobe, factory, int(vectors.shape[1]))
+    factory = with_ids(factory or choose_factory(count, dim), dim)
+    check_nprobe(nprobe, factory, dim)
     previous = current_manifest(memory_url)
     if previous is not None and not replace:
-        check_same_encoder(previous, encoder, int(vectors.shape[1]), memory_url)
+        check_same_encoder(previous, encoder, dim, memory_url)
+    if trained is not None and (trained.d != dim or not trained.is_trained):
+        raise ValueError(f"the trained index given must be a trained {dim}-d index")
 
-    if trained is not None and (trained.d != vectors.shape[1] or not trained.is_trained):
-        raise ValueError(f"the trained index given must be a trained {vectors.shape[1]}-d index")
-
-    log.info("building %s over %d vectors of dim %d in %d shards", factory, len(vectors), vectors.shape[1], shards)
-    empty = trained if trained is not None else train_empty_index(vectors, factory)
-    ids = np.arange(len(vectors), dtype=np.int64)                 # read_embeddings sorts by the collection's id
-    source_ids = table.column("id").to_numpy()
-    uris = np.array(table.column("uri").to_pylist(), dtype=object)
-    labels = np.array(table.column("label").to_pylist(), dtype=object)
+    runner = Runner(progress, use_ray)
+    owner = trained if trained is not None else empty_index(dim, factory)     # keeps the IVF view's object alive
+    ivf = faiss.try_extract_index_ivf(owner)
+    log.info("building %s over %d vectors of dim %d in %d shards (%d files, %d workers)", factory, count, dim, shards,
+             len(files), runner.workers)
+    sample_size = (training_size(factory) if trained is None else 0) + (CALIBRATION_QUERIES if ivf is not None else 0)
+    sample, sample_ids = training_sample(runner, files, sample_size) if sample_size else (None, None)
+    empty = trained if trained is not None else train_empty_index(sample, factory) if sample is not None \
+        else empty_index(dim, factory)
+    calibration = None if ivf is None else (sample[:CALIBRATION_QUERIES], sample_ids[:CALIBRATION_QUERIES])
+    candidates = [nprobe] if nprobe else [2 ** i for i in range(int(np.log2(ivf.nlist)) + 1)] if ivf else []
+    del sample
     fs, root = commit.filesystem(memory_url)
     version = previous.version + 1 if previous else 1
     with commit.staged(fs, root, version) as folder:
         commit.write(fs, f"{root}/{folder}/trained.faiss", serialize(empty))
-        entries, filled = [], []
-        for s in range(shards):
-            rows = np.flatnonzero(ids % shards == s)
-            index = faiss.clone_index(empty)
-            index.add_with_ids(vectors[rows], ids[rows])
-            metadata = metadata_table(ids[rows], uris[rows], labels[rows], source_ids[rows])
-            shard, entry = write_shard(fs, root, folder, s, index, metadata)
-            entries.append(entry)
-            filled.append(shard)
-        search, recall = search_defaults(filled, vectors, ids, nprobe, target_recall)
-        manifest = Manifest(version=version, encoder=encoder, dim=int(vectors.shape[1]), metric="inner_product",
+        entries, recall = parallel_add(runner, files, empty, shards, memory_url, folder, calibration, candidates,
+                                       target_recall)
+        if recall is not None and recall["recall"] < target_recall:
+            log.warning("recall@%d is %.3f at nprobe %d, below the target %.2f: the factory's codes are too coarse "
+                        "(try an SQ8 or refined factory)", recall["k"], recall["recall"], recall["nprobe"],
+                        target_recall)
+        manifest = Manifest(version=version, encoder=encoder, dim=dim, metric="inner_product",
                             factory=factory, trained_index=f"{folder}/trained.faiss", shards=entries,
-                            next_id=len(ids), search=search, recall=recall,
+                            next_id=count, search={"nprobe": recall["nprobe"]} if recall else {}, recall=recall,
                             parent=previous.version if previous else None, operation="build",
-                            counts={"vectors": len(ids)})
+                            counts={"vectors": count})
         commit.commit(fs, root, version, manifest.to_json())
     commit.move_pointer(fs, root, version)
     return manifest
@@ -178,24 +190,6 @@ def check_same_encoder(previous: Manifest, encoder: dict, dim: int, memory_url: 
         raise ValueError(f"memory {memory_url} holds vectors of encoder {previous.encoder.get('name')} "
                          f"({previous.dim}-d); these embeddings come from encoder {encoder.get('name')} ({dim}-d). "
                          "Build into another --memory, or pass --replace to make them the current version")
-
-
-def write_shard(fs, root: str, folder: str, number: int, index: faiss.Index, metadata) -> tuple[Shard, ShardEntry]:
-    """Shard ``number`` (``index`` over ``metadata``'s ids), saved under ``folder``."""
-    shard = Shard(index, metadata, number)
-    return shard, shard.save(fs, root, folder)
-
-
-def search_defaults(shards: list[Shard], vectors: np.ndarray, ids: np.ndarray, nprobe: int | None,
-                    target: float) -> tuple[dict, dict | None]:
-    """The manifest's search defaults and the recall they were measured at (None for Flat)."""
-    if faiss.try_extract_index_ivf(shards[0].index) is None:
-        return {}, None
-    result = calibrate_nprobe(shards, vectors, ids, target, nprobe=nprobe)
-    if result["recall"] < target:
-        log.warning("recall@%d is %.3f at nprobe %d, below the target %.2f: the factory's codes are too coarse "
-                    "(try an SQ8 or refined factory)", result["k"], result["recall"], result["nprobe"], target)
-    return {"nprobe": result["nprobe"]}, result
 
 
 def embedding_encoder(embeddings_url: str) -> dict:

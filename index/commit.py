@@ -66,10 +66,17 @@ def new_folder(version: int) -> str:
     return f"{version_dir(version)}/{uuid.uuid4().hex[:12]}"
 
 
-def write(fs, path: str, data: bytes, mode: str = "new") -> None:
+def write(fs, path: str, data, mode: str = "new") -> None:
     """Store ``data`` at ``path``. ``mode``: ``"new"`` for a file no reader knows of yet (a plain
     put), ``"create"`` to create it only if absent (``FileExistsError`` otherwise), ``"replace"``
-    for an existing name readers may be reading (an atomic replace: the pointer)."""
+    for an existing name readers may be reading (an atomic replace: the pointer).
+
+    ``data`` is bytes, or (mode ``"new"`` only) a function that writes the file's bytes to the
+    open file it is given: a shard index streams out that way, never held whole in memory. A new
+    file's name is referenced by no manifest until its version commits, so a write killed half-way
+    leaves only an orphan for vacuum (on S3 not even that: a multipart upload appears whole or not)."""
+    if callable(data) and mode != "new":
+        raise ValueError("only a new file can be written as a stream")
     if mode == "replace":
         return write_atomic(fs, path, data)
     if mode not in ("create", "new"):
@@ -78,6 +85,9 @@ def write(fs, path: str, data: bytes, mode: str = "new") -> None:
     def put():
         if mode == "create":
             create_exclusive(fs, path, data)
+        elif callable(data):
+            with fs.open(path, "wb") as f:
+                data(f)
         else:
             fs.pipe_file(path, data)
 

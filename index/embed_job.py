@@ -1,17 +1,28 @@
-"""Batch embedding of a real image collection with Ray Data: a pool of encoder actors.
+"""Batch embedding of a real image collection as a streaming Ray Data pipeline.
 
 ``plan_embedding`` lists the collection, compares it with what the output folder already records
 and writes one record per new partition (the layout is in ``index.embeddings``). ``run_embedding``
-makes each pending partition one row of a Ray Dataset; an actor of the pool reads its images,
-embeds them and writes the partition's record (with its unreadable images) and then its Parquet
-straight to the output URL, so no image or vector passes through the driver.
+makes each pending partition one row of a Ray Dataset and streams it through two stages:
+
+1. ``decode_batch``, CPU tasks: read and decode the partition's images (``decode_partition``) and
+   resize each to the encoder's input (``Encoder.resize``: uint8 ``[3, S, S]``), one partition per
+   task, so unreadable images are listed with their partition;
+2. ``EmbedPartitions``, an actor pool (one GPU each when the cluster has GPUs, else fractional CPUs,
+   see ``encoder_pool``): the encoder on the partition's uint8 batch (``Encoder.embed_pixels``, on
+   the device), then the partition's record (with its unreadable images) and its Parquet, written
+   straight to the output URL.
+
+Ray Data runs the stages concurrently: partition i+1 is decoded while the encoder works on partition
+i, and no image or vector passes through the driver. The vectors equal ``Encoder.embed``'s on the
+same images up to the rounding of the resized pixels to uint8 (cosine above 0.999).
 
 Running again into the same output: inputs already recorded and unchanged are skipped; new inputs
 (a collection that grew) go into new partitions numbered after the existing ones, with ids after
 the largest one used, so no id already handed out changes; a recorded input that changed or
 disappeared is refused. A killed job resumes: a record without its Parquet is redone with the same
-inputs and ids. Every run ends by checking that each image of the collection is either embedded or
-listed as unreadable.
+inputs and ids. An input that disappears between the plan and its reading is listed as unreadable
+(each of its images). Every run ends by checking that each image of the collection is either
+embedded or listed as unreadable.
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ from index.embeddings import (ERRORS_FILE, FORMAT, JOB_FILE, embedding_table, pa
 from procdata.storage import check_writable, parquet_bytes, write_atomic
 
 log = logging.getLogger("vismem.index.embed")
+ACTOR_START_TIMEOUT_S = 600        # seconds the pipeline waits for its encoder actors (GPUs may need a node to start)
 
 
 @dataclass
@@ -47,28 +59,138 @@ class EmbedSummary:
     total: int                 # images in the collection: always images + errors
 
 
-class EmbedPartitions:
-    """Ray Data actor: loads the encoder once, then embeds and writes whole partitions."""
+# stage 1: decode (CPU tasks) -------------------------------------------------------------------
+@dataclass
+class DecodedPartition:
+    """A partition after the decode stage: its readable images resized for the encoder, with their
+    ids, URIs and labels, and one record ``{"id", "uri", "error"}`` per unreadable image."""
 
-    def __init__(self, encoder_spec: str, out_url: str, batch_size: int = 256):
-        self.encoder = Encoder.load(encoder_spec)
+    part: Partition
+    ids: list[int]
+    uris: list[str]
+    labels: list[str | None]
+    pixels: np.ndarray          # uint8 [n, 3, S, S]
+    errors: list[dict]
+
+    def to_row(self) -> dict:
+        meta = {"partition": self.part.to_dict(), "ids": self.ids, "uris": self.uris, "labels": self.labels,
+                "errors": self.errors}
+        return {"meta": json.dumps(meta), "pixels": self.pixels}
+
+    @classmethod
+    def from_row(cls, meta: str, pixels: np.ndarray) -> "DecodedPartition":
+        m = json.loads(meta)
+        return cls(Partition(**m["partition"]), m["ids"], m["uris"], m["labels"], pixels, m["errors"])
+
+
+def decode(part: Partition, resize) -> DecodedPartition:
+    """Read and decode ``part``'s images, then resize each with ``resize`` (an ``Encoder.resize``).
+
+    Every image of ``part`` is either decoded or listed as unreadable, also when its file changed
+    after the plan: a missing image file of a folder tree is one unreadable image (and a tar's
+    samples are listed by ``read_partition``); a Parquet file that cannot be opened at all
+    (deleted since the plan listed it, or damaged) lists each of the partition's rows, and one that
+    now ends before the partition's last row lists the rows it lacks.
+    """
+    try:
+        decoded, errors = decode_partition(part)
+    except Exception as e:  # noqa: BLE001 (listed per image like any unreadable image, never fatal)
+        if part.parquet is None:
+            raise
+        decoded, errors = [], unreadable_rows(part, range(part.start, part.stop),
+                                              f"cannot read ({type(e).__name__}: {e})")
+    if part.parquet is not None and len(decoded) + len(errors) < len(part):
+        errors += unreadable_rows(part, range(part.start + len(decoded) + len(errors), part.stop),
+                                  "the file has fewer rows than when the job was planned")
+    ids, uris, labels, images = (list(column) for column in zip(*decoded)) if decoded else ([], [], [], [])
+    pixels = (np.stack([resize(image) for image in images]) if images
+              else np.zeros((0, 3, resize.size, resize.size), np.uint8))
+    return DecodedPartition(part, ids, uris, labels, pixels, errors)
+
+
+def unreadable_rows(part: Partition, rows: range, reason: str) -> list[dict]:
+    """An error record for each of the ``rows`` of ``part``'s Parquet file (ids as numbered by the plan)."""
+    return [{"id": part.first_id + row - part.start, "uri": f"{part.parquet}#row={row}",
+             "error": f"{reason}: {part.parquet}"} for row in rows]
+
+
+def decode_batch(batch: dict, resize) -> dict:
+    """Ray Data task: one row ``{"partition": JSON}`` → one row ``{"meta": JSON, "pixels": uint8
+    [n, 3, S, S]}`` of its decoded partition (the map is called with ``batch_size=1``)."""
+    [spec] = batch["partition"]
+    row = decode(Partition(**json.loads(spec)), resize).to_row()
+    return {"meta": np.array([row["meta"]]), "pixels": row["pixels"][None]}
+
+
+# stage 2: the encoder (an actor pool) ----------------------------------------------------------
+class EmbedPartitions:
+    """Ray Data actor: loads the encoder once, then embeds decoded partitions on its device and
+    writes each one's record and Parquet."""
+
+    def __init__(self, encoder_spec: str, out_url: str, batch_size: int = 256, threads: int | None = None):
+        self.encoder = Encoder.load(encoder_spec, threads=threads)
         self.fs, self.root = fsspec.core.url_to_fs(out_url)
         self.root = self.root.rstrip("/")
         self.batch_size = batch_size
 
     def __call__(self, batch: dict) -> dict:
-        done = [self.embed_one(Partition(**json.loads(spec))) for spec in batch["partition"]]
-        return {"images": np.array(done, dtype=np.int64)}
+        [meta], [pixels] = batch["meta"], batch["pixels"]
+        return {"images": np.array([self.write(DecodedPartition.from_row(meta, pixels))], dtype=np.int64)}
 
     def embed_one(self, part: Partition) -> int:
-        """Embed ``part``, write its record, then its Parquet (which marks it complete); its size."""
-        decoded, errors = decode_partition(part)
-        ids, uris, labels, images = (list(column) for column in zip(*decoded)) if decoded else ([], [], [], [])
-        vectors = self.encoder.embed(images, self.batch_size) if images else np.zeros((0, self.encoder.dim), np.float32)
-        write_record(self.fs, self.root, {**partition_record(part), "embedded": len(ids), "errors": errors})
+        """Decode, embed and write ``part`` in this process: both stages, one after the other."""
+        return self.write(decode(part, self.encoder.resize))
+
+    def write(self, decoded: DecodedPartition) -> int:
+        """Embed ``decoded``, write its record, then its Parquet (which marks it complete); its size."""
+        vectors = self.encoder.embed_pixels(decoded.pixels, self.batch_size)
+        part = decoded.part
+        write_record(self.fs, self.root, {**partition_record(part), "embedded": len(decoded.ids),
+                                          "errors": decoded.errors})
         write_atomic(self.fs, f"{self.root}/{part_name(part.number)}",
-                     parquet_bytes(embedding_table(ids, uris, labels, vectors)))
+                     parquet_bytes(embedding_table(decoded.ids, decoded.uris, decoded.labels, vectors)))
         return len(part)
+
+
+@dataclass
+class EncoderPool:
+    """Ray resources of the two stages: ``actors`` encoder actors of ``num_gpus`` / ``num_cpus``
+    each, torch on ``threads`` CPU threads in each (None: torch's default), and ``decode_cpus`` per
+    decode task."""
+
+    actors: int
+    num_gpus: float | None
+    num_cpus: float | None
+    threads: int | None
+    decode_cpus: float
+
+
+def encoder_pool(cluster: dict, concurrency: int | None = None, partitions: int | None = None) -> EncoderPool:
+    """How the two stages run on a cluster with resources ``cluster`` (``ray.cluster_resources()``):
+    ``concurrency`` encoder actors (default: one per GPU, or one per CPU on a CPU-only cluster; at
+    most one per GPU, and no more than the ``partitions`` to embed).
+
+    With GPUs: one GPU per actor, batches on the device, Ray Data's one CPU per actor and per
+    decode task. CPU only: the actors ask for a quarter of a CPU each and the pool for at most a
+    quarter of the CPUs (DESIGN §5: a pool holding every CPU starves the decode tasks and Ray Data
+    deadlocks), while torch in each actor runs ``CPU // actors`` threads (one with the default
+    pool: single-threaded actors lose nothing to the decode tasks beside them, where two threads
+    of one actor stall on each other, 0.32 of the bare encoder's images/s against 0.6-0.9 on 2
+    cores); decode tasks ask for half a CPU, so that two share a core and one's work hides the
+    ~0.2 s Ray Data takes between one task and the next. The operating system shares the cores
+    between the stages; the two requests always differ, so Ray Data never fuses decoding into
+    the encoder actors.
+    """
+    if concurrency is not None and concurrency <= 0:
+        raise ValueError(f"concurrency must be positive, got {concurrency}")
+    cpus = float(cluster.get("CPU", 1))
+    gpus = int(cluster.get("GPU", 0))
+    actors = min(concurrency or gpus, gpus) if gpus else concurrency or max(1, int(cpus))
+    actors = min(actors, partitions) if partitions else actors
+    if gpus:
+        return EncoderPool(actors, num_gpus=1, num_cpus=None, threads=None, decode_cpus=1)
+    return EncoderPool(actors, num_gpus=None, num_cpus=min(0.25, cpus / (4 * actors)),
+                       threads=max(1, int(cpus) // actors), decode_cpus=min(0.5, cpus / 2))
 
 
 def partition_record(part: Partition) -> dict:
@@ -169,9 +291,10 @@ def same_file(recorded: dict, listed: dict) -> bool:
     return all(recorded.get(key) == listed.get(key) for key in ("size", "etag", "mtime", "rows"))
 
 
-def run_embedding(plan: EmbeddingPlan, concurrency: int = 2, batch_size: int = 256,
+def run_embedding(plan: EmbeddingPlan, concurrency: int | None = None, batch_size: int = 256,
                   progress: Callable[[int], object] | None = None) -> EmbedSummary:
-    """Embed the plan's pending partitions on a pool of Ray actors, then summarise.
+    """Embed the plan's pending partitions through the Ray Data pipeline, then summarise.
+    ``concurrency``: encoder actors (default: see ``encoder_pool``).
 
     ``progress(n)`` is called in the caller's process each time a partition finishes, with its
     number of images (embedded or unreadable); ``plan.pending_images`` is their total, so
@@ -185,26 +308,34 @@ def run_embedding(plan: EmbeddingPlan, concurrency: int = 2, batch_size: int = 2
     return summarise(fs, root.rstrip("/"), plan)
 
 
-def embedding_dataset(plan: EmbeddingPlan, concurrency: int, batch_size: int) -> ray.data.Dataset:
-    """One row per pending partition, mapped by a pool of ``EmbedPartitions`` actors."""
-    use_gpu = bool(ray.cluster_resources().get("GPU"))
+def embedding_dataset(plan: EmbeddingPlan, concurrency: int | None, batch_size: int) -> ray.data.Dataset:
+    """One row per pending partition → ``decode_batch`` tasks → a pool of ``EmbedPartitions``
+    actors (``batch_size``: images per forward pass). One row per partition all the way, so each
+    actor call embeds and writes one whole partition."""
+    pool = encoder_pool(ray.cluster_resources(), concurrency, len(plan.pending))
     context = ray.data.DataContext.get_current()
-    saved = context.enable_progress_bars, context.print_on_execution_start
+    saved = context.enable_progress_bars, context.print_on_execution_start, context.wait_for_min_actors_s
     context.enable_progress_bars = context.print_on_execution_start = False   # the caller shows progress
     log_once("ray_data_progress_manager_disabled")     # and Ray's notice "Progress bars disabled" would confuse
+    # Decoding starts once the encoder actors are up: a cluster without room for them fails with Ray's
+    # "Timed out while starting actors" instead of waiting for ever, and the decode tasks do not fill the
+    # object store while the encoder loads.
+    context.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
     try:                                               # (a dataset copies the context: restoring it is safe)
         ds = ray.data.from_items([{"partition": json.dumps(p.to_dict())} for p in plan.pending],
                                  override_num_blocks=len(plan.pending))
-        return ds.map_batches(EmbedPartitions, fn_constructor_args=(plan.encoder_spec, plan.out, batch_size),
-                              batch_size=1,
-                              compute=ray.data.ActorPoolStrategy(size=max(1, min(concurrency, len(plan.pending)))),
-                              num_gpus=1 if use_gpu else None, num_cpus=None if use_gpu else 0.5)
+        ds = ds.map_batches(decode_batch, fn_kwargs={"resize": plan.encoder.resize}, batch_size=1,
+                            num_cpus=pool.decode_cpus)
+        return ds.map_batches(EmbedPartitions,
+                              fn_constructor_args=(plan.encoder_spec, plan.out, batch_size, pool.threads), batch_size=1,
+                              compute=ray.data.ActorPoolStrategy(size=pool.actors), num_gpus=pool.num_gpus,
+                              num_cpus=pool.num_cpus)
     finally:
-        context.enable_progress_bars, context.print_on_execution_start = saved
+        context.enable_progress_bars, context.print_on_execution_start, context.wait_for_min_actors_s = saved
 
 
 def embed_collection(collection_url: str, encoder_spec: str, out_url: str, partition_size: int = 512,
-                     concurrency: int = 2, batch_size: int = 256,
+                     concurrency: int | None = None, batch_size: int = 256,
                      progress: Callable[[int], object] | None = None) -> EmbedSummary:
     """Embed every image of ``collection_url`` into Parquet under ``out_url`` (resumable, extendable)."""
     plan = plan_embedding(collection_url, encoder_spec, out_url, partition_size)

@@ -19,7 +19,7 @@ from index import edits, history, maintenance
 from index import prune as pruning
 from index.manifest import Manifest, list_versions, read_manifest
 from index.queries import check_vectors
-from index.shards import Shard, merge_topk
+from index.shards import Shard, coarse_assignment, merge_topk
 from index.voting import vote
 
 
@@ -47,12 +47,15 @@ class VisualMemory:
         self._trained: tuple[str, faiss.Index] | None = None
 
     @classmethod
-    def open(cls, url: str, version: int | None = None, nprobe: int | None = None) -> "VisualMemory":
+    def open(cls, url: str, version: int | None = None, nprobe: int | None = None, mmap: bool = False,
+             ) -> "VisualMemory":
         """The memory at ``url`` (current version by default). ``nprobe`` replaces the default the
-        build recorded in the manifest, for every search of this object."""
+        build recorded in the manifest, for every search of this object. ``mmap`` maps IVF shards of
+        a memory on local disk instead of reading them (``Shard.load``): shards larger than RAM."""
         manifest = read_manifest(url, version)
         search = manifest.search_defaults(nprobe)
-        return cls(url, manifest, [Shard.load(url, e, i, search) for i, e in enumerate(manifest.shards)], nprobe)
+        return cls(url, manifest, [Shard.load(url, e, i, search, mmap=mmap) for i, e in enumerate(manifest.shards)],
+                   nprobe)
 
     def __len__(self) -> int:
         return sum(len(s) for s in self.shards)
@@ -68,7 +71,8 @@ class VisualMemory:
         queries = check_vectors(queries, self.manifest.dim, "query vectors")
         if k < 1:
             raise ValueError(f"k must be a positive whole number, got {k}")
-        found = merge_topk([s.query(queries, k, nprobe) for s in self.shards], k)
+        coarse = coarse_assignment(self.shards, queries, nprobe)          # once for every shard
+        found = merge_topk([s.query(queries, k, nprobe, coarse) for s in self.shards], k)
         return Neighbours(found["similarities"], found["ids"], found["labels"], found["uris"], found["shards"],
                           found["sample_weights"])
 

@@ -13,12 +13,17 @@ every voting rule, in process or served, applies them. ``compacted`` rewrites ba
 deletion set as one base index holding exactly the live vectors' codes (copied, not re-encoded).
 
 ``Shard.save`` and ``Shard.load`` are the one way a shard reaches storage, for the build and for
-every edit. A shard object is never changed by an edit: ``with_segment`` and ``without`` return a
+every edit. Index files stream through FAISS's callback reader and writer with their sha256
+computed on the way (no serialised copy in memory); a local memory's IVF shards can instead be
+memory-mapped (``map_index``), so a shard larger than RAM can answer. A batch of queries is
+assigned to IVF lists once for all shards and parts (``coarse_assignment``), which share one
+trained quantiser, and each part scans only its lists (``search_preassigned``). A shard object is never changed by an edit: ``with_segment`` and ``without`` return a
 new one sharing the unchanged parts, so a query running on the old object sees one version whole.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 from dataclasses import dataclass
 
@@ -27,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 
 from index import commit
 from index.manifest import Segment, ShardEntry, sha256
@@ -103,6 +109,67 @@ def deserialize(data: bytes) -> faiss.Index:
     return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
 
 
+STREAM_BLOCK = 1 << 22         # bytes per read or write while an index streams to or from storage
+
+
+def write_index(index: faiss.Index, f) -> str:
+    """Write ``index`` in FAISS's format to the open binary file ``f`` as a stream, and return the
+    file's sha256: FAISS's Python callback writer hands over one block at a time, so no serialised
+    copy of the index is ever held whole (``serialize`` would hold two)."""
+    digest = hashlib.sha256()
+
+    def put(block: bytes) -> None:
+        digest.update(block)
+        f.write(block)
+
+    writer = faiss.PyCallbackIOWriter(put, STREAM_BLOCK)
+    faiss.write_index(index, writer)
+    del writer                                 # flushes its last block
+    return digest.hexdigest()
+
+
+def read_index(f) -> tuple[faiss.Index, str]:
+    """The index stored in the open binary file ``f``, read as a stream, and the file's sha256: the
+    index is built from blocks as they arrive, without a copy of the file in memory."""
+    digest = hashlib.sha256()
+
+    def get(n: int) -> bytes:
+        block = f.read(n)
+        digest.update(block)
+        return block
+
+    reader = faiss.PyCallbackIOReader(get, STREAM_BLOCK)
+    index = faiss.read_index(reader)
+    del reader
+    digest.update(f.read())                    # trailing bytes, if any: they count in the file's hash
+    return index, digest.hexdigest()
+
+
+def map_index(path: str) -> tuple[faiss.Index, str]:
+    """The index in the local file ``path`` with its inverted lists memory-mapped (IVF indexes;
+    FAISS reads other types into memory), and the file's sha256, hashed block by block. The
+    mapping is read-only: the OS pages lists in as queries visit them, so a shard larger than RAM
+    can answer queries."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(STREAM_BLOCK), b""):
+            digest.update(block)
+    return faiss.read_index(path, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY), digest.hexdigest()
+
+
+def mapped(index: faiss.Index) -> bool:
+    """Whether ``index``'s inverted lists are a read-only file mapping (see ``map_index``)."""
+    ivf = faiss.try_extract_index_ivf(index)
+    return ivf is not None and not isinstance(faiss.downcast_InvertedLists(ivf.invlists), faiss.ArrayInvertedLists)
+
+
+def copy_index(index: faiss.Index, mapped_from: str | None = None) -> faiss.Index:
+    """An independent in-memory copy of ``index``; one mapped from the local file ``mapped_from``
+    is read from it into memory (FAISS cannot clone a mapping, and merging out of it would write
+    to it)."""
+    return faiss.read_index(mapped_from) if mapped_from else faiss.clone_index(index)
+
+
 def ids_bytes(ids: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.asarray(ids, dtype=np.int64), allow_pickle=False)
@@ -137,14 +204,14 @@ def merge_codes(into: faiss.Index, other: faiss.Index) -> None:
                          f"cannot be compacted ({str(e).splitlines()[0][:200]})") from None
 
 
-def reconstruct(index: faiss.Index, ids: np.ndarray) -> np.ndarray:
+def reconstruct(index: faiss.Index, ids: np.ndarray, mapped_from: str | None = None) -> np.ndarray:
     """The vectors stored under ``ids``, decoded from their codes (exact for Flat, the quantised
     vector otherwise). An IVF index needs a map from id to list entry, built on a copy so that the
-    index queries run on is never changed."""
+    index queries run on is never changed (``mapped_from``: see ``copy_index``)."""
     if not len(ids):
         return np.zeros((0, index.d), dtype=np.float32)
     if faiss.try_extract_index_ivf(index) is not None:
-        index = faiss.clone_index(index)
+        index = copy_index(index, mapped_from)
         faiss.extract_index_ivf(index).set_direct_map_type(faiss.DirectMap.Hashtable)
     return index.reconstruct_batch(np.ascontiguousarray(ids, dtype=np.int64))
 
@@ -156,6 +223,7 @@ class Part:
     index: faiss.Index
     metadata: pa.Table
     stored: Segment | None = None
+    mapped_from: str | None = None     # the local file whose lists ``index`` maps (``map_index``)
 
     def __post_init__(self):
         self.metadata = self.metadata.sort_by("id")
@@ -237,9 +305,9 @@ class Shard:
         (ids and scores) are those of the shard before, and no removed vector is left in it.
         Vote weights of removed ids are dropped with them.
         """
-        index = faiss.clone_index(self.parts[0].index)
+        index = copy_index(self.parts[0].index, self.parts[0].mapped_from)
         for part in self.parts[1:]:
-            merge_codes(index, faiss.clone_index(part.index))
+            merge_codes(index, copy_index(part.index, part.mapped_from))
         if len(self.deleted):
             dropped = index.remove_ids(faiss.IDSelectorBatch(self.deleted))
             if dropped != len(self.deleted):
@@ -259,7 +327,7 @@ class Shard:
             live = ~np.isin(part.ids, self.deleted)
             ids.append(part.ids[live])
             labels.append(part.labels[live])
-            vectors.append(reconstruct(part.index, part.ids[live]))
+            vectors.append(reconstruct(part.index, part.ids[live], part.mapped_from))
         return np.concatenate(ids), np.concatenate(labels), np.concatenate(vectors)
 
     def held(self, ids: np.ndarray) -> np.ndarray:
@@ -298,9 +366,12 @@ class Shard:
             self._selector = (faiss.IDSelectorNot(batch), batch)        # the Not holds a bare pointer to the batch
         return self._selector[0]
 
-    def search(self, queries: np.ndarray, k: int, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, nprobe: int | None = None,
+               coarse: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(similarities, ids) ``[nq, k]`` of live vectors; id −1 where the shard has fewer than k.
-        ``nprobe`` overrides the default for this call (IVF indexes; ignored by Flat)."""
+        ``nprobe`` overrides the default for this call (IVF indexes; ignored by Flat). ``coarse`` is
+        the queries' assignment to IVF lists (``coarse_assignment``), computed once for all shards
+        and parts, which share one trained quantiser."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.index.d:
             raise ValueError(f"queries must be [n, {self.index.d}], got {list(queries.shape)}")
@@ -313,7 +384,10 @@ class Shard:
             else:
                 params, _keep = search_parameters(part.index, nprobe or self.defaults.get("nprobe"),
                                                   self.defaults.get("k_factor"), self.selector())
-                sims, ids = part.index.search(queries, k, params=params)
+                if coarse is not None and plain_ivf(part.index) is not None:
+                    sims, ids = search_preassigned(plain_ivf(part.index), queries, k, coarse, params)
+                else:
+                    sims, ids = part.index.search(queries, k, params=params)
             answers.append({"similarities": sims, "ids": ids})
         if len(answers) == 1:
             return answers[0]["similarities"], answers[0]["ids"]
@@ -344,10 +418,11 @@ class Shard:
         order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
         return np.take_along_axis(sims, order, 1), np.take_along_axis(ids, order, 1)
 
-    def query(self, queries: np.ndarray, k: int, nprobe: int | None = None) -> dict:
+    def query(self, queries: np.ndarray, k: int, nprobe: int | None = None,
+              coarse: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
         """``search`` plus each neighbour's uri, label and vote weight (``sample_weights``, 1.0
         unless soft pruning gave it another): what one shard answers a router."""
-        sims, ids = self.search(queries, k, nprobe)
+        sims, ids = self.search(queries, k, nprobe, coarse)
         uris, labels = self.lookup(ids)
         return {"similarities": sims, "ids": ids, "uris": uris, "labels": labels,
                 "sample_weights": self.sample_weights(ids)}
@@ -381,10 +456,10 @@ class Shard:
         for j, part in enumerate(self.parts):
             if part.stored is None:
                 stem = name if j == 0 else f"{name}-segment-{j:04d}"
-                blob = serialize(part.index)
-                commit.write(fs, f"{root}/{stem}.faiss", blob)
+                digest = []
+                commit.write(fs, f"{root}/{stem}.faiss", lambda f: digest.append(write_index(part.index, f)))
                 commit.write(fs, f"{root}/{stem}.parquet", parquet_bytes(part.metadata))
-                part.stored = Segment(f"{stem}.faiss", f"{stem}.parquet", len(part.ids), sha256(blob))
+                part.stored = Segment(f"{stem}.faiss", f"{stem}.parquet", len(part.ids), digest[0])
         if len(self.deleted) and self.deleted_file is None:
             blob = ids_bytes(self.deleted)
             commit.write(fs, f"{root}/{name}-deleted.npy", blob)
@@ -402,22 +477,42 @@ class Shard:
 
     @classmethod
     def load(cls, root_url: str, entry: ShardEntry, number: int = 0, search: dict | None = None,
-             loaded: dict[str, Part] | None = None) -> "Shard":
+             loaded: dict[str, Part] | None = None, mmap: bool = False) -> "Shard":
         """Read shard ``number`` of the memory at ``root_url`` (base, segments, deletion set),
         checking every file's sha256. ``search`` holds the defaults every query gets unless it asks
         otherwise (``nprobe``, ``k_factor``). ``loaded`` maps index paths to parts already in this
-        process (another version's), which are reused instead of read again."""
+        process (another version's), which are reused instead of read again.
+
+        Index files stream into FAISS block by block (no second copy in memory); with ``mmap`` and a
+        memory on a local disk, IVF indexes are memory-mapped instead (``map_index``), so a shard
+        larger than RAM can be served. The small files (metadata, deletion set, weights) are fetched
+        together (s3fs fetches them concurrently)."""
         fs, root = commit.filesystem(root_url)
+        if mmap and not isinstance(fs, LocalFileSystem):
+            raise ValueError(f"cannot memory-map the shards of {root_url}: only a memory on a local disk can be "
+                             "mapped (copy it to local disk first, e.g. with `aws s3 sync`)")
         stored = [Segment(entry.index, entry.metadata, entry.base_count, entry.sha256), *entry.segments]
         reused = {s.index: loaded[s.index] for s in stored if loaded and s.index in loaded and loaded[s.index].stored == s}
-        paths = [f"{root}/{p}" for s in stored if s.index not in reused for p in (s.index, s.metadata)]
+        paths = [f"{root}/{s.metadata}" for s in stored if s.index not in reused]
         paths += [f"{root}/{p}" for p in (entry.deleted, entry.weights) if p]
         blobs = fs.cat(paths) if paths else {}               # a dict; s3fs fetches them concurrently
 
-        def checked(path, digest):
-            if sha256(blobs[f"{root}/{path}"]) != digest:
+        def check(path, digest, actual):
+            if actual != digest:
                 raise ValueError(f"shard {number} of {root_url}: {path} does not match its sha256 in the manifest")
+
+        def checked(path, digest):
+            check(path, digest, sha256(blobs[f"{root}/{path}"]))
             return blobs[f"{root}/{path}"]
+
+        def index_file(path, digest):
+            if mmap:
+                index, actual = map_index(f"{root}/{path}")
+            else:
+                with fs.open(f"{root}/{path}", "rb", block_size=STREAM_BLOCK) as f:
+                    index, actual = read_index(f)
+            check(path, digest, actual)
+            return index
 
         parts = []
         for s in stored:
@@ -425,8 +520,9 @@ class Shard:
                 parts.append(reused[s.index])
                 continue
             try:
-                parts.append(Part(deserialize(checked(s.index, s.sha256)),
-                                  pq.read_table(pa.BufferReader(blobs[f"{root}/{s.metadata}"])), s))
+                index = index_file(s.index, s.sha256)
+                parts.append(Part(index, pq.read_table(pa.BufferReader(blobs[f"{root}/{s.metadata}"])), s,
+                                  f"{root}/{s.index}" if mapped(index) else None))
             except ValueError as e:
                 raise ValueError(f"shard {number} of {root_url}: {s.index}: {e}") from None
         deleted = np.zeros(0, dtype=np.int64)
@@ -444,6 +540,45 @@ class Shard:
                              f"{len(deleted)} removed ids and {len(weights[0])} weights; the manifest says "
                              f"{entry.count}, {entry.deleted_count} and {entry.weights_count}")
         return shard
+
+
+def plain_ivf(index: faiss.Index) -> faiss.IndexIVF | None:
+    """``index`` as an ``IndexIVF`` when it is one with no wrapper around it (the default factories
+    ``IVF…,SQ8`` and ``IVF…,PQ…``), else None: only those take a precomputed coarse assignment."""
+    inner = faiss.downcast_index(index)
+    return inner if isinstance(inner, faiss.IndexIVF) else None
+
+
+def coarse_assignment(shards: list["Shard"], queries: np.ndarray, nprobe: int | None = None,
+                      ) -> tuple[np.ndarray, np.ndarray] | None:
+    """The ``nprobe`` nearest IVF lists of each query, ``(similarities, lists)``, from the trained
+    quantiser every shard shares: searched once per batch instead of once per shard and part (the
+    coarse search is a matmul against all nlist centroids). None when the shards are not plain IVF
+    (Flat, HNSW, or a wrapped index such as OPQ or Refine), which then search on their own."""
+    ivf = plain_ivf(shards[0].index) if shards else None
+    if ivf is None:
+        return None
+    nprobe = int(nprobe or shards[0].defaults.get("nprobe") or ivf.nprobe)
+    if not 1 <= nprobe <= ivf.nlist:
+        raise ValueError(f"nprobe must be between 1 and nlist = {ivf.nlist}, got {nprobe}")
+    return ivf.quantizer.search(np.ascontiguousarray(queries, dtype=np.float32), nprobe)
+
+
+def search_preassigned(ivf: faiss.IndexIVF, queries: np.ndarray, k: int, coarse: tuple[np.ndarray, np.ndarray],
+                       params: faiss.SearchParametersIVF | None) -> tuple[np.ndarray, np.ndarray]:
+    """``ivf.search`` with the coarse assignment given (FAISS's ``search_preassigned``; its Python
+    wrapper takes no search parameters, so the C++ call is made here, with the nprobe and
+    deletion selector of ``params``)."""
+    distances, lists = coarse
+    ivf.parallel_mode = 3              # threads over queries: FAISS's default (0) runs search_preassigned on one
+    if params is None:
+        params = faiss.SearchParametersIVF()
+    params.nprobe = lists.shape[1]
+    n = len(queries)
+    sims, ids = np.empty((n, k), dtype=np.float32), np.empty((n, k), dtype=np.int64)
+    ivf.search_preassigned_c(n, faiss.swig_ptr(queries), k, faiss.swig_ptr(lists), faiss.swig_ptr(distances),
+                             faiss.swig_ptr(sims), faiss.swig_ptr(ids), False, params)
+    return sims, ids
 
 
 def merge_topk(results: list[dict], k: int, shard_numbers: list[int] | None = None) -> dict:

@@ -89,21 +89,21 @@ def test_bad_build_arguments_fail_before_anything_is_written(tmp_path, kwargs, m
 
 
 def test_failed_build_removes_its_files_and_keeps_the_current_version(tmp_path, monkeypatch):
-    import index.build
+    from index.shards import Shard
     v = np.random.default_rng(2).normal(size=(60, 8)).astype(np.float32)
     write_embeddings(str(tmp_path / "emb"), v / np.linalg.norm(v, axis=1, keepdims=True), ["x"] * 60)
     mem = str(tmp_path / "mem")
     build_memory(str(tmp_path / "emb"), mem, shards=2)
-    real = index.build.write_shard
+    real = Shard.save
     calls = []
 
-    def dies_on_the_third_shard(*args):
-        calls.append(args[3])
+    def dies_on_the_third_shard(shard, *args):
+        calls.append(shard.number)
         if len(calls) == 3:
             raise OSError("disk full")
-        return real(*args)
+        return real(shard, *args)
 
-    monkeypatch.setattr(index.build, "write_shard", dies_on_the_third_shard)
+    monkeypatch.setattr(Shard, "save", dies_on_the_third_shard)
     with pytest.raises(OSError, match="disk full"):
         build_memory(str(tmp_path / "emb"), mem, shards=4)
     assert sorted(p.name for p in (tmp_path / "mem").iterdir()) == ["manifest.json", "v1"]
@@ -111,7 +111,7 @@ def test_failed_build_removes_its_files_and_keeps_the_current_version(tmp_path, 
     leftover = tmp_path / "mem" / "v2" / "crashed"        # a killed build's files, never referenced
     leftover.mkdir(parents=True)
     (leftover / "shard-0000.faiss").write_bytes(b"half a file")
-    monkeypatch.setattr(index.build, "write_shard", real)
+    monkeypatch.setattr(Shard, "save", real)
     assert build_memory(str(tmp_path / "emb"), mem, shards=2).version == 2       # writes beside them, in a folder of its own
     assert (leftover / "shard-0000.faiss").read_bytes() == b"half a file" and len(VisualMemory.open(mem)) == 60
 
@@ -124,16 +124,22 @@ def test_index_bench_command_measures_recall_beside_bare_faiss(tmp_path):
     import sys
     result = subprocess.run(
         [sys.executable, "-m", "cluster.cli", "index", "bench", "--vectors", "20000", "--dim", "32", "--clusters", "256",
-         "--held-out", "200", "--shards", "3", "--factory", "IVF128,SQ8", "--nprobes", "1,4", "--json"],
+         "--held-out", "200", "--shards", "3", "--factory", "IVF128,SQ8", "--nprobes", "1,4", "--workers", "2",
+         "--json"],
         capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": os.getcwd()})
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     build = next(r for r in records if r["what"] == "build")
     assert build["factory"] == "IVF128,SQ8" and build["claimed_recall"]["recall"] >= 0.95
+    assert build["load_s"] > 0 and build["mmap_load_s"] > 0 and 0 < build["bytes_per_vector"] < 32 + 16
+    runs = {r["workers"]: r for r in records if r["what"] == "build_run"}
+    assert set(runs) == {1, 2}                       # in one process, and on a local Ray of two CPUs
+    for r in runs.values():
+        assert r["build_s"] > 0 and r["bare_train_add_s"] > 0 and 0 < r["driver_peak_rss_gb"] < 2
     searches = [r for r in records if r["what"] == "search"]
     assert {r["nprobe"] for r in searches} == {1, 4, build["default_nprobe"]}
     for r in searches:
-        assert r["recall_at_10"] == r["bare_recall_at_10"] and r["qps"] > 0 and r["bare_qps"] > 0
+        assert r["recall_at_10"] == r["bare_recall_at_10"] and r["qps"] > 0 and r["bare_qps"] > 0 and r["mmap_qps"] > 0
     default = next(r for r in searches if r["default"])
     assert default["recall_at_10"] >= 0.93
     assert min(r["recall_at_10"] for r in searches) < 0.9            # nprobe=1 would not do

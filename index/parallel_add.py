@@ -1,0 +1,266 @@
+"""A build as a parallel add: embedding files → per-shard pieces → one index per shard.
+
+The driver never holds the collection. It reads the files' Parquet footers (``plan_files``), a
+training sample (``sample_rows``, one task per file) and the trained empty index; then
+
+1. one task per embedding file (``encode_file``) reads the file once, sorts it by collection id,
+   numbers its vectors with memory ids and encodes them with the trained index into one *piece*
+   per shard (``id % shards``), exactly as ``VisualMemory.add`` encodes a delta segment; it also
+   returns the exact top-k of the calibration queries among its vectors;
+2. one task per shard (``merge_shard``) merges its pieces' codes into one index (``merge_codes``,
+   the path ``compact`` uses: codes are moved, never re-encoded), streams the shard to storage with
+   its sha256, and searches the calibration queries at increasing nprobe.
+
+With Ray connected, the tasks run on the cluster (pieces travel through the object store, one
+CPU each, retried if a worker dies); without Ray they run one after another in this process,
+which then holds one file's vectors and the pieces' codes, never the float vectors of the whole
+collection. Both give byte-identical shards.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable
+
+import faiss
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from index.embeddings import embedding_dim, embedding_files, embedding_matrix
+from index.manifest import ShardEntry
+from index.recall import drop_self, recall_at_k
+from index.shards import Shard, deserialize, merge_codes, merge_topk, metadata_table, serialize
+
+log = logging.getLogger("vismem.index.build")
+TASK_OPTIONS = {"num_cpus": 1, "max_retries": 3}     # FAISS runs one OpenMP thread per CPU Ray gives a task
+
+
+@dataclass
+class EmbeddingFile:
+    """One embedding Parquet file as the build plans it: its rows get memory ids first … first+rows−1."""
+    url: str
+    rows: int
+    first: int
+    min_id: int | None = None
+
+
+def plan_files(url: str) -> tuple[list[EmbeddingFile], int]:
+    """The embedding files under ``url`` from their footers only, in the order of their smallest
+    collection id (the Parquet statistics), and the vectors' dimension. Memory ids follow that
+    order and, within a file, the collection's ids: for ``vismem embed``'s output (ids in
+    contiguous ranges per file) that is the order of the collection's ids."""
+    paths = embedding_files(url)
+
+    def footer(path):
+        with fsspec.open(path, "rb") as f:
+            meta = pq.ParquetFile(f)
+            dim = embedding_dim(meta.schema_arrow, path)
+            stats = [meta.metadata.row_group(g).column(meta.schema_arrow.get_field_index("id")).statistics
+                     for g in range(meta.metadata.num_row_groups)] if "id" in meta.schema_arrow.names else []
+            lows = [s.min for s in stats if s is not None and s.has_min_max]
+            return path, meta.metadata.num_rows, dim, min(lows) if len(lows) == len(stats) and lows else None
+
+    with ThreadPoolExecutor(16) as pool:                 # footers are small reads; S3 answers them in parallel
+        footers = list(pool.map(footer, paths))
+    dims = {dim for _, _, dim, _ in footers}
+    if len(dims) > 1:
+        raise ValueError(f"{url} mixes embedding dimensions {sorted(dims)}; keep one encoder's embeddings per folder")
+    footers.sort(key=lambda f: (f[3] if f[3] is not None else np.iinfo(np.int64).max, f[0]))
+    files, first = [], 0
+    for path, rows, _, low in footers:
+        files.append(EmbeddingFile(path, rows, first, low))
+        first += rows
+    return files, dims.pop()
+
+
+def read_file(file: EmbeddingFile) -> pa.Table:
+    """The file's rows sorted by collection id; a clear error if it vanished or changed since planning."""
+    try:
+        with fsspec.open(file.url, "rb") as f:
+            table = pq.read_table(f, columns=["id", "uri", "label", "embedding"])
+    except FileNotFoundError:
+        raise FileNotFoundError(f"embedding file {file.url} disappeared while the build was reading the folder; "
+                                "nothing was committed: run the build again once the folder is complete") from None
+    if len(table) != file.rows:
+        raise ValueError(f"embedding file {file.url} changed while the build was reading the folder ({len(table)} "
+                         f"rows, {file.rows} when planned); nothing was committed: run the build again")
+    return table.take(np.argsort(table.column("id").to_numpy(), kind="stable"))
+
+
+def sample_rows(file: EmbeddingFile, positions: np.ndarray) -> np.ndarray:
+    """The vectors at ``positions`` (in the file's id order): a task's share of the training sample."""
+    return embedding_matrix(read_file(file).take(positions))
+
+
+def encode_file(file: EmbeddingFile, trained: np.ndarray, shards: int, queries: np.ndarray, k: int):
+    """Encode one file into one piece per shard, plus the exact top-``k`` of ``queries`` among its
+    vectors. Returns ``(piece_0, …, piece_{shards−1}, (similarities, ids))``; a piece is
+    ``(serialised index, metadata table)``, empty when the file holds no id of that shard."""
+    table = read_file(file)
+    vectors = embedding_matrix(table)
+    ids = file.first + np.arange(len(table), dtype=np.int64)
+    empty = deserialize(trained)
+    uris = np.array(table.column("uri").to_pylist(), dtype=object)
+    labels = np.array(table.column("label").to_pylist(), dtype=object)
+    sources = table.column("id").to_numpy()
+    pieces = []
+    for s in range(shards):
+        rows = np.flatnonzero(ids % shards == s)
+        index = faiss.clone_index(empty)
+        index.add_with_ids(vectors[rows], ids[rows])
+        pieces.append((serialize(index), metadata_table(ids[rows], uris[rows], labels[rows], sources[rows])))
+    return (*pieces, exact_topk(queries, vectors, ids, k))
+
+
+def exact_topk(queries: np.ndarray, vectors: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(similarities, ids) ``[nq, k]`` of the exact nearest of ``vectors`` (−inf/−1 past their number)."""
+    sims = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    found = np.full((len(queries), k), -1, dtype=np.int64)
+    if len(queries) and len(vectors):
+        kk = min(k, len(vectors))
+        sims[:, :kk], rows = faiss.knn(queries, vectors, kk, metric=faiss.METRIC_INNER_PRODUCT)
+        found[:, :kk] = ids[rows]
+    return sims, found
+
+
+@dataclass
+class Calibration:
+    """What the shard tasks search to measure recall: memory vectors with their ids and true neighbours."""
+    queries: np.ndarray        # [nq, d]
+    own: np.ndarray            # [nq] the memory id of each query vector
+    truth: np.ndarray          # [nq, k] exact neighbours, own id dropped
+    candidates: list[int]      # nprobes to try, in order
+    target: float
+
+
+def merge_shard(number: int, shards: int, trained: np.ndarray, memory_url: str, folder: str,
+                calibration: Calibration | None, *pieces) -> tuple[ShardEntry, dict]:
+    """Merge shard ``number`` from its ``pieces``, write it under ``folder`` of the memory, and
+    search the calibration queries at each candidate nprobe until this shard finds the true
+    neighbours it holds at the target recall (a margin above it), or stops improving.
+    Returns the shard's manifest entry and ``{nprobe: (similarities, ids)}``."""
+    from index import commit
+    index = deserialize(trained)
+    for blob, _ in pieces:
+        merge_codes(index, deserialize(blob))
+    shard = Shard(index, pa.concat_tables([metadata for _, metadata in pieces]), number)
+    fs, root = commit.filesystem(memory_url)
+    entry = shard.save(fs, root, folder)
+    found: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    if calibration is not None:
+        k = calibration.truth.shape[1]
+        mine = calibration.truth % shards == number
+        history = []
+        for nprobe in calibration.candidates:
+            found[nprobe] = shard.search(calibration.queries, k + 1, nprobe)
+            ids = drop_self(found[nprobe][1], calibration.own, k)
+            hits = sum(len(set(f) & set(t[m])) for f, t, m in zip(ids, calibration.truth, mine))
+            history.append(hits / max(1, int(mine.sum())))
+            if history[-1] >= min(0.999, calibration.target + 0.02) or (
+                    len(history) > 3 and history[-1] - history[-3] < 0.002):
+                break
+    return entry, found
+
+
+def calibrated(results: list[dict], calibration: Calibration) -> dict:
+    """Recall@k of the merged shard answers at each nprobe every shard searched; the smallest
+    nprobe reaching the target (else the best). The dict ``index.recall.calibrate_nprobe`` gives."""
+    k = calibration.truth.shape[1]
+    common = [n for n in calibration.candidates if all(n in r for r in results)]
+    by_nprobe: dict[int, float] = {}
+    for n in common:
+        merged = merge_topk([{"similarities": r[n][0], "ids": r[n][1]} for r in results], k + 1)["ids"]
+        by_nprobe[n] = recall_at_k(drop_self(merged, calibration.own, k), calibration.truth)
+        log.info("recall@%d at nprobe %d: %.3f", k, n, by_nprobe[n])
+    best = next((n for n, r in by_nprobe.items() if r >= calibration.target), max(by_nprobe, key=by_nprobe.get))
+    return {"k": k, "recall": by_nprobe[best], "nprobe": best, "target": calibration.target,
+            "queries": len(calibration.own), "by_nprobe": {str(n): round(r, 4) for n, r in by_nprobe.items()}}
+
+
+class Runner:
+    """Runs the build's tasks on Ray when it is connected, else in this process, one after another."""
+
+    def __init__(self, progress: Callable[[str, int, int], object] | None = None, use_ray: bool | None = None):
+        import sys
+        ray = sys.modules.get("ray")           # never import Ray here: a build without it must not start it
+        connected = ray is not None and ray.is_initialized()
+        if use_ray and not connected:
+            raise RuntimeError("the build was asked to run on Ray, but this process is not connected to Ray")
+        self.ray = ray if connected and use_ray is not False else None
+        self.progress = progress or (lambda stage, done, total: None)
+
+    @property
+    def workers(self) -> int:
+        return int(self.ray.cluster_resources().get("CPU", 1)) if self.ray else 1
+
+    def put(self, value):
+        return self.ray.put(value) if self.ray else value
+
+    def submit(self, fn, *args, num_returns: int = 1):
+        """Start ``fn(*args)``; a handle (a Ray ObjectRef, or a list of them for several returns)."""
+        if not self.ray:
+            result = fn(*args)
+            return result if num_returns == 1 else list(result)
+        task = self.ray.remote(fn).options(num_returns=num_returns, **TASK_OPTIONS)
+        return task.remote(*args)
+
+    def get(self, handles: list, stage: str) -> list:
+        """The results of ``handles`` in order, reporting progress as each finishes."""
+        if not self.ray:
+            for done in range(len(handles)):
+                self.progress(stage, done + 1, len(handles))
+            return list(handles)
+        pending, done = list(handles), 0
+        while pending:
+            ready, pending = self.ray.wait(pending, num_returns=1)
+            done += len(ready)
+            self.progress(stage, done, len(handles))
+        return self.ray.get(list(handles))
+
+
+def training_sample(runner: Runner, files: list[EmbeddingFile], size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(vectors, memory ids) of ``size`` rows drawn uniformly without replacement from every file,
+    in random order; each file is read by its own task and only the drawn rows come back."""
+    total = files[-1].first + files[-1].rows
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(rng.choice(total, size=min(size, total), replace=False))
+    firsts = np.array([f.first for f in files])
+    owner = np.searchsorted(firsts, chosen, side="right") - 1
+    handles, ids = [], []
+    for i, file in enumerate(files):
+        rows = chosen[owner == i]
+        if len(rows):
+            handles.append(runner.submit(sample_rows, file, rows - file.first))
+            ids.append(rows)
+    vectors, ids = np.concatenate(runner.get(handles, "sample")), np.concatenate(ids)
+    order = rng.permutation(len(ids))
+    return vectors[order], ids[order]
+
+
+def parallel_add(runner: Runner, files: list[EmbeddingFile], trained: faiss.Index, shards: int, memory_url: str,
+                 folder: str, calibration_sample: tuple[np.ndarray, np.ndarray] | None, candidates: list[int],
+                 target: float, k: int = 10) -> tuple[list[ShardEntry], dict | None]:
+    """Encode every file into pieces, merge each shard, and measure recall: (entries, recall)."""
+    blob = runner.put(serialize(trained))
+    queries, own = calibration_sample if calibration_sample is not None else (np.zeros((0, trained.d), np.float32),
+                                                                              np.zeros(0, np.int64))
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    query_ref = runner.put(queries)
+    encoded = [runner.submit(encode_file, f, blob, shards, query_ref, k + 1, num_returns=shards + 1) for f in files]
+    truth = np.full((len(queries), k + 1), -1, dtype=np.int64)
+    best = {"similarities": np.full((len(queries), k + 1), -np.inf, np.float32), "ids": truth}
+    for sims, ids in runner.get([e[shards] for e in encoded], "encode"):
+        merged = merge_topk([best, {"similarities": sims, "ids": ids}], k + 1)
+        best = {"similarities": merged["similarities"], "ids": merged["ids"]}
+    calibration = None
+    if calibration_sample is not None:
+        calibration = Calibration(queries, own, drop_self(best["ids"], own, k), candidates, target)
+    merged = [runner.submit(merge_shard, s, shards, blob, memory_url, folder, calibration, *[e[s] for e in encoded],
+                            num_returns=1) for s in range(shards)]
+    results = runner.get(merged, "merge")
+    entries = [entry for entry, _ in results]
+    return entries, calibrated([found for _, found in results], calibration) if calibration else None

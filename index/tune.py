@@ -1,0 +1,110 @@
+"""``vismem index tune``: find the cheapest nprobe at which a memory answers at a target recall, and
+record it in a new version's manifest (its search default and the recall measured).
+
+Recall is measured the way the memory answers: each query goes through the shards and the exact
+merge (``VisualMemory.search``), and its true neighbours come from exact search over the vectors
+the memory holds, decoded from their codes shard by shard (so nprobe is tuned against what the
+index stores; what the codes lose to quantisation is the factory's business and is the same at
+every nprobe). Queries are held-out vectors: an embeddings folder of the memory's encoder
+(``queries_url``), or by default a sample of the memory's own vectors, each left out of its own
+answers (leave-one-out).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import faiss
+import numpy as np
+
+from index.edits import commit_edit
+from index.memory import VisualMemory
+from index.recall import drop_self, recall_at_k
+from index.shards import merge_topk
+
+log = logging.getLogger("vismem.index.tune")
+
+
+def exact_neighbours(memory: VisualMemory, queries: np.ndarray, k: int) -> np.ndarray:
+    """Ids ``[nq, k]`` of the exact top-k of ``queries`` among the memory's live vectors as stored,
+    one shard's decoded vectors in memory at a time."""
+    best = None
+    for shard in memory.shards:
+        ids, _, vectors = shard.vectors()
+        if not len(ids):
+            continue
+        kk = min(k, len(ids))
+        sims = np.full((len(queries), k), -np.inf, dtype=np.float32)
+        found = np.full((len(queries), k), -1, dtype=np.int64)
+        sims[:, :kk], rows = faiss.knn(queries, vectors, kk, metric=faiss.METRIC_INNER_PRODUCT)
+        found[:, :kk] = ids[rows]
+        answer = {"similarities": sims, "ids": found}
+        merged = merge_topk([answer] if best is None else [best, answer], k)
+        best = {"similarities": merged["similarities"], "ids": merged["ids"]}
+    return best["ids"]
+
+
+def held_out_sample(memory: VisualMemory, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(vectors, ids) of ``n`` random live vectors of the memory, decoded from their codes."""
+    rng = np.random.default_rng(seed)
+    vectors, ids = [], []
+    for shard in memory.shards:
+        shard_ids, _, shard_vectors = shard.vectors()
+        take = rng.choice(len(shard_ids), size=min(len(shard_ids), -(-n * len(shard_ids) // max(1, len(memory)))),
+                          replace=False)
+        vectors.append(shard_vectors[take])
+        ids.append(shard_ids[take])
+    vectors, ids = np.concatenate(vectors), np.concatenate(ids)
+    order = rng.permutation(len(ids))[:n]
+    return np.ascontiguousarray(vectors[order]), ids[order]
+
+
+def measure(memory: VisualMemory, queries: np.ndarray, own: np.ndarray | None, target: float, k: int = 10,
+            ) -> dict:
+    """Recall@k at nprobe = 1, 2, 4, … up to the first that reaches ``target`` (or nlist).
+    ``own``: each query's id in the memory, left out of its answers (None for outside queries)."""
+    ivf = faiss.try_extract_index_ivf(memory.shards[0].index)
+    if ivf is None:
+        raise ValueError(f"memory {memory.url} is an exact index ({memory.manifest.factory}): every search scans "
+                         "every vector, so there is no nprobe to tune")
+    extra = 0 if own is None else 1
+    truth = exact_neighbours(memory, queries, k + extra)
+    truth = truth if own is None else drop_self(truth, own, k)
+    by_nprobe: dict[int, float] = {}
+    nprobe = 1
+    while True:
+        found = memory.search(queries, k + extra, nprobe=nprobe).ids
+        by_nprobe[nprobe] = recall_at_k(found if own is None else drop_self(found, own, k), truth)
+        log.info("recall@%d at nprobe %d: %.4f", k, nprobe, by_nprobe[nprobe])
+        if by_nprobe[nprobe] >= target or nprobe >= ivf.nlist:
+            break
+        nprobe = min(2 * nprobe, ivf.nlist)
+    best = next((n for n, r in by_nprobe.items() if r >= target), max(by_nprobe, key=by_nprobe.get))
+    return {"k": k, "recall": by_nprobe[best], "nprobe": best, "target": target, "queries": len(queries),
+            "by_nprobe": {str(n): round(r, 4) for n, r in by_nprobe.items()},
+            "measured_by": "tune", "truth": "exact search over the stored vectors",
+            "held_out": "leave-one-out memory vectors" if own is not None else "outside queries"}
+
+
+def tune(memory: VisualMemory, target: float, queries: np.ndarray | None = None, held_out: int = 1000, k: int = 10,
+         reason: str | None = None) -> tuple[int, dict]:
+    """Measure recall across nprobe and commit a version whose default nprobe is the cheapest that
+    reaches ``target``. Returns (version, measurement). A target no nprobe reaches is refused,
+    naming the best recall seen, and nothing is written."""
+    if not 0 < target <= 1:
+        raise ValueError(f"the target recall must be in (0, 1], got {target}")
+    if queries is None:
+        queries, own = held_out_sample(memory, held_out)
+    else:
+        own = None
+    result = measure(memory, np.ascontiguousarray(queries, dtype=np.float32), own, target, k)
+    if result["recall"] < target:
+        raise ValueError(f"no nprobe reaches recall@{k} {target} on memory {memory.url}: the best is "
+                         f"{result['recall']:.4f} at nprobe {result['nprobe']} ({result['by_nprobe']}); the codes "
+                         f"of {memory.manifest.factory} are too coarse: rebuild with a finer factory (e.g. ...,SQ8)")
+    version = commit_edit(memory, memory.shards, operation="tune", search={**memory.manifest.search,
+                                                                           "nprobe": result["nprobe"]},
+                          recall=result, counts={"nprobe": result["nprobe"]}, reason=reason)
+    for shard in memory.shards:
+        shard.defaults = {**shard.defaults, "nprobe": result["nprobe"]}
+    return version, result
