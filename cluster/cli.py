@@ -315,9 +315,9 @@ def add_index_parsers(sub) -> None:
                       "(default: the smallest nprobe whose recall@10, measured by the build against exact search "
                       "on the collection's own vectors, reaches 0.95)")
     build.add_argument("--local", action="store_true",
-                       help="build in this process, one file after another, without Ray (default: Ray tasks encode "
-                            "the embedding files in parallel and merge each shard; the driver holds only the "
-                            "training sample)")
+                       help="build in this process, one file after another, without Ray (default from 100,000 "
+                            "vectors, or with --address: Ray tasks encode the embedding files in parallel and merge "
+                            "each shard; the driver holds only the training sample)")
     add_common(build)
 
     tune = add_command(
@@ -822,7 +822,8 @@ def cmd_build(args) -> dict:
     from tqdm import tqdm
 
     from cluster.runtime import ray_session
-    from index.build import build_memory
+    from index.build import PARALLEL_MIN, build_memory
+    from index.parallel_add import plan_files
     check_positive(args, "shards", "nprobe")
     options = {}                                     # only what was asked for: build_memory's defaults otherwise
     if args.replace:
@@ -837,7 +838,8 @@ def cmd_build(args) -> dict:
             bars[stage] = tqdm(total=total, unit=unit, desc=f"build: {stage}", file=sys.stderr)
         bars[stage].update(done - bars[stage].n)
 
-    if args.local:
+    if args.local or (sum(f.rows for f in plan_files(args.embeddings)[0]) < PARALLEL_MIN and not args.address
+                       and not os.environ.get("RAY_ADDRESS")):
         manifest = build_memory(args.embeddings, args.memory, args.shards, args.factory, progress=progress,
                                 use_ray=False, **options)
     else:

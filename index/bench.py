@@ -98,7 +98,7 @@ def run(cfg: IndexBenchConfig, emit=print, start_ray=None):
     """
     import faiss
 
-    from index.build import training_size, with_ids
+    from index.build import CALIBRATION_QUERIES, training_size, with_ids
     from index.edits import load_trained
     from index.manifest import read_manifest
     from index.memory import VisualMemory
@@ -117,12 +117,13 @@ def run(cfg: IndexBenchConfig, emit=print, start_ray=None):
         memory_url = f"{work}/memory-{max(builds)}w"
         manifest = read_manifest(memory_url)
         bare_build = in_own_process(timed_bare_build, data, cfg.vectors, manifest.factory)
-        sample_gb = training_size(manifest.factory) * cfg.dim * 4 / 2 ** 30
+        sample_gb = (training_size(manifest.factory) + CALIBRATION_QUERIES) * cfg.dim * 4 / 2 ** 30
         fs, root = fsspec.core.url_to_fs(memory_url)
         memory_bytes = sum(fs.size(f"{root}/{s.index}") for s in manifest.shards)
         for workers, build in builds.items():
             emit({"what": "build_run", "vectors": cfg.vectors, "dim": cfg.dim, "shards": cfg.shards,
                   "factory": manifest.factory, "workers": workers, "build_s": build["seconds"],
+                  "stages_ended_s": build["stages_ended_s"],
                   "vectors_per_s": round(cfg.vectors / build["seconds"]),
                   "bare_train_add_s": bare_build["seconds"], "wall_ratio_to_bare": round(build["seconds"] / bare_build["seconds"], 2),
                   "driver_peak_rss_gb": build["peak_rss_gb"], "training_sample_gb": round(sample_gb, 2),
@@ -185,17 +186,24 @@ def in_own_process(fn, *args) -> dict:
 
 
 def timed_build(embeddings: str, memory: str, shards: int, factory: str | None, workers: int, start_ray=None) -> dict:
-    """``vismem index build`` in this process: in process with one worker, on a local Ray of
-    ``workers`` CPUs otherwise (its start-up not counted). Seconds and this driver's peak RSS."""
+    """``vismem index build`` in this process: with one worker, in process on one thread (FAISS's
+    OpenMP included); otherwise on a local Ray of ``workers`` CPUs (its start-up not counted).
+    Seconds, when each stage of the build ended, and this driver's peak RSS."""
+    import faiss
     import ray
 
     from index.build import build_memory
     if workers > 1:
         (start_ray or ray.init)(num_cpus=workers)
+    else:
+        faiss.omp_set_num_threads(1)
+    ended = {}
     try:
         start = time.perf_counter()
-        build_memory(embeddings, memory, shards, factory, replace=True, use_ray=workers > 1)
-        return {"seconds": round(time.perf_counter() - start, 1), "peak_rss_gb": round(peak_rss_gb(), 2)}
+        build_memory(embeddings, memory, shards, factory, replace=True, use_ray=workers > 1,
+                     progress=lambda stage, done, total: ended.__setitem__(stage, round(time.perf_counter() - start, 1)))
+        return {"seconds": round(time.perf_counter() - start, 1), "stages_ended_s": ended,
+                "peak_rss_gb": round(peak_rss_gb(), 2)}
     finally:
         if workers > 1:
             ray.shutdown()
@@ -210,4 +218,10 @@ def timed_bare_build(data: ClusteredVectors, n: int, factory: str) -> dict:
 
 
 def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    """This process's peak resident memory: ``VmHWM`` on Linux, which a new program starts afresh
+    (``ru_maxrss`` keeps the peak of the process that forked it across ``exec``)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 2 ** 20
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20

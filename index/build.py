@@ -30,6 +30,8 @@ from index.shards import serialize
 log = logging.getLogger("vismem.index.build")
 FLAT_LIMIT = 100_000
 TARGET_RECALL = 0.95
+PARALLEL_MIN = 100_000        # vectors from which a build uses Ray (when connected) unless told
+NON_IVF_TRAINING = 65_536     # vectors a trainable index without lists (SQ8, PQ codes) trains on
 CALIBRATION_QUERIES = 1000     # memory vectors whose recall@10 the build measures
 
 
@@ -51,7 +53,8 @@ def choose_factory(n: int, dim: int) -> str:
 
 
 def training_size(factory: str) -> int:
-    """How many vectors to train on: ≥ 39·nlist, and ≥ 9,984 for 8-bit PQ (DESIGN.md §3)."""
+    """How many vectors an IVF factory trains on: ≥ 39·nlist, and ≥ 9,984 for 8-bit PQ (DESIGN.md
+    §3); 0 for the others (see ``NON_IVF_TRAINING``)."""
     if "IVF" not in factory:
         return 0
     nlist = int(factory.split("IVF")[1].split(",")[0].split("_")[0])
@@ -110,7 +113,8 @@ def build_memory(embeddings_url: str, memory_url: str, shards: int = 2, factory:
     refused unless ``replace``. ``trained`` is a trained empty index of ``factory`` to fill instead
     of training one (another memory's): two memories over one trained index answer comparably.
     ``progress(stage, done, total)`` is called as tasks finish. ``use_ray``: None runs the tasks on
-    Ray when this process is connected to it, False in this process, True requires Ray.
+    Ray when this process is connected to it and the collection holds ``PARALLEL_MIN`` vectors or
+    more, False in this process, True requires Ray.
     """
     files, dim = plan_files(embeddings_url)
     count = sum(f.rows for f in files)
@@ -126,24 +130,28 @@ def build_memory(embeddings_url: str, memory_url: str, shards: int = 2, factory:
     if trained is not None and (trained.d != dim or not trained.is_trained):
         raise ValueError(f"the trained index given must be a trained {dim}-d index")
 
-    runner = Runner(progress, use_ray)
+    if use_ray is None and count < PARALLEL_MIN:
+        use_ray = False                        # seconds in process; Ray's task start-up would be most of it
+    runner = Runner(progress, use_ray, urls=(embeddings_url, memory_url))
     owner = trained if trained is not None else empty_index(dim, factory)     # keeps the IVF view's object alive
     ivf = faiss.try_extract_index_ivf(owner)
     log.info("building %s over %d vectors of dim %d in %d shards (%d files, %d workers)", factory, count, dim, shards,
              len(files), runner.workers)
-    sample_size = (training_size(factory) if trained is None else 0) + (CALIBRATION_QUERIES if ivf is not None else 0)
-    sample, sample_ids = training_sample(runner, files, sample_size) if sample_size else (None, None)
-    empty = trained if trained is not None else train_empty_index(sample, factory) if sample is not None \
-        else empty_index(dim, factory)
-    calibration = None if ivf is None else (sample[:CALIBRATION_QUERIES], sample_ids[:CALIBRATION_QUERIES])
-    candidates = [nprobe] if nprobe else [2 ** i for i in range(int(np.log2(ivf.nlist)) + 1)] if ivf else []
-    del sample
+    queries = CALIBRATION_QUERIES if ivf is not None else 0
+    train = 0 if owner.is_trained else training_size(factory) or NON_IVF_TRAINING
+    sample, sample_ids = training_sample(runner, files, dim, queries + train) if queries + train else (None, None)
+    calibration = None if ivf is None else (sample[:queries].copy(), sample_ids[:queries].copy())
+    held_out = sample is not None and len(sample) >= queries + train   # a small collection trains on all of it
+    empty = owner if owner.is_trained else train_empty_index(sample[queries:] if held_out else sample, factory)
+    del sample, sample_ids
+    candidates = [nprobe] if nprobe else nprobe_candidates(ivf.nlist) if ivf else []
     fs, root = commit.filesystem(memory_url)
     version = previous.version + 1 if previous else 1
     with commit.staged(fs, root, version) as folder:
         commit.write(fs, f"{root}/{folder}/trained.faiss", serialize(empty))
         entries, recall = parallel_add(runner, files, empty, shards, memory_url, folder, calibration, candidates,
-                                       target_recall)
+                                       target_recall, k=max(1, min(10, count - 1)))
+        check_written(fs, root, entries)
         if recall is not None and recall["recall"] < target_recall:
             log.warning("recall@%d is %.3f at nprobe %d, below the target %.2f: the factory's codes are too coarse "
                         "(try an SQ8 or refined factory)", recall["k"], recall["recall"], recall["nprobe"],
@@ -156,6 +164,22 @@ def build_memory(embeddings_url: str, memory_url: str, shards: int = 2, factory:
         commit.commit(fs, root, version, manifest.to_json())
     commit.move_pointer(fs, root, version)
     return manifest
+
+
+def nprobe_candidates(nlist: int) -> list[int]:
+    """The nprobes a build or ``tune`` tries, cheapest first: 1, 2, 4, … and nlist itself."""
+    return sorted({2 ** i for i in range(int(np.log2(nlist)) + 1)} | {nlist})
+
+
+def check_written(fs, root: str, entries: list) -> None:
+    """Every file the manifest will reference is in the memory's store (a task that wrote elsewhere,
+    e.g. on another node's disk, must fail the build, not commit a version that cannot load)."""
+    paths = [f"{root}/{p}" for entry in entries for p in entry.files()]
+    fs.invalidate_cache(root)
+    missing = [p for p in paths if not fs.exists(p)]
+    if missing:
+        raise FileNotFoundError(f"the build's tasks wrote {len(missing)} file(s) the driver cannot see, e.g. "
+                                f"{missing[0]}: on a cluster, build into storage every node shares (s3://...)")
 
 
 def check_shards(shards: int, count: int) -> None:

@@ -74,7 +74,7 @@ def write(fs, path: str, data, mode: str = "new") -> None:
     ``data`` is bytes, or (mode ``"new"`` only) a function that writes the file's bytes to the
     open file it is given: a shard index streams out that way, never held whole in memory. A new
     file's name is referenced by no manifest until its version commits, so a write killed half-way
-    leaves only an orphan for vacuum (on S3 not even that: a multipart upload appears whole or not)."""
+    leaves only an orphan for vacuum (on S3 not even that: a failed stream aborts its upload)."""
     if callable(data) and mode != "new":
         raise ValueError("only a new file can be written as a stream")
     if mode == "replace":
@@ -86,8 +86,16 @@ def write(fs, path: str, data, mode: str = "new") -> None:
         if mode == "create":
             create_exclusive(fs, path, data)
         elif callable(data):
-            with fs.open(path, "wb") as f:
+            f = fs.open(path, "wb")
+            try:
                 data(f)
+            except BaseException:
+                if isinstance(f, fsspec.spec.AbstractBufferedFile):
+                    f.discard()                # an object store's upload is aborted, not completed
+                else:
+                    f.close()                  # a local file: an orphan in this writer's own folder
+                raise
+            f.close()
         else:
             fs.pipe_file(path, data)
 

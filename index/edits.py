@@ -103,7 +103,7 @@ def rollback(memory: "VisualMemory", version: int, reason: str | None = None) ->
     target = read_manifest(memory.url, version)
     loaded = {p.stored.index: p for s in memory.shards for p in s.parts if p.stored is not None}
     search = target.search_defaults(memory.nprobe)
-    shards = [Shard.load(memory.url, e, i, search, loaded) for i, e in enumerate(target.shards)]
+    shards = [Shard.load(memory.url, e, i, search, loaded, mmap=memory.mmap) for i, e in enumerate(target.shards)]
     m = memory.manifest
     new = replace(target, version=m.version + 1, parent=m.version, next_id=max(m.next_id, target.next_id),
                   operation="rollback", counts={"vectors": target.count}, target=version, reason=reason,

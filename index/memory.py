@@ -44,6 +44,7 @@ class Classification:
 class VisualMemory:
     def __init__(self, url: str, manifest: Manifest, shards: list[Shard], nprobe: int | None = None):
         self.url, self.manifest, self.shards, self.nprobe = url, manifest, shards, nprobe
+        self.mmap = False
         self._trained: tuple[str, faiss.Index] | None = None
 
     @classmethod
@@ -54,8 +55,10 @@ class VisualMemory:
         a memory on local disk instead of reading them (``Shard.load``): shards larger than RAM."""
         manifest = read_manifest(url, version)
         search = manifest.search_defaults(nprobe)
-        return cls(url, manifest, [Shard.load(url, e, i, search, mmap=mmap) for i, e in enumerate(manifest.shards)],
-                   nprobe)
+        memory = cls(url, manifest, [Shard.load(url, e, i, search, mmap=mmap) for i, e in enumerate(manifest.shards)],
+                     nprobe)
+        memory.mmap = mmap                     # shards this object reads later (rollback) are mapped too
+        return memory
 
     def __len__(self) -> int:
         return sum(len(s) for s in self.shards)

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 from index.embeddings import embedding_dim, embedding_files, embedding_matrix
 from index.manifest import ShardEntry
-from index.recall import drop_self, recall_at_k
+from index.recall import drop_self, exact_topk, recall_at_k
 from index.shards import Shard, deserialize, merge_codes, merge_topk, metadata_table, serialize
 
 log = logging.getLogger("vismem.index.build")
@@ -56,13 +56,23 @@ def plan_files(url: str) -> tuple[list[EmbeddingFile], int]:
     paths = embedding_files(url)
 
     def footer(path):
-        with fsspec.open(path, "rb") as f:
-            meta = pq.ParquetFile(f)
-            dim = embedding_dim(meta.schema_arrow, path)
-            stats = [meta.metadata.row_group(g).column(meta.schema_arrow.get_field_index("id")).statistics
-                     for g in range(meta.metadata.num_row_groups)] if "id" in meta.schema_arrow.names else []
-            lows = [s.min for s in stats if s is not None and s.has_min_max]
-            return path, meta.metadata.num_rows, dim, min(lows) if len(lows) == len(stats) and lows else None
+        try:
+            with fsspec.open(path, "rb") as f:
+                meta = pq.ParquetFile(f)
+        except Exception as e:  # noqa: BLE001 (pyarrow and the stores raise many kinds; name the file)
+            raise ValueError(f"cannot read the Parquet footer of {path} ({type(e).__name__}: {e})") from None
+        dim = embedding_dim(meta.schema_arrow, path)
+        missing = [c for c in ("id", "uri", "label") if c not in meta.schema_arrow.names]
+        if missing:
+            raise ValueError(f"{path} is not an embeddings file: it lacks the column(s) {', '.join(missing)} "
+                             f"(columns: {', '.join(meta.schema_arrow.names)})")
+        column = [meta.metadata.schema.column(i).path for i in range(meta.metadata.num_columns)].index("id")
+        stats = [meta.metadata.row_group(g).column(column).statistics for g in range(meta.metadata.num_row_groups)]
+        lows = [s.min for s in stats if s is not None and s.has_min_max]
+        if len(lows) != len(stats):
+            log.warning("%s has no id statistics: its vectors get memory ids after those of files that have them",
+                        path)
+        return path, meta.metadata.num_rows, dim, min(lows) if len(lows) == len(stats) and lows else None
 
     with ThreadPoolExecutor(16) as pool:                 # footers are small reads; S3 answers them in parallel
         footers = list(pool.map(footer, paths))
@@ -85,6 +95,9 @@ def read_file(file: EmbeddingFile) -> pa.Table:
     except FileNotFoundError:
         raise FileNotFoundError(f"embedding file {file.url} disappeared while the build was reading the folder; "
                                 "nothing was committed: run the build again once the folder is complete") from None
+    except Exception as e:  # noqa: BLE001 (a damaged file: name it)
+        raise ValueError(f"cannot read embedding file {file.url} ({type(e).__name__}: {e}); nothing was "
+                         "committed") from None
     if len(table) != file.rows:
         raise ValueError(f"embedding file {file.url} changed while the build was reading the folder ({len(table)} "
                          f"rows, {file.rows} when planned); nothing was committed: run the build again")
@@ -116,17 +129,6 @@ def encode_file(file: EmbeddingFile, trained: np.ndarray, shards: int, queries: 
     return (*pieces, exact_topk(queries, vectors, ids, k))
 
 
-def exact_topk(queries: np.ndarray, vectors: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(similarities, ids) ``[nq, k]`` of the exact nearest of ``vectors`` (−inf/−1 past their number)."""
-    sims = np.full((len(queries), k), -np.inf, dtype=np.float32)
-    found = np.full((len(queries), k), -1, dtype=np.int64)
-    if len(queries) and len(vectors):
-        kk = min(k, len(vectors))
-        sims[:, :kk], rows = faiss.knn(queries, vectors, kk, metric=faiss.METRIC_INNER_PRODUCT)
-        found[:, :kk] = ids[rows]
-    return sims, found
-
-
 @dataclass
 class Calibration:
     """What the shard tasks search to measure recall: memory vectors with their ids and true neighbours."""
@@ -141,8 +143,9 @@ def merge_shard(number: int, shards: int, trained: np.ndarray, memory_url: str, 
                 calibration: Calibration | None, *pieces) -> tuple[ShardEntry, dict]:
     """Merge shard ``number`` from its ``pieces``, write it under ``folder`` of the memory, and
     search the calibration queries at each candidate nprobe until this shard finds the true
-    neighbours it holds at the target recall (a margin above it), or stops improving.
-    Returns the shard's manifest entry and ``{nprobe: (similarities, ids)}``."""
+    neighbours it holds at the target recall (a margin above it), or stops improving. The merged
+    recall can be lower than any shard's, so the driver asks for more nprobes if it needs them
+    (``search_shard``). Returns the shard's manifest entry and ``{nprobe: (similarities, ids)}``."""
     from index import commit
     index = deserialize(trained)
     for blob, _ in pieces:
@@ -153,7 +156,7 @@ def merge_shard(number: int, shards: int, trained: np.ndarray, memory_url: str, 
     found: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     if calibration is not None:
         k = calibration.truth.shape[1]
-        mine = calibration.truth % shards == number
+        mine = (calibration.truth % shards == number) & (calibration.truth >= 0)
         history = []
         for nprobe in calibration.candidates:
             found[nprobe] = shard.search(calibration.queries, k + 1, nprobe)
@@ -166,16 +169,44 @@ def merge_shard(number: int, shards: int, trained: np.ndarray, memory_url: str, 
     return entry, found
 
 
-def calibrated(results: list[dict], calibration: Calibration) -> dict:
-    """Recall@k of the merged shard answers at each nprobe every shard searched; the smallest
-    nprobe reaching the target (else the best). The dict ``index.recall.calibrate_nprobe`` gives."""
+def search_shard(memory_url: str, entry: ShardEntry, number: int, queries: np.ndarray, k: int,
+                 nprobes: list[int]) -> dict:
+    """Shard ``number`` of a written (not yet committed) build, read back, searched at ``nprobes``."""
+    shard = Shard.load(memory_url, entry, number)
+    return {n: shard.search(queries, k, n) for n in nprobes}
+
+
+def merged_recall(results: list[dict], calibration: Calibration, nprobe: int) -> float:
+    """Recall@k at ``nprobe`` of the shards' answers merged, each query's own id left out."""
     k = calibration.truth.shape[1]
-    common = [n for n in calibration.candidates if all(n in r for r in results)]
+    merged = merge_topk([{"similarities": r[nprobe][0], "ids": r[nprobe][1]} for r in results], k + 1)["ids"]
+    return recall_at_k(drop_self(merged, calibration.own, k), calibration.truth)
+
+
+def calibrate(runner: "Runner", entries: list[ShardEntry], results: list[dict], calibration: Calibration,
+              memory_url: str) -> dict:
+    """The smallest candidate nprobe whose merged recall reaches the target (else the best), as
+    ``{"k", "recall", "nprobe", "target", "queries", "by_nprobe"}``. The shards' first answers
+    cover the nprobes every shard searched; when none of those reaches the target, the shards are
+    searched again at the next candidates, until one does or recall stops rising."""
+    k = calibration.truth.shape[1]
     by_nprobe: dict[int, float] = {}
-    for n in common:
-        merged = merge_topk([{"similarities": r[n][0], "ids": r[n][1]} for r in results], k + 1)["ids"]
-        by_nprobe[n] = recall_at_k(drop_self(merged, calibration.own, k), calibration.truth)
-        log.info("recall@%d at nprobe %d: %.3f", k, n, by_nprobe[n])
+    remaining = list(calibration.candidates)
+    while remaining:
+        common = [n for n in remaining if all(n in r for r in results)]
+        if not common:
+            batch = remaining[:2]
+            answers = runner.get([runner.submit(search_shard, memory_url, e, s, calibration.queries, k + 1, batch)
+                                  for s, e in enumerate(entries)], "calibrate")
+            results = [{**r, **a} for r, a in zip(results, answers)]
+            continue
+        for n in common:
+            by_nprobe[n] = merged_recall(results, calibration, n)
+            log.info("recall@%d at nprobe %d: %.3f", k, n, by_nprobe[n])
+            remaining.remove(n)
+        values = list(by_nprobe.values())
+        if max(values) >= calibration.target or (len(values) > 3 and values[-1] - values[-3] < 0.002):
+            break
     best = next((n for n, r in by_nprobe.items() if r >= calibration.target), max(by_nprobe, key=by_nprobe.get))
     return {"k": k, "recall": by_nprobe[best], "nprobe": best, "target": calibration.target,
             "queries": len(calibration.own), "by_nprobe": {str(n): round(r, 4) for n, r in by_nprobe.items()}}
@@ -184,14 +215,24 @@ def calibrated(results: list[dict], calibration: Calibration) -> dict:
 class Runner:
     """Runs the build's tasks on Ray when it is connected, else in this process, one after another."""
 
-    def __init__(self, progress: Callable[[str, int, int], object] | None = None, use_ray: bool | None = None):
+    def __init__(self, progress: Callable[[str, int, int], object] | None = None, use_ray: bool | None = None,
+                 urls: tuple[str, ...] = ()):
         import sys
         ray = sys.modules.get("ray")           # never import Ray here: a build without it must not start it
         connected = ray is not None and ray.is_initialized()
         if use_ray and not connected:
             raise RuntimeError("the build was asked to run on Ray, but this process is not connected to Ray")
-        self.ray = ray if connected and use_ray is not False else None
+        in_process = [u for u in urls if u.startswith("memory://")]
+        if use_ray and in_process:
+            raise ValueError(f"{in_process[0]} lives in this process's memory, which Ray workers cannot reach; "
+                             "build in process (--local) or use storage every worker shares")
+        local = [u for u in urls if "://" not in u or u.startswith("file://")]
+        if use_ray and local and len([n for n in ray.nodes() if n.get("Alive")]) > 1:
+            raise ValueError(f"{local[0]} is a local path, but the Ray cluster has several nodes, whose tasks would "
+                             "each read and write their own disk; use storage every node shares (s3://...)")
+        self.ray = ray if connected and use_ray is not False and not in_process else None
         self.progress = progress or (lambda stage, done, total: None)
+        self.remotes: dict = {}            # one Ray remote function per task function, exported once
 
     @property
     def workers(self) -> int:
@@ -205,8 +246,23 @@ class Runner:
         if not self.ray:
             result = fn(*args)
             return result if num_returns == 1 else list(result)
-        task = self.ray.remote(fn).options(num_returns=num_returns, **TASK_OPTIONS)
-        return task.remote(*args)
+        if fn not in self.remotes:
+            self.remotes[fn] = self.ray.remote(fn)
+        return self.remotes[fn].options(num_returns=num_returns, **TASK_OPTIONS).remote(*args)
+
+    def each(self, handles: list, stage: str):
+        """(position, result) of each of ``handles`` as it finishes, fetched one at a time."""
+        if not self.ray:
+            for i, result in enumerate(handles):
+                self.progress(stage, i + 1, len(handles))
+                yield i, result
+            return
+        position = {h: i for i, h in enumerate(handles)}
+        pending = list(handles)
+        while pending:
+            [ready], pending = self.ray.wait(pending, num_returns=1)
+            self.progress(stage, len(handles) - len(pending), len(handles))
+            yield position[ready], self.ray.get(ready)
 
     def get(self, handles: list, stage: str) -> list:
         """The results of ``handles`` in order, reporting progress as each finishes."""
@@ -222,23 +278,24 @@ class Runner:
         return self.ray.get(list(handles))
 
 
-def training_sample(runner: Runner, files: list[EmbeddingFile], size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def training_sample(runner: Runner, files: list[EmbeddingFile], dim: int, size: int, seed: int = 0,
+                    ) -> tuple[np.ndarray, np.ndarray]:
     """(vectors, memory ids) of ``size`` rows drawn uniformly without replacement from every file,
-    in random order; each file is read by its own task and only the drawn rows come back."""
+    in random order; each file is read by its own task, only the drawn rows come back, and each
+    task's rows go straight to their shuffled places (the sample is held once)."""
     total = files[-1].first + files[-1].rows
     rng = np.random.default_rng(seed)
     chosen = np.sort(rng.choice(total, size=min(size, total), replace=False))
-    firsts = np.array([f.first for f in files])
-    owner = np.searchsorted(firsts, chosen, side="right") - 1
-    handles, ids = [], []
-    for i, file in enumerate(files):
-        rows = chosen[owner == i]
-        if len(rows):
-            handles.append(runner.submit(sample_rows, file, rows - file.first))
-            ids.append(rows)
-    vectors, ids = np.concatenate(runner.get(handles, "sample")), np.concatenate(ids)
-    order = rng.permutation(len(ids))
-    return vectors[order], ids[order]
+    owner = np.searchsorted(np.array([f.first for f in files]), chosen, side="right") - 1
+    slot = rng.permutation(len(chosen))
+    rows = [np.flatnonzero(owner == i) for i in range(len(files))]
+    jobs = [(mine, runner.submit(sample_rows, file, chosen[mine] - file.first))
+            for file, mine in zip(files, rows) if len(mine)]
+    vectors, ids = np.empty((len(chosen), dim), np.float32), np.empty(len(chosen), np.int64)
+    for j, part in runner.each([handle for _, handle in jobs], "sample"):
+        vectors[slot[jobs[j][0]]] = part
+        ids[slot[jobs[j][0]]] = chosen[jobs[j][0]]
+    return vectors, ids
 
 
 def parallel_add(runner: Runner, files: list[EmbeddingFile], trained: faiss.Index, shards: int, memory_url: str,
@@ -253,7 +310,7 @@ def parallel_add(runner: Runner, files: list[EmbeddingFile], trained: faiss.Inde
     encoded = [runner.submit(encode_file, f, blob, shards, query_ref, k + 1, num_returns=shards + 1) for f in files]
     truth = np.full((len(queries), k + 1), -1, dtype=np.int64)
     best = {"similarities": np.full((len(queries), k + 1), -np.inf, np.float32), "ids": truth}
-    for sims, ids in runner.get([e[shards] for e in encoded], "encode"):
+    for _, (sims, ids) in runner.each([e[shards] for e in encoded], "encode"):
         merged = merge_topk([best, {"similarities": sims, "ids": ids}], k + 1)
         best = {"similarities": merged["similarities"], "ids": merged["ids"]}
     calibration = None
@@ -263,4 +320,6 @@ def parallel_add(runner: Runner, files: list[EmbeddingFile], trained: faiss.Inde
                             num_returns=1) for s in range(shards)]
     results = runner.get(merged, "merge")
     entries = [entry for entry, _ in results]
-    return entries, calibrated([found for _, found in results], calibration) if calibration else None
+    if calibration is None:
+        return entries, None
+    return entries, calibrate(runner, entries, [found for _, found in results], calibration, memory_url)

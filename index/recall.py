@@ -1,9 +1,10 @@
-"""Recall of a sharded memory against exact search, and the nprobe that reaches a target.
+"""Recall of a sharded memory against exact search: the helpers the build and ``tune`` share.
 
-A memory must answer at the recall it claims. The build measures it on the collection itself:
-a sample of memory vectors is searched both exactly (``faiss.knn``) and through the shards as a
-query would be (each shard, then the exact merge), each vector's own id is dropped from both
-lists, and recall@k is the share of the true k neighbours the shards return.
+A memory must answer at the recall it claims. The build (``index.parallel_add``) and ``vismem index
+tune`` (``index.tune``) measure it: held-out vectors are searched both exactly (``faiss.knn``,
+block by block: ``exact_topk``) and through the shards as a query would be (each shard, then the
+exact merge); a memory vector used as a query has its own id dropped from both lists
+(``drop_self``), and recall@k is the share of the true k neighbours the shards return.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import logging
 import faiss
 import numpy as np
 
-from index.shards import Shard, merge_topk
 
 log = logging.getLogger("vismem.index.recall")
 
@@ -33,30 +33,15 @@ def drop_self(neighbour_ids: np.ndarray, own_ids: np.ndarray, k: int) -> np.ndar
     return out
 
 
-def sharded_search(shards: list[Shard], queries: np.ndarray, k: int, nprobe: int | None) -> np.ndarray:
-    return merge_topk([s.query(queries, k, nprobe) for s in shards], k)["ids"]
-
-
-def calibrate_nprobe(shards: list[Shard], vectors: np.ndarray, ids: np.ndarray, target: float = 0.95,
-                     nprobe: int | None = None, k: int = 10, queries: int = 1000, seed: int = 0) -> dict:
-    """Measure recall@k of ``shards`` on ``queries`` memory vectors; with ``nprobe`` None, at
-    nprobe = 1, 2, 4, … up to the first that reaches ``target`` (or until recall stops rising).
-
-    Returns ``{"k", "recall", "nprobe", "target", "queries", "by_nprobe"}``.
-    """
-    rows = np.random.default_rng(seed).choice(len(vectors), size=min(queries, len(vectors)), replace=False)
-    sample, own = np.ascontiguousarray(vectors[rows]), ids[rows]
-    k = min(k, len(vectors) - 1)
-    _, exact = faiss.knn(sample, vectors, k + 1, metric=faiss.METRIC_INNER_PRODUCT)
-    truth = drop_self(ids[exact], own, k)
-    nlist = faiss.try_extract_index_ivf(shards[0].index).nlist
-    candidates = [nprobe] if nprobe else [2 ** i for i in range(int(np.log2(nlist)) + 1)]
-    by_nprobe: dict[int, float] = {}
-    for n in candidates:
-        by_nprobe[n] = recall_at_k(drop_self(sharded_search(shards, sample, k + 1, n), own, k), truth)
-        log.info("recall@%d at nprobe %d: %.3f", k, n, by_nprobe[n])
-        if by_nprobe[n] >= target or (len(by_nprobe) > 3 and by_nprobe[n] - list(by_nprobe.values())[-3] < 0.002):
-            break
-    best = next((n for n, r in by_nprobe.items() if r >= target), max(by_nprobe, key=by_nprobe.get))
-    return {"k": k, "recall": by_nprobe[best], "nprobe": best, "target": target, "queries": len(rows),
-            "by_nprobe": {str(n): round(r, 4) for n, r in by_nprobe.items()}}
+def exact_topk(queries: np.ndarray, vectors: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(similarities, ids) ``[nq, k]`` of the exact nearest of ``vectors`` (labelled ``ids``) by
+    inner product, −inf/−1 past their number: one block of a search merged block by block."""
+    sims = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    found = np.full((len(queries), k), -1, dtype=np.int64)
+    if len(queries) and len(vectors):
+        kk = min(k, len(vectors))
+        sims[:, :kk], rows = faiss.knn(np.ascontiguousarray(queries, dtype=np.float32),
+                                       np.ascontiguousarray(vectors, dtype=np.float32), kk,
+                                       metric=faiss.METRIC_INNER_PRODUCT)
+        found[:, :kk] = ids[rows]
+    return sims, found

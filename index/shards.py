@@ -122,15 +122,17 @@ def write_index(index: faiss.Index, f) -> str:
         digest.update(block)
         f.write(block)
 
-    writer = faiss.PyCallbackIOWriter(put, STREAM_BLOCK)
+    writer = faiss.PyCallbackIOWriter(put, STREAM_BLOCK)     # hands over at most STREAM_BLOCK bytes a call
     faiss.write_index(index, writer)
-    del writer                                 # flushes its last block
+    del writer
     return digest.hexdigest()
 
 
-def read_index(f) -> tuple[faiss.Index, str]:
-    """The index stored in the open binary file ``f``, read as a stream, and the file's sha256: the
-    index is built from blocks as they arrive, without a copy of the file in memory."""
+def read_index(f, expected: str) -> faiss.Index:
+    """The index stored in the open binary file ``f``, read as a stream and checked against its
+    sha256 ``expected``: the index is built from blocks as they arrive, without a copy of the file
+    in memory. A file that does not match raises ``ValueError``, also when its damage made FAISS
+    fail first (the rest of the file is then hashed to tell damage from a FAISS error)."""
     digest = hashlib.sha256()
 
     def get(n: int) -> bytes:
@@ -139,22 +141,34 @@ def read_index(f) -> tuple[faiss.Index, str]:
         return block
 
     reader = faiss.PyCallbackIOReader(get, STREAM_BLOCK)
-    index = faiss.read_index(reader)
-    del reader
+    try:
+        index = faiss.read_index(reader)
+    except (RuntimeError, MemoryError):
+        for block in iter(lambda: f.read(STREAM_BLOCK), b""):
+            digest.update(block)
+        if digest.hexdigest() != expected:
+            raise ValueError("does not match its sha256 in the manifest") from None
+        raise
+    finally:
+        del reader
     digest.update(f.read())                    # trailing bytes, if any: they count in the file's hash
-    return index, digest.hexdigest()
+    if digest.hexdigest() != expected:
+        raise ValueError("does not match its sha256 in the manifest")
+    return index
 
 
-def map_index(path: str) -> tuple[faiss.Index, str]:
+def map_index(path: str, expected: str) -> faiss.Index:
     """The index in the local file ``path`` with its inverted lists memory-mapped (IVF indexes;
-    FAISS reads other types into memory), and the file's sha256, hashed block by block. The
-    mapping is read-only: the OS pages lists in as queries visit them, so a shard larger than RAM
-    can answer queries."""
+    FAISS reads other types into memory), after checking the file's sha256 ``expected`` block by
+    block. The mapping is read-only: the OS pages lists in as queries visit them, so a shard
+    larger than RAM can answer queries."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(STREAM_BLOCK), b""):
             digest.update(block)
-    return faiss.read_index(path, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY), digest.hexdigest()
+    if digest.hexdigest() != expected:
+        raise ValueError("does not match its sha256 in the manifest")
+    return faiss.read_index(path, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
 
 
 def mapped(index: faiss.Index) -> bool:
@@ -232,6 +246,8 @@ class Part:
         self.labels = np.array(self.metadata.column("label").to_pylist(), dtype=object)
         if self.index.ntotal != len(self.ids):
             raise ValueError(f"index holds {self.index.ntotal} vectors but metadata {len(self.ids)} rows")
+        if plain_ivf(self.index) is not None:           # threads over queries in search_preassigned too (FAISS's
+            plain_ivf(self.index).parallel_mode = 3     # default, 0, runs it on one thread); set once, never on a query
 
     def positions(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(row of each id in this part, whether the part holds it)."""
@@ -377,6 +393,9 @@ class Shard:
             raise ValueError(f"queries must be [n, {self.index.d}], got {list(queries.shape)}")
         if nprobe is not None and nprobe < 1:
             raise ValueError(f"nprobe must be a positive whole number, got {nprobe}")
+        if coarse is not None and nprobe and min(nprobe, self.index.nlist if plain_ivf(self.index) else nprobe) \
+                != coarse[1].shape[1]:
+            raise ValueError(f"nprobe {nprobe} asked, but the coarse assignment holds {coarse[1].shape[1]} lists")
         answers = []
         for part in [p for p in self.parts if p.index.ntotal] or self.parts[:1]:
             if self.overfetch(part):
@@ -497,22 +516,19 @@ class Shard:
         paths += [f"{root}/{p}" for p in (entry.deleted, entry.weights) if p]
         blobs = fs.cat(paths) if paths else {}               # a dict; s3fs fetches them concurrently
 
-        def check(path, digest, actual):
-            if actual != digest:
-                raise ValueError(f"shard {number} of {root_url}: {path} does not match its sha256 in the manifest")
-
         def checked(path, digest):
-            check(path, digest, sha256(blobs[f"{root}/{path}"]))
+            if sha256(blobs[f"{root}/{path}"]) != digest:
+                raise ValueError(f"shard {number} of {root_url}: {path} does not match its sha256 in the manifest")
             return blobs[f"{root}/{path}"]
 
         def index_file(path, digest):
-            if mmap:
-                index, actual = map_index(f"{root}/{path}")
-            else:
+            try:
+                if mmap:
+                    return map_index(f"{root}/{path}", digest)
                 with fs.open(f"{root}/{path}", "rb", block_size=STREAM_BLOCK) as f:
-                    index, actual = read_index(f)
-            check(path, digest, actual)
-            return index
+                    return read_index(f, digest)
+            except (RuntimeError, MemoryError) as e:
+                raise ValueError(f"FAISS cannot read it ({str(e).strip().splitlines()[-1][:200]})") from None
 
         parts = []
         for s in stored:
@@ -524,7 +540,7 @@ class Shard:
                 parts.append(Part(index, pq.read_table(pa.BufferReader(blobs[f"{root}/{s.metadata}"])), s,
                                   f"{root}/{s.index}" if mapped(index) else None))
             except ValueError as e:
-                raise ValueError(f"shard {number} of {root_url}: {s.index}: {e}") from None
+                raise ValueError(f"shard {number} of {root_url}: {s.index} {e}") from None
         deleted = np.zeros(0, dtype=np.int64)
         if entry.deleted:
             deleted = np.load(io.BytesIO(checked(entry.deleted, entry.deleted_sha256)), allow_pickle=False)
@@ -559,8 +575,9 @@ def coarse_assignment(shards: list["Shard"], queries: np.ndarray, nprobe: int | 
     if ivf is None:
         return None
     nprobe = int(nprobe or shards[0].defaults.get("nprobe") or ivf.nprobe)
-    if not 1 <= nprobe <= ivf.nlist:
-        raise ValueError(f"nprobe must be between 1 and nlist = {ivf.nlist}, got {nprobe}")
+    if nprobe < 1:
+        raise ValueError(f"nprobe must be a positive whole number, got {nprobe}")
+    nprobe = min(nprobe, ivf.nlist)                     # as FAISS does when one shard searches alone
     return ivf.quantizer.search(np.ascontiguousarray(queries, dtype=np.float32), nprobe)
 
 
@@ -570,11 +587,13 @@ def search_preassigned(ivf: faiss.IndexIVF, queries: np.ndarray, k: int, coarse:
     wrapper takes no search parameters, so the C++ call is made here, with the nprobe and
     deletion selector of ``params``)."""
     distances, lists = coarse
-    ivf.parallel_mode = 3              # threads over queries: FAISS's default (0) runs search_preassigned on one
+    n = len(queries)
+    lists, distances = np.ascontiguousarray(lists, dtype=np.int64), np.ascontiguousarray(distances, dtype=np.float32)
+    if lists.ndim != 2 or lists.shape[0] != n or distances.shape != lists.shape:
+        raise ValueError(f"the coarse assignment is for {lists.shape[0]} queries, not {n}")
     if params is None:
         params = faiss.SearchParametersIVF()
-    params.nprobe = lists.shape[1]
-    n = len(queries)
+    params.nprobe = lists.shape[1]             # the assignment fixes how many lists each query visits
     sims, ids = np.empty((n, k), dtype=np.float32), np.empty((n, k), dtype=np.int64)
     ivf.search_preassigned_c(n, faiss.swig_ptr(queries), k, faiss.swig_ptr(lists), faiss.swig_ptr(distances),
                              faiss.swig_ptr(sims), faiss.swig_ptr(ids), False, params)

@@ -3,7 +3,7 @@ record it in a new version's manifest (its search default and the recall measure
 
 Recall is measured the way the memory answers: each query goes through the shards and the exact
 merge (``VisualMemory.search``), and its true neighbours come from exact search over the vectors
-the memory holds, decoded from their codes shard by shard (so nprobe is tuned against what the
+the memory holds, decoded from their codes one part (a shard's base or segment) at a time (so nprobe is tuned against what the
 index stores; what the codes lose to quantisation is the factory's business and is the same at
 every nprobe). Queries are held-out vectors: an embeddings folder of the memory's encoder
 (``queries_url``), or by default a sample of the memory's own vectors, each left out of its own
@@ -17,46 +17,43 @@ import logging
 import faiss
 import numpy as np
 
+from index.build import nprobe_candidates
 from index.edits import commit_edit
 from index.memory import VisualMemory
-from index.recall import drop_self, recall_at_k
-from index.shards import merge_topk
+from index.recall import drop_self, exact_topk, recall_at_k
+from index.shards import merge_topk, reconstruct
 
 log = logging.getLogger("vismem.index.tune")
 
 
 def exact_neighbours(memory: VisualMemory, queries: np.ndarray, k: int) -> np.ndarray:
     """Ids ``[nq, k]`` of the exact top-k of ``queries`` among the memory's live vectors as stored,
-    one shard's decoded vectors in memory at a time."""
-    best = None
+    one part's decoded vectors in memory at a time, merged as they come."""
+    best = {"similarities": np.full((len(queries), k), -np.inf, np.float32), "ids": np.full((len(queries), k), -1)}
     for shard in memory.shards:
-        ids, _, vectors = shard.vectors()
-        if not len(ids):
-            continue
-        kk = min(k, len(ids))
-        sims = np.full((len(queries), k), -np.inf, dtype=np.float32)
-        found = np.full((len(queries), k), -1, dtype=np.int64)
-        sims[:, :kk], rows = faiss.knn(queries, vectors, kk, metric=faiss.METRIC_INNER_PRODUCT)
-        found[:, :kk] = ids[rows]
-        answer = {"similarities": sims, "ids": found}
-        merged = merge_topk([answer] if best is None else [best, answer], k)
-        best = {"similarities": merged["similarities"], "ids": merged["ids"]}
+        for part in shard.parts:
+            ids = part.ids[~np.isin(part.ids, shard.deleted)]
+            if len(ids):
+                sims, found = exact_topk(queries, reconstruct(part.index, ids, part.mapped_from), ids, k)
+                merged = merge_topk([best, {"similarities": sims, "ids": found}], k)
+                best = {"similarities": merged["similarities"], "ids": merged["ids"]}
     return best["ids"]
 
 
 def held_out_sample(memory: VisualMemory, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(vectors, ids) of ``n`` random live vectors of the memory, decoded from their codes."""
-    rng = np.random.default_rng(seed)
+    """(vectors, ids) of ``n`` random live vectors of the memory: the ids drawn first, then only
+    those decoded from their codes."""
+    live = [(shard, part, part.ids[~np.isin(part.ids, shard.deleted)]) for shard in memory.shards
+            for part in shard.parts]
+    everyone = np.concatenate([ids for _, _, ids in live])
+    chosen = np.random.default_rng(seed).choice(everyone, size=min(n, len(everyone)), replace=False)
     vectors, ids = [], []
-    for shard in memory.shards:
-        shard_ids, _, shard_vectors = shard.vectors()
-        take = rng.choice(len(shard_ids), size=min(len(shard_ids), -(-n * len(shard_ids) // max(1, len(memory)))),
-                          replace=False)
-        vectors.append(shard_vectors[take])
-        ids.append(shard_ids[take])
-    vectors, ids = np.concatenate(vectors), np.concatenate(ids)
-    order = rng.permutation(len(ids))[:n]
-    return np.ascontiguousarray(vectors[order]), ids[order]
+    for _, part, part_ids in live:
+        mine = part_ids[np.isin(part_ids, chosen)]
+        if len(mine):
+            vectors.append(reconstruct(part.index, mine, part.mapped_from))
+            ids.append(mine)
+    return np.ascontiguousarray(np.concatenate(vectors)), np.concatenate(ids)
 
 
 def measure(memory: VisualMemory, queries: np.ndarray, own: np.ndarray | None, target: float, k: int = 10,
@@ -71,14 +68,12 @@ def measure(memory: VisualMemory, queries: np.ndarray, own: np.ndarray | None, t
     truth = exact_neighbours(memory, queries, k + extra)
     truth = truth if own is None else drop_self(truth, own, k)
     by_nprobe: dict[int, float] = {}
-    nprobe = 1
-    while True:
+    for nprobe in nprobe_candidates(ivf.nlist):
         found = memory.search(queries, k + extra, nprobe=nprobe).ids
         by_nprobe[nprobe] = recall_at_k(found if own is None else drop_self(found, own, k), truth)
         log.info("recall@%d at nprobe %d: %.4f", k, nprobe, by_nprobe[nprobe])
-        if by_nprobe[nprobe] >= target or nprobe >= ivf.nlist:
+        if by_nprobe[nprobe] >= target:
             break
-        nprobe = min(2 * nprobe, ivf.nlist)
     best = next((n for n, r in by_nprobe.items() if r >= target), max(by_nprobe, key=by_nprobe.get))
     return {"k": k, "recall": by_nprobe[best], "nprobe": best, "target": target, "queries": len(queries),
             "by_nprobe": {str(n): round(r, 4) for n, r in by_nprobe.items()},
@@ -102,9 +97,11 @@ def tune(memory: VisualMemory, target: float, queries: np.ndarray | None = None,
         raise ValueError(f"no nprobe reaches recall@{k} {target} on memory {memory.url}: the best is "
                          f"{result['recall']:.4f} at nprobe {result['nprobe']} ({result['by_nprobe']}); the codes "
                          f"of {memory.manifest.factory} are too coarse: rebuild with a finer factory (e.g. ...,SQ8)")
-    version = commit_edit(memory, memory.shards, operation="tune", search={**memory.manifest.search,
-                                                                           "nprobe": result["nprobe"]},
-                          recall=result, counts={"nprobe": result["nprobe"]}, reason=reason)
-    for shard in memory.shards:
-        shard.defaults = {**shard.defaults, "nprobe": result["nprobe"]}
+    search = {**memory.manifest.search, "nprobe": result["nprobe"]}
+    defaults = {**search, **({"nprobe": memory.nprobe} if memory.nprobe else {})}   # an override stays one
+    shards = [s._derive() for s in memory.shards]
+    for shard in shards:
+        shard.defaults = dict(defaults)
+    version = commit_edit(memory, shards, operation="tune", search=search, recall=result,
+                          counts={"nprobe": result["nprobe"]}, reason=reason)
     return version, result
