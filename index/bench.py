@@ -122,15 +122,15 @@ def run(cfg: IndexBenchConfig, emit=print, start_ray=None):
         memory_bytes = sum(fs.size(f"{root}/{s.index}") for s in manifest.shards)
         for workers, build in builds.items():
             emit({"what": "build_run", "vectors": cfg.vectors, "dim": cfg.dim, "shards": cfg.shards,
-                  "factory": manifest.factory, "workers": workers, "build_s": build["seconds"],
+                  "factory": manifest.factory, "workers": workers, "build_s": round(build["seconds"], 1),
                   "stages_ended_s": build["stages_ended_s"],
                   "vectors_per_s": round(cfg.vectors / build["seconds"]),
-                  "bare_train_add_s": bare_build["seconds"], "wall_ratio_to_bare": round(build["seconds"] / bare_build["seconds"], 2),
+                  "bare_train_add_s": round(bare_build["seconds"], 1), "wall_ratio_to_bare": round(build["seconds"] / bare_build["seconds"], 2),
                   "driver_peak_rss_gb": build["peak_rss_gb"], "training_sample_gb": round(sample_gb, 2),
                   "driver_above_sample_gb": round(build["peak_rss_gb"] - sample_gb, 2),
                   "bare_peak_rss_gb": bare_build["peak_rss_gb"]})
         summary = {"what": "build", "vectors": cfg.vectors, "dim": cfg.dim, "shards": cfg.shards,
-                   "factory": manifest.factory, "build_s": builds[max(builds)]["seconds"],
+                   "factory": manifest.factory, "build_s": round(builds[max(builds)]["seconds"], 1),
                    "bytes_per_vector": round(memory_bytes / cfg.vectors, 1), "default_nprobe": manifest.search.get("nprobe"),
                    "claimed_recall": manifest.recall}
 
@@ -202,7 +202,7 @@ def timed_build(embeddings: str, memory: str, shards: int, factory: str | None, 
         start = time.perf_counter()
         build_memory(embeddings, memory, shards, factory, replace=True, use_ray=workers > 1,
                      progress=lambda stage, done, total: ended.__setitem__(stage, round(time.perf_counter() - start, 1)))
-        return {"seconds": round(time.perf_counter() - start, 1), "stages_ended_s": ended,
+        return {"seconds": time.perf_counter() - start, "stages_ended_s": ended,
                 "peak_rss_gb": round(peak_rss_gb(), 2)}
     finally:
         if workers > 1:
@@ -214,7 +214,7 @@ def timed_bare_build(data: ClusteredVectors, n: int, factory: str) -> dict:
     the reference for the build's wall time."""
     vectors = data.rows(0, n)
     _, seconds = bare_faiss(vectors, factory)
-    return {"seconds": round(seconds, 1), "peak_rss_gb": round(peak_rss_gb(), 2)}
+    return {"seconds": seconds, "peak_rss_gb": round(peak_rss_gb(), 2)}
 
 
 def peak_rss_gb() -> float:
