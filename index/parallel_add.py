@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 from index.embeddings import embedding_dim, embedding_files, embedding_matrix
 from index.manifest import ShardEntry
-from index.recall import drop_self, exact_topk, recall_at_k
+from index.recall import RunningTopk, drop_self, exact_topk, recall_at_k, stopped_rising
 from index.shards import Shard, deserialize, merge_codes, merge_topk, metadata_table, serialize
 
 log = logging.getLogger("vismem.index.build")
@@ -163,8 +163,7 @@ def merge_shard(number: int, shards: int, trained: np.ndarray, memory_url: str, 
             ids = drop_self(found[nprobe][1], calibration.own, k)
             hits = sum(len(set(f) & set(t[m])) for f, t, m in zip(ids, calibration.truth, mine))
             history.append(hits / max(1, int(mine.sum())))
-            if history[-1] >= min(0.999, calibration.target + 0.02) or (
-                    len(history) > 3 and history[-1] - history[-3] < 0.002):
+            if history[-1] >= min(0.999, calibration.target + 0.02) or stopped_rising(history):
                 break
     return entry, found
 
@@ -205,7 +204,7 @@ def calibrate(runner: "Runner", entries: list[ShardEntry], results: list[dict], 
             log.info("recall@%d at nprobe %d: %.3f", k, n, by_nprobe[n])
             remaining.remove(n)
         values = list(by_nprobe.values())
-        if max(values) >= calibration.target or (len(values) > 3 and values[-1] - values[-3] < 0.002):
+        if max(values) >= calibration.target or stopped_rising(values):
             break
     best = next((n for n, r in by_nprobe.items() if r >= calibration.target), max(by_nprobe, key=by_nprobe.get))
     return {"k": k, "recall": by_nprobe[best], "nprobe": best, "target": calibration.target,
@@ -308,14 +307,12 @@ def parallel_add(runner: Runner, files: list[EmbeddingFile], trained: faiss.Inde
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     query_ref = runner.put(queries)
     encoded = [runner.submit(encode_file, f, blob, shards, query_ref, k + 1, num_returns=shards + 1) for f in files]
-    truth = np.full((len(queries), k + 1), -1, dtype=np.int64)
-    best = {"similarities": np.full((len(queries), k + 1), -np.inf, np.float32), "ids": truth}
+    best = RunningTopk(len(queries), k + 1)
     for _, (sims, ids) in runner.each([e[shards] for e in encoded], "encode"):
-        merged = merge_topk([best, {"similarities": sims, "ids": ids}], k + 1)
-        best = {"similarities": merged["similarities"], "ids": merged["ids"]}
+        best.add(sims, ids)
     calibration = None
     if calibration_sample is not None:
-        calibration = Calibration(queries, own, drop_self(best["ids"], own, k), candidates, target)
+        calibration = Calibration(queries, own, drop_self(best.ids, own, k), candidates, target)
     merged = [runner.submit(merge_shard, s, shards, blob, memory_url, folder, calibration, *[e[s] for e in encoded],
                             num_returns=1) for s in range(shards)]
     results = runner.get(merged, "merge")

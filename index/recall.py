@@ -14,6 +14,8 @@ import logging
 import faiss
 import numpy as np
 
+from index.shards import merge_topk
+
 
 log = logging.getLogger("vismem.index.recall")
 
@@ -45,3 +47,23 @@ def exact_topk(queries: np.ndarray, vectors: np.ndarray, ids: np.ndarray, k: int
                                        metric=faiss.METRIC_INNER_PRODUCT)
         found[:, :kk] = ids[rows]
     return sims, found
+
+
+class RunningTopk:
+    """The exact top-k of queries over blocks of vectors that arrive one at a time (one file, one
+    shard part): ``add`` each block's ``exact_topk``, read ``ids`` at the end."""
+
+    def __init__(self, queries: int, k: int):
+        self.k = k
+        self.similarities = np.full((queries, k), -np.inf, dtype=np.float32)
+        self.ids = np.full((queries, k), -1, dtype=np.int64)
+
+    def add(self, similarities: np.ndarray, ids: np.ndarray) -> None:
+        merged = merge_topk([{"similarities": self.similarities, "ids": self.ids},
+                             {"similarities": similarities, "ids": ids}], self.k)
+        self.similarities, self.ids = merged["similarities"], merged["ids"]
+
+
+def stopped_rising(recalls: list[float]) -> bool:
+    """Whether recall gained under 0.002 over the last two doublings of nprobe: more will not help."""
+    return len(recalls) > 3 and recalls[-1] - recalls[-3] < 0.002

@@ -20,8 +20,8 @@ import numpy as np
 from index.build import nprobe_candidates
 from index.edits import commit_edit
 from index.memory import VisualMemory
-from index.recall import drop_self, exact_topk, recall_at_k
-from index.shards import merge_topk, reconstruct
+from index.recall import RunningTopk, drop_self, exact_topk, recall_at_k
+from index.shards import reconstruct
 
 log = logging.getLogger("vismem.index.tune")
 
@@ -29,15 +29,13 @@ log = logging.getLogger("vismem.index.tune")
 def exact_neighbours(memory: VisualMemory, queries: np.ndarray, k: int) -> np.ndarray:
     """Ids ``[nq, k]`` of the exact top-k of ``queries`` among the memory's live vectors as stored,
     one part's decoded vectors in memory at a time, merged as they come."""
-    best = {"similarities": np.full((len(queries), k), -np.inf, np.float32), "ids": np.full((len(queries), k), -1)}
+    best = RunningTopk(len(queries), k)
     for shard in memory.shards:
         for part in shard.parts:
             ids = part.ids[~np.isin(part.ids, shard.deleted)]
             if len(ids):
-                sims, found = exact_topk(queries, reconstruct(part.index, ids, part.mapped_from), ids, k)
-                merged = merge_topk([best, {"similarities": sims, "ids": found}], k)
-                best = {"similarities": merged["similarities"], "ids": merged["ids"]}
-    return best["ids"]
+                best.add(*exact_topk(queries, reconstruct(part.index, ids, part.mapped_from), ids, k))
+    return best.ids
 
 
 def held_out_sample(memory: VisualMemory, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
