@@ -834,7 +834,7 @@ def cmd_build(args) -> dict:
 
     def progress(stage: str, done: int, total: int) -> None:
         if stage not in bars:
-            unit = {"sample": "file", "encode": "file", "merge": "shard"}.get(stage, "task")
+            unit = {"sample": "file", "train": "index", "encode": "file", "merge": "shard"}.get(stage, "task")
             bars[stage] = tqdm(total=total, unit=unit, desc=f"build: {stage}", file=sys.stderr)
         bars[stage].update(done - bars[stage].n)
 
@@ -968,8 +968,8 @@ def cmd_memory_add(args) -> dict:
         step(f"read, encode and write {args.embeddings}")
         version, ids = memory.add_embeddings(args.embeddings, reason=args.reason)
     added = set()
-    for s, shard in enumerate(memory.shards):
-        added.update(shard.lookup(ids[ids % len(memory.shards) == s])[1].tolist())
+    for shard in memory.shards:
+        added.update(shard.lookup(ids[shard.held(ids)])[1].tolist())
     new = sorted((added - before) - {None}, key=str)
     print(f"memory {args.memory}: version {version} adds {len(ids)} vectors (ids {ids.min()}–{ids.max()}), "
           f"{len(new)} new classes{': ' + ', '.join(map(str, new[:20])) if new else ''}"

@@ -69,13 +69,15 @@ def timed_search(search, queries: np.ndarray, repeat: int = 3) -> tuple[np.ndarr
     return ids, len(queries) / best
 
 
-def bare_faiss(vectors: np.ndarray, factory: str) -> tuple[faiss.Index, float]:
-    """One index over every vector, trained and filled the way the build does: (index, seconds)."""
+def bare_faiss(vectors: np.ndarray, factory: str) -> tuple[faiss.Index, float, float]:
+    """One index over every vector, trained and filled the way the build does: (index, seconds
+    training, seconds adding)."""
     from index.build import train_empty_index
     start = time.perf_counter()
     index = train_empty_index(vectors, factory)
+    trained = time.perf_counter()
     index.add_with_ids(vectors, np.arange(len(vectors)))
-    return index, time.perf_counter() - start
+    return index, trained - start, time.perf_counter() - trained
 
 
 def bare_search(index: faiss.Index, k: int, nprobe: int):
@@ -126,13 +128,17 @@ def run(cfg: IndexBenchConfig, emit=print, start_ray=None):
                   "stages_ended_s": build["stages_ended_s"],
                   "vectors_per_s": round(cfg.vectors / build["seconds"]),
                   "bare_train_add_s": round(bare_build["seconds"], 1), "wall_ratio_to_bare": round(build["seconds"] / bare_build["seconds"], 2),
+                  "bare_train_s": round(bare_build["train_s"], 1), "bare_add_s": round(bare_build["add_s"], 1),
+                  "worker_peak_rss_gb": build["worker_peak_rss_gb"],
+                  "file_vectors_gb": round(cfg.file_rows * cfg.dim * 4 / 2 ** 30, 2),
                   "driver_peak_rss_gb": build["peak_rss_gb"], "training_sample_gb": round(sample_gb, 2),
                   "driver_above_sample_gb": round(build["peak_rss_gb"] - sample_gb, 2),
                   "bare_peak_rss_gb": bare_build["peak_rss_gb"]})
         summary = {"what": "build", "vectors": cfg.vectors, "dim": cfg.dim, "shards": cfg.shards,
                    "factory": manifest.factory, "build_s": round(builds[max(builds)]["seconds"], 1),
                    "bytes_per_vector": round(memory_bytes / cfg.vectors, 1), "default_nprobe": manifest.search.get("nprobe"),
-                   "claimed_recall": manifest.recall}
+                   "claimed_recall": manifest.recall, "shard_vectors": [s.count for s in manifest.shards],
+                   "placement": (manifest.placement or {}).get("by", "ids")}
 
         start = time.perf_counter()
         memory = VisualMemory.open(memory_url)
@@ -167,7 +173,8 @@ def run(cfg: IndexBenchConfig, emit=print, start_ray=None):
                 summary.update(default_recall_at_10=record["recall_at_10"], default_qps_ratio=record["qps_ratio"])
         del bare
         for factory in cfg.also:
-            index, seconds = bare_faiss(vectors, with_ids(factory, cfg.dim))
+            index, train_s, add_s = bare_faiss(vectors, with_ids(factory, cfg.dim))
+            seconds = train_s + add_s
             bytes_per_vector = round(faiss.serialize_index(index).nbytes / cfg.vectors, 1)
             for nprobe in cfg.nprobes:
                 found, qps = timed_search(bare_search(index, cfg.k, nprobe), queries, repeat=1)
@@ -203,7 +210,8 @@ def timed_build(embeddings: str, memory: str, shards: int, factory: str | None, 
         build_memory(embeddings, memory, shards, factory, replace=True, use_ray=workers > 1,
                      progress=lambda stage, done, total: ended.__setitem__(stage, round(time.perf_counter() - start, 1)))
         return {"seconds": time.perf_counter() - start, "stages_ended_s": ended,
-                "peak_rss_gb": round(peak_rss_gb(), 2)}
+                "peak_rss_gb": round(peak_rss_gb(), 2),
+                "worker_peak_rss_gb": round(worker_peak_rss_gb(), 2) if workers > 1 else None}
     finally:
         if workers > 1:
             ray.shutdown()
@@ -213,15 +221,23 @@ def timed_bare_build(data: ClusteredVectors, n: int, factory: str) -> dict:
     """Bare FAISS's train + add of the same vectors in one process (every core through OpenMP):
     the reference for the build's wall time."""
     vectors = data.rows(0, n)
-    _, seconds = bare_faiss(vectors, factory)
-    return {"seconds": seconds, "peak_rss_gb": round(peak_rss_gb(), 2)}
+    _, train_s, add_s = bare_faiss(vectors, factory)
+    return {"seconds": train_s + add_s, "train_s": train_s, "add_s": add_s, "peak_rss_gb": round(peak_rss_gb(), 2)}
 
 
-def peak_rss_gb() -> float:
-    """This process's peak resident memory: ``VmHWM`` on Linux, which a new program starts afresh
+def peak_rss_gb(pid: int | str = "self") -> float:
+    """A process's peak resident memory: ``VmHWM`` on Linux, which a new program starts afresh
     (``ru_maxrss`` keeps the peak of the process that forked it across ``exec``)."""
     try:
-        with open("/proc/self/status") as f:
+        with open(f"/proc/{pid}/status") as f:
             return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 2 ** 20
     except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20 if pid == "self" else 0.0
+
+
+def worker_peak_rss_gb() -> float:
+    """The largest peak RSS of this local Ray's live task workers (each ran build tasks: one file's
+    vectors and its pieces, or one shard's merge)."""
+    from ray.util.state import list_workers
+    workers = list_workers(filters=[("worker_type", "=", "WORKER"), ("is_alive", "=", True)], limit=10_000)
+    return max([peak_rss_gb(w.pid) for w in workers], default=0.0)

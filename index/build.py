@@ -4,8 +4,10 @@ and measure the recall the memory will answer at.
 The memory hands out its own ids: a build numbers the collection's vectors 0..n−1, file by file in
 the order of each file's smallest collection id and within a file by collection id (for ``vismem
 embed``'s output, whose files hold contiguous id ranges, that is the collection's id order), and
-keeps the collection's id as ``source_id``. Shard ``s`` owns the ids with ``id % shards == s``, so adding and removing
-vectors later touches exactly one shard per id. A build commits its version like every edit
+keeps the collection's id as ``source_id``. An IVF memory's shards each own a range of its inverted
+lists (``index.placement``), chosen from the training sample so that they hold about as many vectors
+each; other memories place by id (``id % shards``). Either way one vector is in exactly one shard,
+so adding and removing vectors later touches one shard per vector. A build commits its version like every edit
 (``index.commit``): files first, in a folder of its own, then the manifest; a build that fails
 removes what it wrote, so a memory never shows a half-built version. The filling itself is a
 parallel add (``index.parallel_add``) that never gathers the collection in the driver.
@@ -25,7 +27,8 @@ from index import commit
 from index.embeddings import JOB_FILE
 from index.manifest import Manifest, read_manifest
 from index.parallel_add import Runner, parallel_add, plan_files, training_sample
-from index.shards import serialize
+from index.placement import Placement
+from index.shards import plain_ivf, serialize
 
 log = logging.getLogger("vismem.index.build")
 FLAT_LIMIT = 100_000
@@ -33,6 +36,7 @@ TARGET_RECALL = 0.95
 PARALLEL_MIN = 100_000        # vectors from which a build uses Ray (when connected) unless told
 NON_IVF_TRAINING = 65_536     # vectors a trainable index without lists (SQ8, PQ codes) trains on
 CALIBRATION_QUERIES = 1000     # memory vectors whose recall@10 the build measures
+PLACEMENT_SAMPLE = 32_768      # sample vectors whose lists estimate the list sizes the shards split
 
 
 def choose_factory(n: int, dim: int) -> str:
@@ -124,6 +128,7 @@ def build_memory(embeddings_url: str, memory_url: str, shards: int = 2, factory:
     encoder = encoder or embedding_encoder(embeddings_url)
     factory = with_ids(factory or choose_factory(count, dim), dim)
     check_nprobe(nprobe, factory, dim)
+    check_lists(shards, factory, dim)
     previous = current_manifest(memory_url)
     if previous is not None and not replace:
         check_same_encoder(previous, encoder, dim, memory_url)
@@ -139,17 +144,22 @@ def build_memory(embeddings_url: str, memory_url: str, shards: int = 2, factory:
              len(files), runner.workers)
     queries = CALIBRATION_QUERIES if ivf is not None else 0
     train = 0 if owner.is_trained else training_size(factory) or NON_IVF_TRAINING
-    sample, sample_ids = training_sample(runner, files, dim, queries + train) if queries + train else (None, None)
+    draw = queries + max(train, PLACEMENT_SAMPLE if ivf is not None else 0)
+    sample, sample_ids = training_sample(runner, files, dim, draw) if draw else (None, None)
     calibration = None if ivf is None else (sample[:queries].copy(), sample_ids[:queries].copy())
     held_out = sample is not None and len(sample) >= queries + train   # a small collection trains on all of it
-    empty = owner if owner.is_trained else train_empty_index(sample[queries:] if held_out else sample, factory)
-    del sample, sample_ids
+    rest = sample[queries:] if held_out else sample
+    runner.progress("train", 0, 1)
+    empty = owner if owner.is_trained else train_empty_index(rest, factory)
+    placement = place(empty, rest, shards)
+    runner.progress("train", 1, 1)
+    del sample, sample_ids, rest
     candidates = [nprobe] if nprobe else nprobe_candidates(ivf.nlist) if ivf else []
     fs, root = commit.filesystem(memory_url)
     version = previous.version + 1 if previous else 1
     with commit.staged(fs, root, version) as folder:
         commit.write(fs, f"{root}/{folder}/trained.faiss", serialize(empty))
-        entries, recall = parallel_add(runner, files, empty, shards, memory_url, folder, calibration, candidates,
+        entries, recall = parallel_add(runner, files, empty, placement, memory_url, folder, calibration, candidates,
                                        target_recall, k=max(1, min(10, count - 1)))
         check_written(fs, root, entries)
         if recall is not None and recall["recall"] < target_recall:
@@ -159,11 +169,21 @@ def build_memory(embeddings_url: str, memory_url: str, shards: int = 2, factory:
         manifest = Manifest(version=version, encoder=encoder, dim=dim, metric="inner_product",
                             factory=factory, trained_index=f"{folder}/trained.faiss", shards=entries,
                             next_id=count, search={"nprobe": recall["nprobe"]} if recall else {}, recall=recall,
+                            placement=placement.record(),
                             parent=previous.version if previous else None, operation="build",
                             counts={"vectors": count})
         commit.commit(fs, root, version, manifest.to_json())
     commit.move_pointer(fs, root, version)
     return manifest
+
+
+def place(trained: faiss.Index, sample: np.ndarray | None, shards: int) -> Placement:
+    """By list ranges for a plain IVF index (balanced on the sample's list sizes), else by id."""
+    ivf = plain_ivf(trained)
+    if ivf is None or sample is None:
+        return Placement(shards)
+    lists = ivf.quantizer.assign(np.ascontiguousarray(sample[:PLACEMENT_SAMPLE]), 1).ravel()
+    return Placement.balanced(np.bincount(lists, minlength=ivf.nlist), shards)
 
 
 def nprobe_candidates(nlist: int) -> list[int]:
@@ -198,6 +218,15 @@ def check_nprobe(nprobe: int | None, factory: str, dim: int) -> None:
     ivf = faiss.try_extract_index_ivf(owner)
     if ivf is not None and not 1 <= nprobe <= ivf.nlist:
         raise ValueError(f"nprobe must be between 1 and nlist = {ivf.nlist}, got {nprobe}")
+
+
+def check_lists(shards: int, factory: str, dim: int) -> None:
+    """An IVF memory's shards each own some of its lists (``index.placement``): at most nlist shards."""
+    owner = empty_index(dim, factory)
+    ivf = plain_ivf(owner)
+    if ivf is not None and shards > ivf.nlist:
+        raise ValueError(f"{shards} shards cannot each own some of the {ivf.nlist} inverted lists of {factory}; "
+                         f"use at most {ivf.nlist} shards or more lists")
 
 
 def current_manifest(memory_url: str) -> Manifest | None:

@@ -20,6 +20,7 @@ import numpy as np
 
 from index import commit
 from index.manifest import FORMAT, Manifest, current_user, read_manifest
+from index.placement import Placement, encode, owners
 from index.queries import check_vectors
 from index.shards import Shard, deserialize, metadata_table
 
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
 def add(memory: "VisualMemory", vectors, labels, uris, source_ids=None, reason: str | None = None,
         ) -> tuple[int, np.ndarray]:
     """Give ``vectors`` new ids from ``next_id``, encode them with the memory's trained index into a
-    new segment of each shard that owns some of them, and commit. ``uris`` may be None (vectors
+    new segment of each shard they go to (``index.placement``), and commit. ``uris`` may be None (vectors
     with no image behind them). Returns (version, ids)."""
     m = memory.manifest
     vectors = check_vectors(vectors, m.dim, "added vectors")
@@ -44,11 +45,13 @@ def add(memory: "VisualMemory", vectors, labels, uris, source_ids=None, reason: 
     source_ids = None if source_ids is None else np.asarray(source_ids, dtype=np.int64)
     ids = np.arange(m.next_id, m.next_id + n, dtype=np.int64)
     trained = memory.trained_index()
-    shards, count = list(memory.shards), len(memory.shards)
-    for s in np.unique(ids % count):
-        rows = np.flatnonzero(ids % count == s)
-        index = faiss.clone_index(trained)
-        index.add_with_ids(vectors[rows], ids[rows])
+    placement = Placement.of(m)
+    lists = placement.assign(trained, vectors)
+    owner = placement.shard_of(ids, lists)
+    shards = list(memory.shards)
+    for s in np.unique(owner):
+        rows = np.flatnonzero(owner == s)
+        index = encode(trained, vectors[rows], ids[rows], None if lists is None else lists[rows])
         shards[s] = shards[s].with_segment(index, metadata_table(
             ids[rows], uris[rows], labels[rows], None if source_ids is None else source_ids[rows]))
     version = commit_edit(memory, shards, next_id=m.next_id + n, operation="add", counts={"added": n}, reason=reason)
@@ -89,9 +92,10 @@ def remove_live(memory: "VisualMemory", removed: np.ndarray, operation: str, cou
                 reason: str | None = None) -> int:
     """Add ``removed`` (live ids, unique) to their shards' deletion sets and commit: the one exact
     remove path, for ``remove`` and hard pruning. Returns the new version."""
-    shards, count = list(memory.shards), len(memory.shards)
-    for s in np.unique(removed % count):
-        shards[s] = shards[s].without(removed[removed % count == s])
+    shards = list(memory.shards)
+    owner = owners(shards, removed)
+    for s in np.unique(owner[owner >= 0]):
+        shards[s] = shards[s].without(removed[owner == s])
     return commit_edit(memory, shards, operation=operation, counts=counts, reason=reason)
 
 

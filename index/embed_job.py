@@ -103,8 +103,7 @@ def decode(part: Partition, resize) -> DecodedPartition:
         errors += unreadable_rows(part, range(part.start + len(decoded) + len(errors), part.stop),
                                   "the file has fewer rows than when the job was planned")
     ids, uris, labels, images = (list(column) for column in zip(*decoded)) if decoded else ([], [], [], [])
-    pixels = (np.stack([resize(image) for image in images]) if images
-              else np.zeros((0, 3, resize.size, resize.size), np.uint8))
+    pixels = resize.many(images)
     return DecodedPartition(part, ids, uris, labels, pixels, errors)
 
 

@@ -8,8 +8,9 @@ the audit log. Paths are relative to ROOT, so a memory can be copied or moved be
 whole. A version's files are never modified: an edit writes new files and references unchanged
 ones. How a version is committed and found is ``index.commit``'s job.
 
-Format ``vismem-memory/2``; ``vismem-memory/1`` manifests (no segments, no deletions, no operation)
-are still read. A newer format is refused, naming it, rather than half understood.
+Format ``vismem-memory/3`` (``placement``: which shard holds which vectors, ``index.placement``);
+``vismem-memory/2`` (placed by id) and ``vismem-memory/1`` manifests (no segments, no deletions, no
+operation) are still read, and an edit writes its version in the current format. A newer format is refused, naming it, rather than half understood.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from dataclasses import asdict, dataclass, field
 from index.commit import (POINTER, commit, current_version, exists, filesystem, manifest_path, move_pointer,
                           version_dir)
 
-FORMAT = "vismem-memory/2"
-READABLE = ("vismem-memory/1", FORMAT)
+FORMAT = "vismem-memory/3"
+READABLE = ("vismem-memory/1", "vismem-memory/2", FORMAT)
 __all__ = ["FORMAT", "POINTER", "Manifest", "Segment", "ShardEntry", "list_versions", "read_manifest", "sha256",
            "version_dir", "write_manifest"]
 
@@ -83,6 +84,7 @@ class Manifest:
     shards: list[ShardEntry]
     next_id: int               # the id the next vector to enter the memory gets
     search: dict = field(default_factory=dict)       # defaults every query gets: {"nprobe", "k_factor"}
+    placement: dict | None = None                    # {"by": "lists", "bounds": [...]}; None: by id (index.placement)
     recall: dict | None = None                       # measured at build: {"k", "recall", "queries", ...}
     created: float = field(default_factory=time.time)
     parent: int | None = None

@@ -88,10 +88,8 @@ class VisualMemory:
         """Whether each of ``ids`` is a vector this version answers with."""
         ids = np.asarray(ids, dtype=np.int64)
         out = np.zeros(len(ids), dtype=bool)
-        ok = ids >= 0
-        for s, shard in enumerate(self.shards):
-            mine = ok & (ids % len(self.shards) == s)
-            out[mine] = shard.live(ids[mine])
+        for shard in self.shards:
+            out |= shard.live(ids)
         return out
 
     # edits -------------------------------------------------------------------------------------

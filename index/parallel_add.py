@@ -5,7 +5,8 @@ training sample (``sample_rows``, one task per file) and the trained empty index
 
 1. one task per embedding file (``encode_file``) reads the file once, sorts it by collection id,
    numbers its vectors with memory ids and encodes them with the trained index into one *piece*
-   per shard (``id % shards``), exactly as ``VisualMemory.add`` encodes a delta segment; it also
+   per shard (``index.placement``: the shard owning each vector's IVF list), exactly as
+   ``VisualMemory.add`` encodes a delta segment; it also
    returns the exact top-k of the calibration queries among its vectors;
 2. one task per shard (``merge_shard``) merges its pieces' codes into one index (``merge_codes``,
    the path ``compact`` uses: codes are moved, never re-encoded), streams the shard to storage with
@@ -32,7 +33,8 @@ import pyarrow.parquet as pq
 
 from index.embeddings import embedding_dim, embedding_files, embedding_matrix
 from index.manifest import ShardEntry
-from index.recall import RunningTopk, drop_self, exact_topk, recall_at_k, stopped_rising
+from index.placement import Placement, encode
+from index.recall import NprobeSweep, RunningTopk, drop_self, exact_topk, recall_at_k, stopped_rising
 from index.shards import Shard, deserialize, merge_codes, merge_topk, metadata_table, serialize
 
 log = logging.getLogger("vismem.index.build")
@@ -101,7 +103,10 @@ def read_file(file: EmbeddingFile) -> pa.Table:
     if len(table) != file.rows:
         raise ValueError(f"embedding file {file.url} changed while the build was reading the folder ({len(table)} "
                          f"rows, {file.rows} when planned); nothing was committed: run the build again")
-    return table.take(np.argsort(table.column("id").to_numpy(), kind="stable"))
+    ids = table.column("id").to_numpy()
+    if len(ids) > 1 and (np.diff(ids) < 0).any():         # ``vismem embed`` writes them sorted: no copy then
+        table = table.take(np.argsort(ids, kind="stable"))
+    return table
 
 
 def sample_rows(file: EmbeddingFile, positions: np.ndarray) -> np.ndarray:
@@ -109,23 +114,23 @@ def sample_rows(file: EmbeddingFile, positions: np.ndarray) -> np.ndarray:
     return embedding_matrix(read_file(file).take(positions))
 
 
-def encode_file(file: EmbeddingFile, trained: np.ndarray, shards: int, queries: np.ndarray, k: int):
+def encode_file(file: EmbeddingFile, trained: np.ndarray, placement: Placement, queries: np.ndarray, k: int):
     """Encode one file into one piece per shard, plus the exact top-``k`` of ``queries`` among its
     vectors. Returns ``(piece_0, …, piece_{shards−1}, (similarities, ids))``; a piece is
-    ``(serialised index, metadata table)``, empty when the file holds no id of that shard."""
+    ``(serialised index, metadata table)``, empty when the file holds no vector of that shard.
+    Each vector's list is found once: it picks the shard and is the list the piece files it in."""
     table = read_file(file)
     vectors = embedding_matrix(table)
     ids = file.first + np.arange(len(table), dtype=np.int64)
     empty = deserialize(trained)
-    uris = np.array(table.column("uri").to_pylist(), dtype=object)
-    labels = np.array(table.column("label").to_pylist(), dtype=object)
-    sources = table.column("id").to_numpy()
+    lists = placement.assign(empty, vectors)
+    owner = placement.shard_of(ids, lists)
     pieces = []
-    for s in range(shards):
-        rows = np.flatnonzero(ids % shards == s)
-        index = faiss.clone_index(empty)
-        index.add_with_ids(vectors[rows], ids[rows])
-        pieces.append((serialize(index), metadata_table(ids[rows], uris[rows], labels[rows], sources[rows])))
+    for s in range(placement.shards):
+        rows = np.flatnonzero(owner == s)
+        index = encode(empty, vectors[rows], ids[rows], None if lists is None else lists[rows])
+        mine = table.select(["uri", "label", "id"]).take(rows)
+        pieces.append((serialize(index), metadata_table(ids[rows], mine["uri"], mine["label"], mine["id"])))
     return (*pieces, exact_topk(queries, vectors, ids, k))
 
 
@@ -139,7 +144,7 @@ class Calibration:
     target: float
 
 
-def merge_shard(number: int, shards: int, trained: np.ndarray, memory_url: str, folder: str,
+def merge_shard(number: int, trained: np.ndarray, memory_url: str, folder: str,
                 calibration: Calibration | None, *pieces) -> tuple[ShardEntry, dict]:
     """Merge shard ``number`` from its ``pieces``, write it under ``folder`` of the memory, and
     search the calibration queries at each candidate nprobe until this shard finds the true
@@ -156,10 +161,10 @@ def merge_shard(number: int, shards: int, trained: np.ndarray, memory_url: str, 
     found: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     if calibration is not None:
         k = calibration.truth.shape[1]
-        mine = (calibration.truth % shards == number) & (calibration.truth >= 0)
-        history = []
+        mine = shard.held(calibration.truth.ravel()).reshape(calibration.truth.shape)   # the true neighbours it holds
+        history, sweep = [], NprobeSweep(shard, calibration.queries, k + 1)
         for nprobe in calibration.candidates:
-            found[nprobe] = shard.search(calibration.queries, k + 1, nprobe)
+            found[nprobe] = sweep.at(nprobe)
             ids = drop_self(found[nprobe][1], calibration.own, k)
             hits = sum(len(set(f) & set(t[m])) for f, t, m in zip(ids, calibration.truth, mine))
             history.append(hits / max(1, int(mine.sum())))
@@ -171,8 +176,8 @@ def merge_shard(number: int, shards: int, trained: np.ndarray, memory_url: str, 
 def search_shard(memory_url: str, entry: ShardEntry, number: int, queries: np.ndarray, k: int,
                  nprobes: list[int]) -> dict:
     """Shard ``number`` of a written (not yet committed) build, read back, searched at ``nprobes``."""
-    shard = Shard.load(memory_url, entry, number)
-    return {n: shard.search(queries, k, n) for n in nprobes}
+    sweep = NprobeSweep(Shard.load(memory_url, entry, number), queries, k)
+    return {n: sweep.at(n) for n in sorted(nprobes)}
 
 
 def merged_recall(results: list[dict], calibration: Calibration, nprobe: int) -> float:
@@ -260,8 +265,9 @@ class Runner:
         pending = list(handles)
         while pending:
             [ready], pending = self.ray.wait(pending, num_returns=1)
+            result = self.fetch(ready, stage, position[ready], len(handles), pending)
             self.progress(stage, len(handles) - len(pending), len(handles))
-            yield position[ready], self.ray.get(ready)
+            yield position[ready], result
 
     def get(self, handles: list, stage: str) -> list:
         """The results of ``handles`` in order, reporting progress as each finishes."""
@@ -269,12 +275,21 @@ class Runner:
             for done in range(len(handles)):
                 self.progress(stage, done + 1, len(handles))
             return list(handles)
-        pending, done = list(handles), 0
-        while pending:
-            ready, pending = self.ray.wait(pending, num_returns=1)
-            done += len(ready)
-            self.progress(stage, done, len(handles))
-        return self.ray.get(list(handles))
+        return [result for _, result in sorted(self.each(handles, stage), key=lambda pair: pair[0])]
+
+    def fetch(self, handle, stage: str, number: int, total: int, pending: list):
+        """One finished task's result. A task whose worker died more often than Ray retries it
+        (``TASK_OPTIONS``) fails the build with the stage and task named, the other tasks cancelled;
+        a task's own error (a vanished file) comes through as it was raised."""
+        try:
+            return self.ray.get(handle)
+        except (self.ray.exceptions.WorkerCrashedError, self.ray.exceptions.NodeDiedError,
+                self.ray.exceptions.ObjectLostError, self.ray.exceptions.OutOfMemoryError) as e:
+            for other in pending:
+                self.ray.cancel(other, force=True)
+            raise RuntimeError(f"the build's {stage} task {number + 1} of {total} failed: its worker died "
+                               f"{TASK_OPTIONS['max_retries'] + 1} times ({type(e).__name__}; out of memory? "
+                               "see the Ray dashboard or the python-core-worker logs); nothing was committed") from e
 
 
 def training_sample(runner: Runner, files: list[EmbeddingFile], dim: int, size: int, seed: int = 0,
@@ -297,7 +312,7 @@ def training_sample(runner: Runner, files: list[EmbeddingFile], dim: int, size: 
     return vectors, ids
 
 
-def parallel_add(runner: Runner, files: list[EmbeddingFile], trained: faiss.Index, shards: int, memory_url: str,
+def parallel_add(runner: Runner, files: list[EmbeddingFile], trained: faiss.Index, placement: Placement, memory_url: str,
                  folder: str, calibration_sample: tuple[np.ndarray, np.ndarray] | None, candidates: list[int],
                  target: float, k: int = 10) -> tuple[list[ShardEntry], dict | None]:
     """Encode every file into pieces, merge each shard, and measure recall: (entries, recall)."""
@@ -306,14 +321,15 @@ def parallel_add(runner: Runner, files: list[EmbeddingFile], trained: faiss.Inde
                                                                               np.zeros(0, np.int64))
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     query_ref = runner.put(queries)
-    encoded = [runner.submit(encode_file, f, blob, shards, query_ref, k + 1, num_returns=shards + 1) for f in files]
+    shards = placement.shards
+    encoded = [runner.submit(encode_file, f, blob, placement, query_ref, k + 1, num_returns=shards + 1) for f in files]
     best = RunningTopk(len(queries), k + 1)
     for _, (sims, ids) in runner.each([e[shards] for e in encoded], "encode"):
         best.add(sims, ids)
     calibration = None
     if calibration_sample is not None:
         calibration = Calibration(queries, own, drop_self(best.ids, own, k), candidates, target)
-    merged = [runner.submit(merge_shard, s, shards, blob, memory_url, folder, calibration, *[e[s] for e in encoded],
+    merged = [runner.submit(merge_shard, s, blob, memory_url, folder, calibration, *[e[s] for e in encoded],
                             num_returns=1) for s in range(shards)]
     results = runner.get(merged, "merge")
     entries = [entry for entry, _ in results]

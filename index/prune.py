@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from index import edits
+from index.placement import owners
 from index.queries import check_vectors
 
 if TYPE_CHECKING:
@@ -117,9 +118,10 @@ def without_self(found: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
 def reweighted(memory: "VisualMemory", ids: np.ndarray, weights: np.ndarray) -> list | None:
     """The shards with ``weights`` for ``ids`` (replacing earlier ones), or None where every shard's
     weights would stay as they are."""
-    count, shards, changed = len(memory.shards), [], False
+    shards, changed = [], False
+    owner = owners(memory.shards, ids)
     for s, shard in enumerate(memory.shards):
-        mine = ids % count == s
+        mine = owner == s
         new = shard.with_weights(ids[mine], weights[mine])
         same = all(np.array_equal(a, b) for a, b in zip(new.weights, shard.weights))
         shards.append(shard if same else new)

@@ -14,7 +14,7 @@ import logging
 import faiss
 import numpy as np
 
-from index.shards import merge_topk
+from index.shards import merge_topk, plain_ivf
 
 
 log = logging.getLogger("vismem.index.recall")
@@ -67,3 +67,28 @@ class RunningTopk:
 def stopped_rising(recalls: list[float]) -> bool:
     """Whether recall gained under 0.002 over the last two doublings of nprobe: more will not help."""
     return len(recalls) > 3 and recalls[-1] - recalls[-3] < 0.002
+
+
+class NprobeSweep:
+    """One shard's answers to ``queries`` at increasing nprobe, each step scanning only the lists
+    the previous steps did not (``Shard.search`` over the new slice of the coarse assignment, merged
+    into the running top-k): a sweep up to nprobe n scans n lists per query, where searching each
+    nprobe afresh scans 1 + 2 + 4 + … + n, about twice as many. (The n nearest lists are the
+    n' < n nearest plus the next ones, unless two centroids are exactly as near a query.)"""
+
+    def __init__(self, shard, queries: np.ndarray, k: int):
+        self.shard, self.queries, self.k = shard, np.ascontiguousarray(queries, dtype=np.float32), k
+        self.ivf = plain_ivf(shard.index)
+        self.best, self.scanned = RunningTopk(len(queries), k), 0
+
+    def at(self, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+        """(similarities, ids) ``[nq, k]`` as ``shard.search(queries, k, nprobe)`` gives them."""
+        if self.ivf is None:
+            return self.shard.search(self.queries, self.k, nprobe)
+        nprobe = min(nprobe, self.ivf.nlist)
+        if nprobe > self.scanned:
+            distances, lists = self.ivf.quantizer.search(self.queries, nprobe)
+            new = (distances[:, self.scanned:], lists[:, self.scanned:])
+            self.best.add(*self.shard.search(self.queries, self.k, None, new))
+            self.scanned = nprobe
+        return self.best.similarities.copy(), self.best.ids.copy()

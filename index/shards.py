@@ -44,11 +44,16 @@ METADATA_SCHEMA = pa.schema([("id", pa.int64()), ("uri", pa.string()), ("label",
 
 
 def metadata_table(ids, uris, labels, source_ids=None) -> pa.Table:
-    """The metadata of memory items: the memory's id, and the uri, label and id in its collection."""
-    return pa.table({"id": pa.array(ids, pa.int64()), "uri": pa.array(list(uris), pa.string()),
-                     "label": pa.array(list(labels), pa.string()),
-                     "source_id": pa.array(list(source_ids) if source_ids is not None else [None] * len(ids),
-                                           pa.int64())}, schema=METADATA_SCHEMA)
+    """The metadata of memory items: the memory's id, and the uri, label and id in its collection
+    (each column a sequence, or an Arrow array that is used without a trip through Python objects)."""
+    def column(values, kind):
+        if isinstance(values, (pa.Array, pa.ChunkedArray)):
+            return values.cast(kind)
+        return pa.array(list(values), kind)
+    return pa.table({"id": pa.array(ids, pa.int64()), "uri": column(uris, pa.string()),
+                     "label": column(labels, pa.string()),
+                     "source_id": column(source_ids if source_ids is not None else [None] * len(ids), pa.int64())},
+                    schema=METADATA_SCHEMA)
 
 
 def search_parameters(index: faiss.Index, nprobe: int | None = None, k_factor: int | None = None,

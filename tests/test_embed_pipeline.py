@@ -71,6 +71,20 @@ def test_resize_then_embed_pixels_matches_embed(spec):
         encoder.embed_pixels(pixels.astype(np.float32))
 
 
+def test_resizing_many_images_at_once_equals_one_by_one():
+    """The decode tasks resize images of one shape together (``Resize.many``): byte for byte what
+    resizing each gives, for mixed shapes, groups larger than a chunk, and shapes that need
+    converting (grey, RGBA)."""
+    encoder = Encoder.load(TINY, device="cpu")
+    rng = np.random.default_rng(5)
+    images = [rng.integers(0, 256, shape, dtype=np.uint8)
+              for shape in [(48, 64, 3)] * 9 + [(375, 500, 3)] * 2 + [(7, 9, 3), (40, 30), (9, 50, 4)]]
+    images = [images[i] for i in rng.permutation(len(images))]
+    one_by_one = np.stack([encoder.resize(im) for im in images])
+    assert np.array_equal(encoder.resize.many(images, chunk=4), one_by_one)
+    assert encoder.resize.many([]).shape == (0, 3, encoder.arch.img_size, encoder.arch.img_size)
+
+
 def test_resources_for_gpu_and_cpu_clusters(ray_local):
     gpu = encoder_pool({"CPU": 32.0, "GPU": 4.0, "memory": 1e11})
     assert (gpu.actors, gpu.num_gpus, gpu.num_cpus, gpu.threads, gpu.decode_cpus) == (4, 1, None, None, 1)

@@ -10,7 +10,7 @@ import index.commit
 from index.build import build_memory
 from index.commit import MemoryConflict
 from index.embeddings import embedding_table
-from index.manifest import list_versions, read_manifest
+from index.manifest import FORMAT, list_versions, read_manifest
 from index.memory import VisualMemory
 from index.synthetic import ClusteredVectors
 from test_memory import unit
@@ -286,7 +286,7 @@ def test_format_1_memories_are_read_and_edited_and_newer_formats_refused(small):
     path = f"{mem}/v1/manifest.json"
     with open(path) as f:
         m = json.load(f)
-    for key in ("operation", "counts", "user", "reason", "target"):
+    for key in ("operation", "counts", "user", "reason", "target", "placement"):
         del m[key]
     for s in m["shards"]:
         for key in ("segments", "deleted", "deleted_count", "deleted_sha256", "base_count"):
@@ -297,12 +297,12 @@ def test_format_1_memories_are_read_and_edited_and_newer_formats_refused(small):
     memory = VisualMemory.open(mem)
     assert memory.manifest.format == "vismem-memory/1" and memory.manifest.user is None and len(memory) == 200
     memory.remove(ids=[4])
-    assert read_manifest(mem).format == "vismem-memory/2" and len(VisualMemory.open(mem)) == 199
+    assert read_manifest(mem).format == FORMAT and len(VisualMemory.open(mem)) == 199
 
     with open(f"{mem}/v2/manifest.json") as f:
         m = json.load(f)
-    m["format"] = "vismem-memory/3"
+    m["format"] = "vismem-memory/4"
     with open(f"{mem}/v2/manifest.json", "w") as f:
         json.dump(m, f)
-    with pytest.raises(ValueError, match="'vismem-memory/3' manifest, which this vismem cannot read or edit"):
+    with pytest.raises(ValueError, match="'vismem-memory/4' manifest, which this vismem cannot read or edit"):
         VisualMemory.open(mem)

@@ -14,7 +14,11 @@ import pytest
 from fastapi import HTTPException
 
 from index.build import build_memory
+from index.edits import load_trained
+from index.manifest import read_manifest
 from index.memory import VisualMemory
+from index.placement import Placement
+from index.queries import check_vectors
 from index.synthetic import ClusteredVectors
 from test_memory_edits import write_collection
 
@@ -205,3 +209,158 @@ def test_edits_of_a_memory_on_s3(served, s3_bucket):
         assert [r["operation"] for r in call(f"{base}/s3/v1/memory/log")[1]["log"]] == ["build", "remove", "add"]
     finally:
         serve.delete("s3")
+
+
+# ---- an IVF memory, placed by inverted lists (index.placement) ------------------------------------
+# Defined after the S3 test: the module's Ray has 2 CPUs, the Flat app holds 1 and this one 1 more,
+# so the S3 app (deployed and deleted inside its test) must have come and gone before this one starts.
+
+@pytest.fixture(scope="module")
+def served_ivf(served, tmp_path_factory):
+    """A 3-shard ``IVF16,Flat`` memory of 3,000 clustered vectors, each shard owning a range of the
+    16 lists, served beside the Flat memory at ``/ivf``: (base URL, memory URL, vectors, source)."""
+    from ray import serve
+
+    from index.serve import build_app
+    root = tmp_path_factory.mktemp("serve-ivf")
+    source = ClusteredVectors(dim=48, clusters=24, spread=0.8, seed=7)
+    vectors = source.rows(0, 3000)
+    url = str(root / "mem")
+    build_memory(write_collection(str(root / "emb"), vectors, [f"c{i % 4}" for i in range(len(vectors))],
+                                  encoder=ENCODER), url, shards=3, factory="IVF16,Flat")
+    serve.run(build_app(url, token_digest=hashlib.sha256(TOKEN.encode()).hexdigest()), name="ivf",
+              route_prefix="/ivf")
+    yield f"{served[0]}/ivf", url, vectors, source
+    serve.delete("ivf")
+
+
+def owning_shards(url, vectors):
+    """(the shard that owns each vector's inverted list, the list) at the memory's current version."""
+    m = read_manifest(url)
+    placement = Placement.of(m)
+    lists = placement.assign(load_trained(url, m), check_vectors(vectors, m.dim))
+    return placement.shard_of(np.zeros(len(lists), np.int64), lists), lists
+
+
+def spread_over_shards(source, per_shard, url, skip=0):
+    """``per_shard`` held-out unit vectors of each shard's lists (different clusters, so different shards)."""
+    candidates = check_vectors(source.queries(400 + skip)[skip:], 48)
+    owner, _ = owning_shards(url, candidates)
+    picked = [candidates[owner == s][:per_shard] for s in range(3)]
+    assert all(len(p) == per_shard for p in picked), "some shard owns too few of the clusters"
+    return np.concatenate(picked)
+
+
+def top1(base, vectors, nprobe=None, k=1):
+    status, answer = call(f"{base}/v1/search", {"vectors": np.asarray(vectors).tolist(), "k": k, "nprobe": nprobe})
+    assert status == 200 and not answer["partial"], answer
+    return answer
+
+
+def test_ivf_memory_is_placed_by_lists(served_ivf):
+    """The build put every vector in the shard owning its list, and every shard holds some."""
+    base, url, vectors, _ = served_ivf
+    m = read_manifest(url)
+    assert m.placement["by"] == "lists" and len(m.placement["bounds"]) == 4 and m.placement["bounds"][-1] == 16
+    owner, _ = owning_shards(url, vectors)
+    memory = VisualMemory.open(url)
+    for s, shard in enumerate(memory.shards):
+        mine = np.flatnonzero(owner == s)
+        assert len(mine) > 100 and len(shard) == len(mine) and shard.held(mine).all()
+    assert call(f"{base}/v1/info")[1]["shards"] == [e.count for e in m.shards]
+
+
+def test_ivf_add_lands_in_the_shard_of_each_vectors_list(served_ivf):
+    base, url, vectors, source = served_ivf
+    before = read_manifest(url)
+    new = spread_over_shards(source, 2, url)
+    owner, lists = owning_shards(url, new)
+    status, answer = call(f"{base}/v1/memory/add", {"vectors": new.tolist(), "labels": ["fresh"] * 6,
+                                                    "uris": [f"new://{i}" for i in range(6)]}, token=TOKEN)
+    assert status == 200 and answer["version"] == before.version + 1 and answer["count"] == 6, answer
+    ids = np.asarray(answer["ids"])
+    assert ids.tolist() == list(range(before.next_id, before.next_id + 6))
+    for nprobe in (16, None):                    # all lists, and the memory's default (the own list is probed first)
+        found = top1(base, new, nprobe)
+        assert found["version"] == answer["version"]
+        assert [r["neighbours"][0]["id"] for r in found["results"]] == ids.tolist()
+        assert [r["neighbours"][0]["shard"] for r in found["results"]] == owner.tolist()
+        assert [r["neighbours"][0]["uri"] for r in found["results"]] == [f"new://{i}" for i in range(6)]
+        assert all(r["neighbours"][0]["similarity"] > 0.999 for r in found["results"])
+
+    after = read_manifest(url)
+    assert after.version == answer["version"] and after.placement == before.placement
+    assert sum(e.count for e in after.shards) == sum(e.count for e in before.shards) + 6
+    memory = VisualMemory.open(url)
+    assert len(memory) == sum(e.count for e in before.shards) + 6 and memory.live(ids).all()
+    held = np.array([shard.held(ids) for shard in memory.shards])               # [shard, added]
+    assert (held.sum(axis=0) == 1).all(), held
+    bounds = np.asarray(Placement.of(after).bounds)
+    holder = held.argmax(axis=0)
+    assert ((bounds[holder] <= lists) & (lists < bounds[holder + 1])).all()
+    assert sorted(set(holder.tolist())) == [0, 1, 2]
+
+    # one vector: only its shard stages a segment; the others return None and keep their entries
+    one = spread_over_shards(source, 1, url, skip=400)[2:3]
+    status, answer = call(f"{base}/v1/memory/add", {"vectors": one.tolist(), "labels": ["fresh"]}, token=TOKEN)
+    assert status == 200, answer
+    latest = read_manifest(url)
+    assert [len(e.segments) - len(a.segments) for e, a in zip(latest.shards, after.shards)] == [0, 0, 1]
+    assert latest.shards[0] == after.shards[0] and latest.shards[1] == after.shards[1]
+    assert VisualMemory.open(url).shards[2].held(np.asarray(answer["ids"])).all()
+    assert top1(base, one)["results"][0]["neighbours"][0]["id"] == answer["ids"][0]
+
+
+def test_ivf_remove_by_ids_and_by_label(served_ivf):
+    base, url, vectors, source = served_ivf
+    memory = VisualMemory.open(url)
+    count, kept = len(memory), 120                          # kept: an original vector no test removes
+    targets = [int(np.flatnonzero(shard.held(np.arange(50)))[0]) for shard in memory.shards]  # one per shard
+    assert [r["neighbours"][0]["id"] for r in top1(base, vectors[targets], 16)["results"]] == targets
+    doomed = spread_over_shards(source, 2, url, skip=800)
+    status, added = call(f"{base}/v1/memory/add", {"vectors": doomed.tolist(), "labels": ["doomed"] * 6}, token=TOKEN)
+    assert status == 200, added
+
+    status, answer = call(f"{base}/v1/memory/remove", {"ids": targets, "reason": "by id"}, token=TOKEN)
+    assert status == 200 and answer["ids"] == sorted(targets) and answer["version"] == added["version"] + 1, answer
+    status, again = call(f"{base}/v1/memory/remove", {"labels": ["doomed"]}, token=TOKEN)
+    assert status == 200 and again["ids"] == added["ids"] and again["version"] == answer["version"] + 1, again
+    gone = set(targets) | set(added["ids"])
+    for nprobe in (16, None):
+        found = top1(base, np.concatenate([vectors[targets], doomed]), nprobe, k=10)
+        assert found["version"] == again["version"]
+        assert not gone & {n["id"] for r in found["results"] for n in r["neighbours"]}
+        assert all(n["label"] != "doomed" for r in found["results"] for n in r["neighbours"])
+
+    reopened = VisualMemory.open(url)
+    assert reopened.version == again["version"] and len(reopened) == count - 3              # 6 added, those 6 and 3 more removed
+    assert not reopened.live(sorted(gone)).any() and reopened.live([kept]).all()
+    assert sum(e.count for e in read_manifest(url).shards) == count - 3
+
+    for body, named in (({"ids": [kept, 10 ** 9]}, "1000000000"),     # unknown
+                        ({"ids": [targets[1]]}, str(targets[1])),                # removed, still held by its shard
+                        ({"labels": ["doomed"]}, "doomed")):
+        status, answer = call(f"{base}/v1/memory/remove", body, token=TOKEN)
+        assert status == 404 and named in answer["detail"] and "nothing was removed" in answer["detail"], answer
+    assert call(f"{base}/v1/memory/versions")[1]["current"] == again["version"]
+    assert read_manifest(url).version == again["version"] and VisualMemory.open(url).live([kept]).all()
+
+
+def test_ivf_served_answers_equal_the_memory_in_process(served_ivf):
+    base, url, vectors, source = served_ivf
+    status, added = call(f"{base}/v1/memory/add", {"vectors": spread_over_shards(source, 1, url, skip=1200).tolist(),
+                                                   "labels": ["late"] * 3}, token=TOKEN)
+    assert status == 200, added
+    status, removed = call(f"{base}/v1/memory/remove", {"ids": [added["ids"][0], 60, 61, 62]}, token=TOKEN)
+    assert status == 200, removed
+    queries = np.concatenate([source.queries(1600)[1500:], vectors[55:70]])
+    memory = VisualMemory.open(url)
+    assert memory.version == removed["version"]
+    for nprobe in (None, 2, 16):
+        found = top1(base, queries, nprobe, k=10)
+        expected = memory.search(queries, 10, nprobe)
+        assert found["version"] == memory.version
+        assert [[n["id"] for n in r["neighbours"]] for r in found["results"]] == expected.ids.tolist()
+        assert [[n["shard"] for n in r["neighbours"]] for r in found["results"]] == expected.shards.tolist()
+        np.testing.assert_allclose([[n["similarity"] for n in r["neighbours"]] for r in found["results"]],
+                                   expected.similarities, atol=1e-6)

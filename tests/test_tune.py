@@ -11,7 +11,7 @@ from eval.knn import exact_search
 from index.build import build_memory
 from index.manifest import read_manifest
 from index.memory import VisualMemory
-from index.recall import recall_at_k
+from index.recall import NprobeSweep, recall_at_k
 from index.synthetic import ClusteredVectors
 from index.tune import tune
 from test_memory import write_embeddings
@@ -71,3 +71,20 @@ def test_tune_refuses_what_it_cannot_do(tmp_path, memory_url):
         tune(VisualMemory.open(str(tmp_path / "flat")), 0.9)
     with pytest.raises(ValueError, match=r"target recall must be in \(0, 1\]"):
         tune(VisualMemory.open(url), 1.5)
+
+
+def test_a_sweep_over_nprobe_answers_as_each_search_would(memory_url):
+    """The build's calibration scans each list once across its nprobe sweep (``NprobeSweep``); at
+    every step it must answer exactly what a search at that nprobe answers, removed ids included."""
+    url, data = memory_url
+    memory = VisualMemory.open(url)
+    shard = memory.shards[1].without(memory.shards[1].parts[0].ids[::7])
+    queries = data.queries(200)
+    sweep = NprobeSweep(shard, queries, 11)
+    for nprobe in (1, 2, 4, 8, 32, 256, 512):
+        sims, ids = sweep.at(nprobe)
+        expected_sims, expected_ids = shard.search(queries, 11, nprobe)
+        assert np.array_equal(ids, expected_ids)
+        found = ids >= 0                        # past the neighbours found, FAISS and the merge differ on the fill
+        np.testing.assert_allclose(sims[found], expected_sims[found], rtol=1e-6, atol=1e-6)
+    assert (ids >= 0).all()                     # at nprobe 512 every query finds 11

@@ -17,6 +17,7 @@ from ray import serve
 
 from index.history import log as memory_log
 from index.manifest import list_versions, read_manifest
+from index.placement import Placement
 from index.queries import QueryError, check_vectors
 from index.serve.api import (AddRequest, ClassifyRequest, ClassifyResponse, EditResponse, Info, Limits, LogResponse,
                              RemoveRequest, SearchRequest, SearchResponse, VersionsResponse, app)
@@ -168,11 +169,14 @@ class Router:
         async def stage(m, version, folder):
             ids = np.arange(m.next_id, m.next_id + len(vectors), dtype=np.int64)
             added[:] = [ids]
-            rows = by_shard(ids, len(self.shards))
+            everything = np.arange(len(ids))         # by list: each shard keeps the vectors of its lists
+            rows = ({s: everything for s in range(len(self.shards))} if Placement.of(m).by_lists
+                    else by_shard(ids, len(self.shards)))
             entries = await asyncio.gather(*(self.shards[s].stage_add.remote(
                 version, folder, vectors[r], ids[r], [uris[i] for i in r], [q.labels[i] for i in r])
                 for s, r in rows.items()))
-            return dict(zip(rows, entries)), {"counts": {"added": len(ids)}, "next_id": int(ids[-1]) + 1}
+            staged = {s: e for s, e in zip(rows, entries) if e is not None}
+            return staged, {"counts": {"added": len(ids)}, "next_id": int(ids[-1]) + 1}
 
         new = await self.edit(stage, "add", q.reason)
         return EditResponse(version=new.version, operation="add", count=len(vectors), ids=added[0].tolist())
@@ -184,28 +188,28 @@ class Router:
         removed: list[np.ndarray] = []
 
         async def stage(m, version, folder):
-            ids = await self.resolve_removal(q, m.version) if q.uris or q.labels else np.unique(np.asarray(q.ids, np.int64))
+            owned = await self.resolve_removal(q, m.version)
+            ids = np.unique(np.concatenate([np.zeros(0, np.int64), *owned.values()]))
             removed[:] = [ids]
-            rows = by_shard(ids, len(self.shards))
-            entries = await asyncio.gather(*(self.shards[s].stage_remove.remote(version, folder, ids[r].tolist())
-                                             for s, r in rows.items()))
+            entries = await asyncio.gather(*(self.shards[s].stage_remove.remote(version, folder, mine.tolist())
+                                             for s, mine in owned.items()))
             unknown = sorted(i for e in entries if isinstance(e, dict) for i in e["unknown"])
             if unknown:
                 raise HTTPException(404, f"not in memory {self.memory_url} (version {m.version}): ids {unknown[:20]}"
                                          f"{f' and {len(unknown) - 20} more' if len(unknown) > 20 else ''}; "
                                          "nothing was removed")
-            return dict(zip(rows, entries)), {"counts": {"removed": len(ids)}}
+            return dict(zip(owned, entries)), {"counts": {"removed": len(ids)}}
 
         new = await self.edit(stage, "remove", q.reason)
         return EditResponse(version=new.version, operation="remove", count=len(removed[0]), ids=removed[0].tolist())
 
-    async def resolve_removal(self, q: RemoveRequest, version: int) -> np.ndarray:
-        """The live ids ``q`` names at ``version``; a 404 naming whatever it names that is not there."""
+    async def resolve_removal(self, q: RemoveRequest, version: int) -> dict[int, np.ndarray]:
+        """The live ids ``q`` names at ``version``, by the shard that holds them (every shard is
+        asked: where a vector is stored is the shards' knowledge, ``index.placement``); a 404 naming
+        whatever ``q`` names that is not there."""
         ids = np.unique(np.asarray(q.ids or [], dtype=np.int64))
-        rows = by_shard(ids, len(self.shards))
-        answers = await asyncio.gather(*(h.resolve.remote(version, ids[rows.get(n, [])].tolist(), q.uris or [],
-                                                          q.labels or [])
-                                         for n, h in enumerate(self.shards)))
+        answers = await asyncio.gather(*(h.resolve.remote(version, ids.tolist(), q.uris or [], q.labels or [])
+                                         for h in self.shards))
         live = {i for a in answers for i in a["live"]}
         problems = [f"ids {sorted(set(ids.tolist()) - live)[:20]}" if len(live) < len(ids) else None]
         for field, wanted in (("uris", q.uris or []), ("labels", q.labels or [])):
@@ -216,7 +220,7 @@ class Router:
         if problems:
             raise HTTPException(404, f"not in memory {self.memory_url} (version {self.manifest.version}): "
                                      f"{'; '.join(problems)}; nothing was removed")
-        return np.unique(np.asarray([i for a in answers for i in a["matched"]], dtype=np.int64))
+        return {n: np.asarray(a["matched"], dtype=np.int64) for n, a in enumerate(answers) if a["matched"]}
 
     async def edit(self, stage, operation: str, reason: str | None):
         """``commit_edit`` with a persistent conflict as a 409."""

@@ -3,7 +3,9 @@
 An edit through the Router (``/v1/memory/add``, ``/v1/memory/remove``) runs under the Router's
 edit lock, as one writer of the memory:
 
-1. each shard that owns some of the edit's ids stages its new state in one of its replicas
+1. each shard that owns some of the edit's vectors (``index.placement``: a new vector's shard is
+   the owner of its IVF list, or ``id % shards``; a stored one's is the shard that holds it, which
+   the Router asks the shards) stages its new state in one of its replicas
    (``ShardState.stage_add`` / ``stage_remove``) and writes only the new files (a segment, a
    deletion set) into the edit's folder, returning its manifest entry;
 2. the Router commits the next version with those entries (``index.commit``: the exclusive create
@@ -29,6 +31,7 @@ import numpy as np
 from index import commit
 from index.edits import load_trained, next_manifest
 from index.manifest import Manifest, read_manifest
+from index.placement import Placement, encode
 from index.shards import Shard, metadata_table
 
 log = logging.getLogger("vismem.index.serve")
@@ -42,7 +45,7 @@ class ShardState:
     def open_shard(self, memory_url: str, version: int, number: int, nprobe: int | None) -> None:
         self.memory_url, self.number, self.nprobe = memory_url, number, nprobe
         manifest = read_manifest(memory_url, version)
-        self.version, self.trained = manifest.version, None
+        self.version, self.trained, self.placement = manifest.version, None, Placement.of(manifest)
         self.shard = Shard.load(memory_url, manifest.shards[number], number, manifest.search_defaults(nprobe))
         self.staged: dict[int, tuple[Shard, object]] = {}
 
@@ -61,11 +64,11 @@ class ShardState:
             loaded = {p.stored.index: p for p in self.shard.parts if p.stored is not None}
             self.shard = Shard.load(self.memory_url, entry, self.number, manifest.search_defaults(self.nprobe), loaded)
         self.staged = {v: s for v, s in self.staged.items() if v > version}
-        self.version = version
+        self.version, self.placement = version, Placement.of(manifest)
         return version
 
     async def resolve(self, version: int, ids: list[int], uris: list[str], labels: list[str]) -> dict:
-        """At ``version``: which of ``ids`` (those this shard owns) are live here, and the live ids
+        """At ``version``: which of ``ids`` are live in this shard, and the live ids
         whose URI or label is one of ``uris`` / ``labels`` (with the URIs and labels seen)."""
         await self.follow(version)
         ids = np.asarray(ids, dtype=np.int64)
@@ -87,12 +90,19 @@ class ShardState:
 
     async def stage_add(self, version: int, folder: str, vectors: np.ndarray, ids: np.ndarray, uris: list,
                         labels: list):
-        """Stage this shard plus a segment holding ``vectors`` (encoded with the memory's trained
-        index, no training) for ``version``; write the segment."""
+        """Stage this shard plus a segment holding those of ``vectors`` it owns (``index.placement``;
+        encoded with the memory's trained index, no training) for ``version`` and write the segment;
+        None, writing nothing, when it owns none of them."""
         await self.follow(version - 1)
-        index = faiss.clone_index(self.trained_index())
-        index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.asarray(ids, dtype=np.int64))
-        return self.stage(version, folder, self.shard.with_segment(index, metadata_table(ids, uris, labels)))
+        trained = self.trained_index()
+        vectors, ids = np.ascontiguousarray(vectors, dtype=np.float32), np.asarray(ids, dtype=np.int64)
+        lists = self.placement.assign(trained, vectors)
+        mine = np.flatnonzero(self.placement.shard_of(ids, lists) == self.number)
+        if not len(mine):
+            return None
+        index = encode(trained, vectors[mine], ids[mine], None if lists is None else lists[mine])
+        metadata = metadata_table(ids[mine], [uris[i] for i in mine], [labels[i] for i in mine])
+        return self.stage(version, folder, self.shard.with_segment(index, metadata))
 
     def stage(self, version: int, folder: str, shard: Shard):
         fs, root = commit.filesystem(self.memory_url)
@@ -173,6 +183,7 @@ async def tell_shards(router, version: int) -> None:
 
 
 def by_shard(ids: np.ndarray, shards: int) -> dict[int, np.ndarray]:
-    """The rows of ``ids`` that each shard owns (id % shards), for the shards that own some."""
+    """The rows of ``ids`` that each shard owns in a memory placed by id (id % shards), for the
+    shards that own some."""
     owner = np.asarray(ids, dtype=np.int64) % shards
     return {int(s): np.flatnonzero(owner == s) for s in np.unique(owner)}
