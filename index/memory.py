@@ -75,9 +75,15 @@ class VisualMemory:
         if k < 1:
             raise ValueError(f"k must be a positive whole number, got {k}")
         coarse = coarse_assignment(self.shards, queries, nprobe)          # once for every shard
-        found = merge_topk([s.query(queries, k, nprobe, coarse) for s in self.shards], k)
-        return Neighbours(found["similarities"], found["ids"], found["labels"], found["uris"], found["shards"],
-                          found["sample_weights"])
+        answers = [dict(zip(("similarities", "ids"), s.search(queries, k, nprobe, coarse))) for s in self.shards]
+        found = merge_topk(answers, k)
+        uris, labels = np.full(found["ids"].shape, None, object), np.full(found["ids"].shape, None, object)
+        weights = np.ones(found["ids"].shape)
+        for n, shard in enumerate(self.shards):            # metadata of the k answers only, from their shards
+            mine = (found["shards"] == n) & (found["ids"] >= 0)
+            uris[mine], labels[mine] = shard.lookup(found["ids"][mine])
+            weights[mine] = shard.sample_weights(found["ids"][mine])
+        return Neighbours(found["similarities"], found["ids"], labels, uris, found["shards"], weights)
 
     def classify(self, queries, k: int = 10, rule: str = "plurality", nprobe: int | None = None) -> Classification:
         found = self.search(queries, k, nprobe)

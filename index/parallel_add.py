@@ -89,11 +89,12 @@ def plan_files(url: str) -> tuple[list[EmbeddingFile], int]:
     return files, dims.pop()
 
 
-def read_file(file: EmbeddingFile) -> pa.Table:
-    """The file's rows sorted by collection id; a clear error if it vanished or changed since planning."""
+def read_file(file: EmbeddingFile, columns: tuple[str, ...] = ("id", "uri", "label", "embedding")) -> pa.Table:
+    """The file's rows (``columns`` of them) sorted by collection id; a clear error if it vanished or
+    changed since planning."""
     try:
         with fsspec.open(file.url, "rb") as f:
-            table = pq.read_table(f, columns=["id", "uri", "label", "embedding"])
+            table = pq.read_table(f, columns=list(columns))
     except FileNotFoundError:
         raise FileNotFoundError(f"embedding file {file.url} disappeared while the build was reading the folder; "
                                 "nothing was committed: run the build again once the folder is complete") from None
@@ -111,7 +112,7 @@ def read_file(file: EmbeddingFile) -> pa.Table:
 
 def sample_rows(file: EmbeddingFile, positions: np.ndarray) -> np.ndarray:
     """The vectors at ``positions`` (in the file's id order): a task's share of the training sample."""
-    return embedding_matrix(read_file(file).take(positions))
+    return embedding_matrix(read_file(file, ("id", "embedding")).take(positions))
 
 
 def encode_file(file: EmbeddingFile, trained: np.ndarray, placement: Placement, queries: np.ndarray, k: int):
