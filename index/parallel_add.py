@@ -20,6 +20,7 @@ collection. Both give byte-identical shards.
 
 from __future__ import annotations
 
+import functools
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -110,11 +111,26 @@ def read_file(file: EmbeddingFile, columns: tuple[str, ...] = ("id", "uri", "lab
     return table
 
 
+def hands_back_memory(task):
+    """A build task that returns what Arrow's allocator kept when it ends: a Ray worker runs task
+    after task, and mimalloc keeps each one's freed buffers (0.6 GB after encoding a file of 100,000
+    vectors), so the worker's RSS would grow with the tasks it ran instead of staying at one file's."""
+    @functools.wraps(task)
+    def run(*args):
+        try:
+            return task(*args)
+        finally:
+            pa.default_memory_pool().release_unused()
+    return run
+
+
+@hands_back_memory
 def sample_rows(file: EmbeddingFile, positions: np.ndarray) -> np.ndarray:
     """The vectors at ``positions`` (in the file's id order): a task's share of the training sample."""
     return embedding_matrix(read_file(file, ("id", "embedding")).take(positions))
 
 
+@hands_back_memory
 def encode_file(file: EmbeddingFile, trained: np.ndarray, placement: Placement, queries: np.ndarray, k: int):
     """Encode one file into one piece per shard, plus the exact top-``k`` of ``queries`` among its
     vectors. Returns ``(piece_0, …, piece_{shards−1}, (similarities, ids))``; a piece is
@@ -145,6 +161,7 @@ class Calibration:
     target: float
 
 
+@hands_back_memory
 def merge_shard(number: int, trained: np.ndarray, memory_url: str, folder: str,
                 calibration: Calibration | None, *pieces) -> tuple[ShardEntry, dict]:
     """Merge shard ``number`` from its ``pieces``, write it under ``folder`` of the memory, and
