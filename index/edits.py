@@ -45,13 +45,11 @@ def add(memory: "VisualMemory", vectors, labels, uris, source_ids=None, reason: 
     source_ids = None if source_ids is None else np.asarray(source_ids, dtype=np.int64)
     ids = np.arange(m.next_id, m.next_id + n, dtype=np.int64)
     trained = memory.trained_index()
-    placement = Placement.of(m)
-    lists = placement.assign(trained, vectors)
-    owner = placement.shard_of(ids, lists)
     shards = list(memory.shards)
-    for s in np.unique(owner):
-        rows = np.flatnonzero(owner == s)
-        index = encode(trained, vectors[rows], ids[rows], None if lists is None else lists[rows])
+    for s, (rows, lists) in enumerate(Placement.of(m).split(trained, vectors, ids)):
+        if not len(rows):
+            continue
+        index = encode(trained, vectors[rows], ids[rows], lists)
         shards[s] = shards[s].with_segment(index, metadata_table(
             ids[rows], uris[rows], labels[rows], None if source_ids is None else source_ids[rows]))
     version = commit_edit(memory, shards, next_id=m.next_id + n, operation="add", counts={"added": n}, reason=reason)

@@ -140,13 +140,11 @@ def encode_file(file: EmbeddingFile, trained: np.ndarray, placement: Placement, 
     vectors = embedding_matrix(table)
     ids = file.first + np.arange(len(table), dtype=np.int64)
     empty = deserialize(trained)
-    lists = placement.assign(empty, vectors)
-    owner = placement.shard_of(ids, lists)
+    columns = table.select(["uri", "label", "id"])
     pieces = []
-    for s in range(placement.shards):
-        rows = np.flatnonzero(owner == s)
-        index = encode(empty, vectors[rows], ids[rows], None if lists is None else lists[rows])
-        mine = table.select(["uri", "label", "id"]).take(rows)
+    for rows, lists in placement.split(empty, vectors, ids):
+        index = encode(empty, vectors[rows], ids[rows], lists)
+        mine = columns.take(rows)
         pieces.append((serialize(index), metadata_table(ids[rows], mine["uri"], mine["label"], mine["id"])))
     return (*pieces, exact_topk(queries, vectors, ids, k))
 

@@ -77,10 +77,20 @@ class Placement:
             return np.searchsorted(np.asarray(self.bounds), lists, side="right") - 1
         return np.asarray(ids, dtype=np.int64) % self.shards
 
+    def split(self, trained: faiss.Index, vectors: np.ndarray, ids: np.ndarray,
+              ) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        """For each shard, the rows of new ``vectors`` (memory ids ``ids``) it gets and their lists
+        (None when placing by id), to ``encode``: each vector's list is found once, and both picks
+        its shard and is the list the shard files it in."""
+        lists = self.assign(trained, vectors)
+        owner = self.shard_of(ids, lists)
+        rows = [np.flatnonzero(owner == s) for s in range(self.shards)]
+        return [(mine, None if lists is None else lists[mine]) for mine in rows]
+
 
 def encode(trained: faiss.Index, vectors: np.ndarray, ids: np.ndarray, lists: np.ndarray | None) -> faiss.Index:
     """A copy of ``trained`` holding ``vectors`` as ``ids``: a segment or a build's piece. With the
-    lists already assigned (``Placement.assign``) the coarse search is not repeated."""
+    lists already assigned (``Placement.split``) the coarse search is not repeated."""
     index = faiss.clone_index(trained)
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     ids = np.ascontiguousarray(ids, dtype=np.int64)

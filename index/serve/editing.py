@@ -96,11 +96,10 @@ class ShardState:
         await self.follow(version - 1)
         trained = self.trained_index()
         vectors, ids = np.ascontiguousarray(vectors, dtype=np.float32), np.asarray(ids, dtype=np.int64)
-        lists = self.placement.assign(trained, vectors)
-        mine = np.flatnonzero(self.placement.shard_of(ids, lists) == self.number)
+        mine, lists = self.placement.split(trained, vectors, ids)[self.number]
         if not len(mine):
             return None
-        index = encode(trained, vectors[mine], ids[mine], None if lists is None else lists[mine])
+        index = encode(trained, vectors[mine], ids[mine], lists)
         metadata = metadata_table(ids[mine], [uris[i] for i in mine], [labels[i] for i in mine])
         return self.stage(version, folder, self.shard.with_segment(index, metadata))
 
