@@ -253,11 +253,11 @@ def add_embed_parser(sub) -> None:
     d = EmbedBenchConfig()
     embed = add_command(
         sub, "embed", "embed a real image collection into Parquet with Ray Data (resumable)",
-        description="A streaming Ray Data pipeline: CPU tasks read, decode and resize each partition's images; "
-                    "a pool of encoder actors (one GPU each when the cluster has GPUs, else a fraction of a CPU "
-                    "each) embeds them and writes one Parquet file per partition. With --bench: the pipeline's "
-                    "images/s beside the bare encoder's forward pass on the same images (JSON: one object per "
-                    "line).",
+        description="A streaming Ray Data pipeline: each partition's images are read, decoded and resized, "
+                    "then a pool of encoder actors embeds them and writes one Parquet file per partition. With "
+                    "GPUs, CPU tasks decode while one actor per GPU embeds; on CPUs only, one actor per CPU "
+                    "decodes and embeds its own partitions (--decode). With --bench: the pipeline's images/s "
+                    "beside the bare encoder's forward pass on the same images (JSON: one object per line).",
         epilog="examples:\n"
                "  vismem embed --collection s3://bucket/images --encoder runs/enc1/encoder --out s3://bucket/emb\n"
                "  vismem embed --bench --json\n"
@@ -278,6 +278,10 @@ def add_embed_parser(sub) -> None:
     embed.add_argument("--concurrency", type=int, default=None,
                        help="encoder actors in the pool (default: one per GPU, or one per CPU on a CPU-only "
                             "cluster; at most one per GPU)")
+    embed.add_argument("--decode", default=d.decode, choices=("auto", "tasks", "actors"),
+                       help="where images are decoded: 'tasks' (a CPU stage of its own feeding the encoder actors), "
+                            "'actors' (each encoder actor decodes its own partitions), or 'auto': tasks with GPUs, "
+                            "actors on a CPU-only cluster, where both steps share the same cores")
     embed.add_argument("--batch-size", type=int, default=d.batch_size, help="images per forward pass of the encoder")
     bench = embed.add_argument_group("benchmark (--bench)")
     bench.add_argument("--bench", action="store_true",
@@ -526,6 +530,10 @@ def add_serve_parser(sub) -> None:
     serve.add_argument("--port", type=int, default=8000, help="HTTP port")
     serve.add_argument("--replicas", type=int, default=1, help="replicas per shard searcher")
     serve.add_argument("--shard-timeout", type=float, default=10.0, help="seconds before a shard counts as failed")
+    serve.add_argument("--mmap", action="store_true",
+                       help="memory-map the shards' IVF lists from the memory's local disk instead of loading them: "
+                            "a shard larger than RAM can answer, paged in as queries visit its lists (a memory on "
+                            "a local disk only; the shard replicas must run on that machine)")
     serve.add_argument("--token-file", default=None, metavar="PATH",
                        help="file holding the bearer token that /v1/memory/add and /v1/memory/remove need "
                             "(default: $VISMEM_TOKEN; with neither, editing over HTTP is off)")
@@ -794,7 +802,7 @@ def cmd_embed(args) -> dict:
     plan = plan_embedding(args.collection, args.encoder, args.out, args.partition_size or 512)
     with ray_session(args.address), tqdm(total=plan.pending_images, unit="img", desc=f"embed → {args.out}",
                                          file=sys.stderr, disable=not plan.pending) as bar:
-        summary = run_embedding(plan, args.concurrency, args.batch_size, progress=bar.update)
+        summary = run_embedding(plan, args.concurrency, args.batch_size, progress=bar.update, decode=args.decode)
     print(f"{summary.images} vectors in {summary.partitions} partitions at {summary.out} ({summary.computed} "
           f"partitions embedded by this run); {summary.errors} unreadable")
     return asdict(summary)
@@ -811,7 +819,8 @@ def embed_bench(args, defaults) -> dict:
     encoders = tuple(e.strip() for e in (args.encoder or ",".join(defaults.encoders)).split(",") if e.strip())
     cfg = replace(defaults, encoders=encoders, images=args.images, collection=args.collection,
                   source_size=args.source_size, layout=args.layout, partition_size=args.partition_size,
-                  batch_size=args.batch_size, concurrency=args.concurrency, repeats=args.repeats, workdir=args.workdir)
+                  batch_size=args.batch_size, concurrency=args.concurrency, decode=args.decode, repeats=args.repeats,
+                  workdir=args.workdir)
     with ray_session(args.address):
         return run(cfg, record_printer(args))
 
@@ -838,14 +847,15 @@ def cmd_build(args) -> dict:
             bars[stage] = tqdm(total=total, unit=unit, desc=f"build: {stage}", file=sys.stderr)
         bars[stage].update(done - bars[stage].n)
 
-    if args.local or (sum(f.rows for f in plan_files(args.embeddings)[0]) < PARALLEL_MIN and not args.address
-                       and not os.environ.get("RAY_ADDRESS")):
+    plan = plan_files(args.embeddings)               # footers read once, here and for the build
+    if args.local or (sum(f.rows for f in plan[0]) < PARALLEL_MIN and not args.address
+                      and not os.environ.get("RAY_ADDRESS")):
         manifest = build_memory(args.embeddings, args.memory, args.shards, args.factory, progress=progress,
-                                use_ray=False, **options)
+                                use_ray=False, plan=plan, **options)
     else:
         with ray_session(args.address):
             manifest = build_memory(args.embeddings, args.memory, args.shards, args.factory, progress=progress,
-                                    use_ray=True, **options)
+                                    use_ray=True, plan=plan, **options)
     for bar in bars.values():
         bar.close()
     print(f"memory {args.memory}: version {manifest.version}, {manifest.count} vectors, {manifest.factory}, "
@@ -1205,7 +1215,7 @@ def cmd_serve(args) -> dict:
     with ray_session(args.address, serve_too=True):        # on the way out, Stopped included: Serve, then Ray
         stop_on_signals("Serve and Ray shut down")
         start(args.memory, host=args.host, port=args.port, replicas=args.replicas, shard_timeout_s=args.shard_timeout,
-              token_digest=digest)
+              token_digest=digest, mmap=args.mmap)
         print(f"serving {args.memory} on http://{args.host}:{args.port} (POST /v1/classify, /v1/search; GET /v1/info, "
               f"/docs; editing {'on: /v1/memory/add, /v1/memory/remove' if digest else 'off (no token)'}); "
               "Ctrl-C to stop", flush=True)

@@ -10,7 +10,9 @@ In one process and without Ray or FAISS (GPU machines for this check have torch 
 4. trains RECIPE on procedural data only for a fixed time (encoder.local.train_local), then
    evaluates it on CIFAR-10 with eval-knn's protocol (softmax votes, T = 0.07, best k of the
    sweep) beside the same network untrained and raw pixels, and times embedding;
-5. times the embedding job's two steps as a pipeline (JPEG decode + resize on CPU worker
+5. splits a training batch's data time into its parts (``data_path``: each generator of the
+   mix, the multi-crop augmentation, and torch.profiler's top operators of whole batches);
+6. times the embedding job's two steps as a pipeline (JPEG decode + resize on CPU worker
    processes feeding the encoder on the GPU) against the bare forward pass (``embed_pipeline``).
 
 Every section is timed and guarded: one that fails records its error and the next one runs, and
@@ -239,6 +241,63 @@ def cifar_knn(s: Settings) -> dict:
     return out
 
 
+def data_path(s: Settings) -> dict:
+    """Where a training step's data time goes (the DINO step on a GPU waits ~40 ms a batch for its
+    data, whatever the batch size): the recipe's stream making a batch, each of its generators
+    making its share alone, and ``multi_crop`` on a made batch, timed apart with the device
+    synchronised, at two batch sizes; then torch.profiler's top operators over whole batches
+    (stream + augmentation), by self CPU time (the host's work and kernel launches) and by self
+    device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from encoder.augment import multi_crop
+    from encoder.loop import procedural_stream
+    from procdata.generators import generate
+    device = torch.device(s.device)
+    cuda = device.type == "cuda"
+
+    def timed(fn, repeats: int) -> float:
+        """Milliseconds per call after one warm-up call, the device drained before and after."""
+        fn()
+        if cuda:
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        if cuda:
+            torch.cuda.synchronize(device)
+        return round(1000 * (time.perf_counter() - start) / repeats, 2)
+
+    repeats = 2 if s.eval_limit else 10
+    records = []
+    for batch in (8,) if s.eval_limit else (64, 512):
+        cfg = dataclasses.replace(recipe_config(s), batch_size=batch)
+        stream, steps, g = procedural_stream(cfg, 0, 1, device), iter(range(10 ** 6)), torch.Generator().manual_seed(0)
+        images = stream.batch(0, 0)
+        share = max(1, batch // len(cfg.generators))
+
+        def crops():
+            return multi_crop(images, cfg.arch.img_size, cfg.global_crop_scale, cfg.local_size, cfg.local_crop_scale,
+                              cfg.local_crops, cfg.arch.mean, cfg.arch.std, g)
+        records.append({"batch": batch, "image_size": cfg.arch.img_size, "local_crops": cfg.local_crops,
+                        "stream_ms": timed(lambda: stream.batch(0, next(steps)), repeats),
+                        "generator_share_ms": {name: timed(lambda name=name: generate(
+                            name, cfg.seed, range(share), cfg.arch.img_size, device), repeats)
+                            for name in cfg.generators},
+                        "multi_crop_ms": timed(crops, repeats)})
+        log.info("%s", records[-1])
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for i in range(repeats):
+            images = stream.batch(1, i)
+            crops()
+        if cuda:
+            torch.cuda.synchronize(device)
+    averages = prof.key_averages()
+    return {"records": records, "profiled_batches": repeats, "profiled_batch_size": records[-1]["batch"],
+            "top_ops_by_self_cpu": averages.table(sort_by="self_cpu_time_total", row_limit=25),
+            "top_ops_by_self_device": averages.table(sort_by="self_cuda_time_total", row_limit=15) if cuda else None}
+
+
 def embedding_speed(s: Settings) -> dict:
     """Embedding images/s of the step presets at their own image size (random weights)."""
     from encoder.bench import embed_throughput
@@ -264,7 +323,8 @@ def embed_pipeline(s: Settings) -> dict:
         device_decode_throughput("tiny-cpu", images, (64, 64), batch_size=min(images, 512), device=s.device)]}
 
 
-SECTIONS = ("environment", "train_recipe", "cifar10_knn", "generators", "dino_step", "embedding", "embed_pipeline")
+SECTIONS = ("environment", "train_recipe", "cifar10_knn", "generators", "dino_step", "data_path", "embedding",
+            "embed_pipeline")
 
 
 def run(s: Settings, sections: tuple[str, ...] = SECTIONS) -> dict:
@@ -274,7 +334,8 @@ def run(s: Settings, sections: tuple[str, ...] = SECTIONS) -> dict:
     with tempfile.TemporaryDirectory(prefix="vismem-gpu-check-") as work:
         steps = {"environment": lambda: environment(s.device), "train_recipe": lambda: train_recipe(s, work),
                  "cifar10_knn": lambda: cifar_knn(s), "generators": lambda: generators(s),
-                 "dino_step": lambda: dino_steps(s), "embedding": lambda: embedding_speed(s),
+                 "dino_step": lambda: dino_steps(s), "data_path": lambda: data_path(s),
+                 "embedding": lambda: embedding_speed(s),
                  "embed_pipeline": lambda: embed_pipeline(s)}
         for name in sections:
             report.section(name, steps[name])

@@ -26,7 +26,7 @@ import numpy as np
 from index import commit
 from index.embeddings import JOB_FILE
 from index.manifest import Manifest, read_manifest
-from index.parallel_add import Runner, parallel_add, plan_files, training_sample
+from index.parallel_add import EmbeddingFile, Runner, parallel_add, plan_files, training_sample
 from index.placement import Placement
 from index.shards import plain_ivf, serialize
 
@@ -106,7 +106,8 @@ def train_empty_index(vectors: np.ndarray, factory: str, seed: int = 0) -> faiss
 def build_memory(embeddings_url: str, memory_url: str, shards: int = 2, factory: str | None = None,
                  encoder: dict | None = None, replace: bool = False, nprobe: int | None = None,
                  target_recall: float = TARGET_RECALL, trained: faiss.Index | None = None,
-                 progress: Callable[[str, int, int], object] | None = None, use_ray: bool | None = None) -> Manifest:
+                 progress: Callable[[str, int, int], object] | None = None, use_ray: bool | None = None,
+                 plan: tuple[list[EmbeddingFile], int] | None = None) -> Manifest:
     """Build the next version of the memory at ``memory_url`` (version 1 for a new one).
 
     A parallel add (``index.parallel_add``): the driver reads the files' footers and a training
@@ -118,9 +119,11 @@ def build_memory(embeddings_url: str, memory_url: str, shards: int = 2, factory:
     of training one (another memory's): two memories over one trained index answer comparably.
     ``progress(stage, done, total)`` is called as tasks finish. ``use_ray``: None runs the tasks on
     Ray when this process is connected to it and the collection holds ``PARALLEL_MIN`` vectors or
-    more, False in this process, True requires Ray.
+    more, False in this process, True requires Ray. ``plan`` is ``plan_files(embeddings_url)`` where
+    the caller already read it (the CLI does, to decide whether to start Ray): on S3 every file's
+    footer is a request.
     """
-    files, dim = plan_files(embeddings_url)
+    files, dim = plan or plan_files(embeddings_url)
     count = sum(f.rows for f in files)
     if count == 0:
         raise ValueError(f"no vectors under {embeddings_url}: every image failed to embed?")

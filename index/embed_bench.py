@@ -8,14 +8,16 @@ process and run, time the encoder's forward pass alone (``Encoder.embed_pixels``
 best of ``repeats``) on the same images already decoded and resized. The ratio of the two is the
 figure to read (the machine is shared, absolute images/s drift).
 
-The pipeline's images/s is its steady state: the images of the partitions that finish after the
-first one, over the seconds from the first to the last (the job starts its encoder actors before
-it decodes anything, so decoding and the encoder share the machine from then on); ``wall_s`` and
-``wall_img_s`` count from the call, Ray Data's start-up and the first partition included
-(``first_partition_s``). On CPUs the decode tasks and the encoder share the cores, so the
-record also gives the CPU time of reading, decoding and resizing one image (``decode_cpu_ms``)
-beside that of one forward pass (``forward_cpu_ms``): the pipeline cannot beat
-``forward / (forward + decode)`` of the bare encoder when both use every core.
+The pipeline's images/s is its steady state: the images of the partitions that finish after each
+actor has finished one, over the seconds from then to the last (so neither the actors' start-up
+nor the partitions they began during it count); ``wall_s`` and ``wall_img_s`` count from the call,
+Ray Data's start-up and the first partition included (``first_partition_s``). On CPUs decoding and
+the encoder share the cores, so the record also gives the CPU time of reading, decoding and
+resizing one image (``decode_cpu_ms``) beside that of one forward pass (``forward_cpu_ms``): the
+pipeline cannot beat ``cpu_ceiling = forward / (forward + decode)`` of the bare encoder when
+both use every core. The default collection (16,384 images) keeps every stage busy for several
+partitions after start-up; a small one measures little more than the encoder alone (with decode
+tasks, they can decode all of it while the encoder actors start).
 
 Ray, torch and the embedding job are imported where they are used: the CLI reads this module's
 defaults for ``--help``, before Ray may be imported (``cluster.runtime.loopback_only``).
@@ -49,13 +51,14 @@ GENERATORS = ("shader", "spectral")        # smooth and textured: realistic comp
 @dataclass
 class EmbedBenchConfig:
     encoders: tuple[str, ...] = ("random-init:tiny-cpu",)
-    images: int = 4096                    # synthetic images (ignored with a collection)
+    images: int = 16384                   # synthetic images (ignored with a collection)
     collection: str | None = None         # a collection URL instead of synthetic images
     source_size: int | None = None        # synthetic image width (height 3/4 of it); None: 2 × input, ≤ 320
     layout: str = "parquet"               # synthetic collection: "parquet" (image bytes) or "folder" (one file each)
     partition_size: int | None = None     # None: a sixteenth of the collection
     batch_size: int = 256                 # images per forward pass, pipeline and bare alike
     concurrency: int | None = None        # encoder actors (None: the job's default, see encoder_pool)
+    decode: str = "auto"                  # where images are decoded: "tasks", "actors" or "auto" (encoder_pool)
     repeats: int = 3                      # bare forward passes timed (the best counts)
     workdir: str | None = None            # where the collection and embeddings go (default: a temporary folder)
     seed: int = 0
@@ -102,18 +105,21 @@ def write_collection(url: str, images: int, width: int, layout: str, seed: int =
     return url
 
 
-def timed_run(plan, cfg: EmbedBenchConfig) -> dict:
+def timed_run(plan, cfg: EmbedBenchConfig, actors: int) -> dict:
     """Run the embedding job of ``plan``: seconds from the call, seconds to the first finished
-    partition, images/s after it, and the unreadable images."""
+    partition, the steady images/s (after the first ``actors`` partitions finished: one per
+    actor), and the unreadable images."""
     from index.embed_job import run_embedding
     finished = []                                     # (seconds since the call, images) per finished partition
     start = time.perf_counter()
     summary = run_embedding(plan, cfg.concurrency, cfg.batch_size,
-                            progress=lambda n: finished.append((time.perf_counter() - start, n)))
+                            progress=lambda n: finished.append((time.perf_counter() - start, n)), decode=cfg.decode)
     wall = time.perf_counter() - start
-    after = finished[-1][0] - finished[0][0] if len(finished) > 1 else 0
+    first = min(actors, len(finished)) - 1
+    after = finished[-1][0] - finished[first][0] if finished else 0
     return {"wall_s": wall, "first_partition_s": finished[0][0],
-            "steady": sum(n for _, n in finished[1:]) / after if after > 0 else None, "errors": summary.errors}
+            "steady": sum(n for _, n in finished[first + 1:]) / after if after > 0 else None,
+            "errors": summary.errors}
 
 
 def timed_bare(encoder: Encoder, plan, cfg: EmbedBenchConfig) -> dict:
@@ -133,7 +139,7 @@ def timed_bare(encoder: Encoder, plan, cfg: EmbedBenchConfig) -> dict:
             "forward_cpu_ms": 1000 * best_cpu / len(pixels)}
 
 
-def bench_one(spec: str, cfg: EmbedBenchConfig, work: str, cluster: dict) -> dict:
+def bench_one(spec: str, cfg: EmbedBenchConfig, work: str, cluster: dict, free_cpus: float | None = None) -> dict:
     """One encoder's record: pipeline and bare images/s, their ratio, and what explains it."""
     from encoder import Encoder
     from index.embed_job import encoder_pool, plan_embedding
@@ -148,22 +154,25 @@ def bench_one(spec: str, cfg: EmbedBenchConfig, work: str, cluster: dict) -> dic
     if len(plan.pending) != len(plan.partitions):
         raise ValueError(f"{work}/{slug}/embeddings already holds embeddings: give an empty --workdir")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    log.info("%s: embedding %d images in %d partitions through the pipeline", spec, images, len(plan.pending))
-    run = timed_run(plan, cfg)
+    pool = encoder_pool(cluster, cfg.concurrency, len(plan.pending), cfg.decode, free_cpus)
+    log.info("%s: embedding %d images in %d partitions through the pipeline (%d actors, decoding in %s)", spec,
+             images, len(plan.pending), pool.actors, "tasks" if pool.decode_tasks else "the actors")
+    run = timed_run(plan, cfg, pool.actors)
     log.info("%s: timing the bare forward pass on the same images", spec)
     bare = timed_bare(encoder, plan, cfg)
     rate = run["steady"]
-    pool = encoder_pool(cluster, cfg.concurrency, len(plan.pending))
+    ceiling = bare["forward_cpu_ms"] / (bare["forward_cpu_ms"] + bare["decode_cpu_ms"])
     return {"bench": "embed", "encoder": spec, "image_size": encoder.arch.img_size,
             "source": "collection" if cfg.collection else f"{width}x{max(1, width * 3 // 4)} {cfg.layout}",
             "images": images, "errors": run["errors"], "partitions": len(plan.partitions), "batch_size": cfg.batch_size,
             "device": encoder.device.type, "cpus": cluster.get("CPU"), "gpus": cluster.get("GPU", 0),
-            "actors": pool.actors, "actor_threads": pool.threads,
+            "actors": pool.actors, "actor_threads": pool.threads, "decode": "tasks" if pool.decode_tasks else "actors",
             "pipeline_img_s": None if rate is None else round(rate, 1), "bare_img_s": round(bare["bare_img_s"], 1),
             "ratio": None if rate is None else round(rate / bare["bare_img_s"], 3),
             "wall_s": round(run["wall_s"], 2), "wall_img_s": round(images / run["wall_s"], 1),
             "first_partition_s": round(run["first_partition_s"], 2),
             "decode_cpu_ms": round(bare["decode_cpu_ms"], 3), "forward_cpu_ms": round(bare["forward_cpu_ms"], 3),
+            "cpu_ceiling": round(ceiling, 3) if encoder.device.type == "cpu" else None,
             "load_avg": None if load is None else round(load, 2)}
 
 
@@ -177,6 +186,6 @@ def run(cfg: EmbedBenchConfig, emit=print) -> dict:
     with tempfile.TemporaryDirectory(prefix="vismem-embed-bench-") as tmp:
         work = (cfg.workdir or tmp).rstrip("/")
         for spec in cfg.encoders:
-            records.append(bench_one(spec, cfg, work, cpus))
+            records.append(bench_one(spec, cfg, work, cpus, ray.available_resources().get("CPU")))
             emit(records[-1])
     return {"records": records}

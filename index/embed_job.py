@@ -2,19 +2,24 @@
 
 ``plan_embedding`` lists the collection, compares it with what the output folder already records
 and writes one record per new partition (the layout is in ``index.embeddings``). ``run_embedding``
-makes each pending partition one row of a Ray Dataset and streams it through two stages:
+makes each pending partition one row of a Ray Dataset and streams it through two steps:
 
-1. ``decode_batch``, CPU tasks: read and decode the partition's images (``decode_partition``) and
-   resize each to the encoder's input (``Encoder.resize``: uint8 ``[3, S, S]``), one partition per
-   task, so unreadable images are listed with their partition;
-2. ``EmbedPartitions``, an actor pool (one GPU each when the cluster has GPUs, else fractional CPUs,
-   see ``encoder_pool``): the encoder on the partition's uint8 batch (``Encoder.embed_pixels``, on
-   the device), then the partition's record (with its unreadable images) and its Parquet, written
-   straight to the output URL.
+1. decode: read and decode the partition's images (``decode_partition``) and resize each to the
+   encoder's input (``Encoder.resize``: uint8 ``[3, S, S]``), a partition at a time, so unreadable
+   images are listed with their partition;
+2. ``EmbedPartitions``, an actor pool: the encoder on the partition's uint8 batch
+   (``Encoder.embed_pixels``, on the device), then the partition's record (with its unreadable
+   images) and its Parquet, written straight to the output URL.
 
-Ray Data runs the stages concurrently: partition i+1 is decoded while the encoder works on partition
-i, and no image or vector passes through the driver. The vectors equal ``Encoder.embed``'s on the
-same images up to the rounding of the resized pixels to uint8 (cosine above 0.999).
+Where the decode runs depends on the cluster (``encoder_pool``). With GPUs it is a stage of its own,
+CPU tasks (``decode_batch``) feeding one actor per GPU, and Ray Data runs the stages concurrently:
+partition i+1 is decoded while the GPU embeds partition i. On CPUs only, each actor decodes its own
+partitions (one actor per CPU): the two steps would share the same cores anyway, and a stage of
+their own would add the decode workers' start-up and the decoded pixels' trip through the object
+store (on 2 cores: 0.70–0.81 of the bare encoder's images/s in steady state and 25 s for 16,384
+images, against 0.82–0.93 and 15 s decoded in the actors). Either way no image or vector passes
+through the driver. The vectors equal ``Encoder.embed``'s on the same images up to the rounding of
+the resized pixels to uint8 (cosine above 0.999).
 
 Running again into the same output: inputs already recorded and unchanged are skipped; new inputs
 (a collection that grew) go into new partitions numbered after the existing ones, with ids after
@@ -123,8 +128,9 @@ def decode_batch(batch: dict, resize) -> dict:
 
 # stage 2: the encoder (an actor pool) ----------------------------------------------------------
 class EmbedPartitions:
-    """Ray Data actor: loads the encoder once, then embeds decoded partitions on its device and
-    writes each one's record and Parquet."""
+    """Ray Data actor: loads the encoder once, then embeds partitions on its device and writes each
+    one's record and Parquet. A row is a decoded partition (``decode_batch``'s) or, where the actors
+    decode (CPU-only clusters), the partition itself (``{"partition": JSON}``)."""
 
     def __init__(self, encoder_spec: str, out_url: str, batch_size: int = 256, threads: int | None = None):
         self.encoder = Encoder.load(encoder_spec, threads=threads)
@@ -133,8 +139,13 @@ class EmbedPartitions:
         self.batch_size = batch_size
 
     def __call__(self, batch: dict) -> dict:
-        [meta], [pixels] = batch["meta"], batch["pixels"]
-        return {"images": np.array([self.write(DecodedPartition.from_row(meta, pixels))], dtype=np.int64)}
+        if "partition" in batch:
+            [spec] = batch["partition"]
+            done = self.embed_one(Partition(**json.loads(spec)))
+        else:
+            [meta], [pixels] = batch["meta"], batch["pixels"]
+            done = self.write(DecodedPartition.from_row(meta, pixels))
+        return {"images": np.array([done], dtype=np.int64)}
 
     def embed_one(self, part: Partition) -> int:
         """Decode, embed and write ``part`` in this process: both stages, one after the other."""
@@ -151,43 +162,62 @@ class EmbedPartitions:
         return len(part)
 
 
+DECODE_WHERE = ("auto", "tasks", "actors")
+
+
 @dataclass
 class EncoderPool:
-    """Ray resources of the two stages: ``actors`` encoder actors of ``num_gpus`` / ``num_cpus``
-    each, torch on ``threads`` CPU threads in each (None: torch's default), and ``decode_cpus`` per
-    decode task."""
+    """Ray resources of the pipeline: ``actors`` encoder actors of ``num_gpus`` / ``num_cpus`` each,
+    torch on ``threads`` CPU threads in each (None: torch's default), and, where decoding is a stage
+    of its own (``decode_tasks``), ``decode_cpus`` per decode task (else None: the actors decode)."""
 
     actors: int
     num_gpus: float | None
     num_cpus: float | None
     threads: int | None
-    decode_cpus: float
+    decode_cpus: float | None
+
+    @property
+    def decode_tasks(self) -> bool:
+        return self.decode_cpus is not None
 
 
-def encoder_pool(cluster: dict, concurrency: int | None = None, partitions: int | None = None) -> EncoderPool:
-    """How the two stages run on a cluster with resources ``cluster`` (``ray.cluster_resources()``):
+def encoder_pool(cluster: dict, concurrency: int | None = None, partitions: int | None = None,
+                 decode: str = "auto", free_cpus: float | None = None) -> EncoderPool:
+    """How the pipeline runs on a cluster with resources ``cluster`` (``ray.cluster_resources()``):
     ``concurrency`` encoder actors (default: one per GPU, or one per CPU on a CPU-only cluster; at
-    most one per GPU, and no more than the ``partitions`` to embed).
+    most one per GPU, and no more than the ``partitions`` to embed), and where images are decoded
+    (``decode``: "tasks", "actors", or "auto": tasks with GPUs, actors on CPUs only).
 
     With GPUs: one GPU per actor, batches on the device, Ray Data's one CPU per actor and per
-    decode task. CPU only: the actors ask for a quarter of a CPU each and the pool for at most a
-    quarter of the CPUs (DESIGN §5: a pool holding every CPU starves the decode tasks and Ray Data
-    deadlocks), while torch in each actor runs ``CPU // actors`` threads (one with the default
-    pool: single-threaded actors lose nothing to the decode tasks beside them, where two threads
-    of one actor stall on each other, 0.32 of the bare encoder's images/s against 0.6-0.9 on 2
-    cores); decode tasks ask for half a CPU, so that two share a core and one's work hides the
-    ~0.2 s Ray Data takes between one task and the next. The operating system shares the cores
-    between the stages; the two requests always differ, so Ray Data never fuses decoding into
-    the encoder actors.
+    decode task. CPUs only, decoding in the actors: the pool shares out the CPUs that are free
+    (``free_cpus``, ``ray.available_resources()``: a Serve deployment may hold some; default all),
+    ``free / actors`` each with torch on as many threads, so each actor decodes and embeds its own
+    partitions and every core is busy with one of them. CPUs only with decode tasks (what GPU clusters run, measured or
+    tested on CPUs): the actors ask for a quarter of a CPU each and the pool for at most a quarter
+    of the CPUs (DESIGN §5: a pool holding every CPU starves the decode tasks and Ray Data
+    deadlocks), while torch in each actor runs ``CPU // actors`` threads (single-threaded actors
+    lose nothing to the decode tasks beside them, where two threads of one actor stall on each
+    other: 0.32 of the bare encoder's images/s against 0.6-0.9 on 2 cores); decode tasks ask for
+    half a CPU, so that two share a core and one's work hides the ~0.2 s Ray Data takes between
+    one task and the next. The two requests always differ, so Ray Data never fuses the stages.
     """
     if concurrency is not None and concurrency <= 0:
         raise ValueError(f"concurrency must be positive, got {concurrency}")
+    if decode not in DECODE_WHERE:
+        raise ValueError(f"decode must be one of {', '.join(DECODE_WHERE)}, got {decode!r}")
     cpus = float(cluster.get("CPU", 1))
     gpus = int(cluster.get("GPU", 0))
     actors = min(concurrency or gpus, gpus) if gpus else concurrency or max(1, int(cpus))
     actors = min(actors, partitions) if partitions else actors
+    in_tasks = decode == "tasks" or (decode == "auto" and gpus > 0)
     if gpus:
-        return EncoderPool(actors, num_gpus=1, num_cpus=None, threads=None, decode_cpus=1)
+        return EncoderPool(actors, num_gpus=1, num_cpus=None, threads=None, decode_cpus=1 if in_tasks else None)
+    if not in_tasks:
+        free = cpus if free_cpus is None or free_cpus <= 0 else min(cpus, free_cpus)
+        actors = min(actors, max(1, int(free))) if concurrency is None else actors
+        return EncoderPool(actors, num_gpus=None, num_cpus=free / actors, threads=max(1, int(free // actors)),
+                           decode_cpus=None)
     return EncoderPool(actors, num_gpus=None, num_cpus=min(0.25, cpus / (4 * actors)),
                        threads=max(1, int(cpus) // actors), decode_cpus=min(0.5, cpus / 2))
 
@@ -291,27 +321,29 @@ def same_file(recorded: dict, listed: dict) -> bool:
 
 
 def run_embedding(plan: EmbeddingPlan, concurrency: int | None = None, batch_size: int = 256,
-                  progress: Callable[[int], object] | None = None) -> EmbedSummary:
+                  progress: Callable[[int], object] | None = None, decode: str = "auto") -> EmbedSummary:
     """Embed the plan's pending partitions through the Ray Data pipeline, then summarise.
-    ``concurrency``: encoder actors (default: see ``encoder_pool``).
+    ``concurrency``: encoder actors; ``decode``: where images are decoded (see ``encoder_pool``).
 
     ``progress(n)`` is called in the caller's process each time a partition finishes, with its
     number of images (embedded or unreadable); ``plan.pending_images`` is their total, so
     ``tqdm(total=plan.pending_images).update`` fits.
     """
     if plan.pending:
-        for row in embedding_dataset(plan, concurrency, batch_size).iter_rows():
+        for row in embedding_dataset(plan, concurrency, batch_size, decode).iter_rows():
             if progress is not None:
                 progress(int(row["images"]))
     fs, root = fsspec.core.url_to_fs(plan.out)
     return summarise(fs, root.rstrip("/"), plan)
 
 
-def embedding_dataset(plan: EmbeddingPlan, concurrency: int | None, batch_size: int) -> ray.data.Dataset:
-    """One row per pending partition → ``decode_batch`` tasks → a pool of ``EmbedPartitions``
-    actors (``batch_size``: images per forward pass). One row per partition all the way, so each
-    actor call embeds and writes one whole partition."""
-    pool = encoder_pool(ray.cluster_resources(), concurrency, len(plan.pending))
+def embedding_dataset(plan: EmbeddingPlan, concurrency: int | None, batch_size: int,
+                      decode: str = "auto") -> ray.data.Dataset:
+    """One row per pending partition → ``decode_batch`` tasks (where decoding is a stage of its
+    own) → a pool of ``EmbedPartitions`` actors (``batch_size``: images per forward pass). One row
+    per partition all the way, so each actor call embeds and writes one whole partition."""
+    pool = encoder_pool(ray.cluster_resources(), concurrency, len(plan.pending), decode,
+                        ray.available_resources().get("CPU"))
     context = ray.data.DataContext.get_current()
     saved = context.enable_progress_bars, context.print_on_execution_start, context.wait_for_min_actors_s
     context.enable_progress_bars = context.print_on_execution_start = False   # the caller shows progress
@@ -323,8 +355,9 @@ def embedding_dataset(plan: EmbeddingPlan, concurrency: int | None, batch_size: 
     try:                                               # (a dataset copies the context: restoring it is safe)
         ds = ray.data.from_items([{"partition": json.dumps(p.to_dict())} for p in plan.pending],
                                  override_num_blocks=len(plan.pending))
-        ds = ds.map_batches(decode_batch, fn_kwargs={"resize": plan.encoder.resize}, batch_size=1,
-                            num_cpus=pool.decode_cpus)
+        if pool.decode_tasks:
+            ds = ds.map_batches(decode_batch, fn_kwargs={"resize": plan.encoder.resize}, batch_size=1,
+                                num_cpus=pool.decode_cpus)
         return ds.map_batches(EmbedPartitions,
                               fn_constructor_args=(plan.encoder_spec, plan.out, batch_size, pool.threads), batch_size=1,
                               compute=ray.data.ActorPoolStrategy(size=pool.actors), num_gpus=pool.num_gpus,
@@ -335,10 +368,10 @@ def embedding_dataset(plan: EmbeddingPlan, concurrency: int | None, batch_size: 
 
 def embed_collection(collection_url: str, encoder_spec: str, out_url: str, partition_size: int = 512,
                      concurrency: int | None = None, batch_size: int = 256,
-                     progress: Callable[[int], object] | None = None) -> EmbedSummary:
+                     progress: Callable[[int], object] | None = None, decode: str = "auto") -> EmbedSummary:
     """Embed every image of ``collection_url`` into Parquet under ``out_url`` (resumable, extendable)."""
     plan = plan_embedding(collection_url, encoder_spec, out_url, partition_size)
-    return run_embedding(plan, concurrency, batch_size, progress)
+    return run_embedding(plan, concurrency, batch_size, progress, decode)
 
 
 def summarise(fs, root: str, plan: EmbeddingPlan) -> EmbedSummary:

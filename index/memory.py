@@ -81,8 +81,7 @@ class VisualMemory:
         weights = np.ones(found["ids"].shape)
         for n, shard in enumerate(self.shards):            # metadata of the k answers only, from their shards
             mine = (found["shards"] == n) & (found["ids"] >= 0)
-            uris[mine], labels[mine] = shard.lookup(found["ids"][mine])
-            weights[mine] = shard.sample_weights(found["ids"][mine])
+            uris[mine], labels[mine], weights[mine] = shard.describe(found["ids"][mine])
         return Neighbours(found["similarities"], found["ids"], labels, uris, found["shards"], weights)
 
     def classify(self, queries, k: int = 10, rule: str = "plurality", nprobe: int | None = None) -> Classification:

@@ -162,6 +162,14 @@ def read_index(f, expected: str) -> faiss.Index:
     return index
 
 
+def check_mappable(root_url: str) -> None:
+    """Refuse, naming it, a memory that is not on a local disk: only local files can be mapped."""
+    fs, _ = commit.filesystem(root_url)
+    if not isinstance(fs, LocalFileSystem):
+        raise ValueError(f"cannot memory-map the shards of {root_url}: only a memory on a local disk can be "
+                         "mapped (copy it to local disk first, e.g. with `aws s3 sync`)")
+
+
 def map_index(path: str, expected: str) -> faiss.Index:
     """The index in the local file ``path`` with its inverted lists memory-mapped (IVF indexes;
     FAISS reads other types into memory), after checking the file's sha256 ``expected`` block by
@@ -444,12 +452,16 @@ class Shard:
 
     def query(self, queries: np.ndarray, k: int, nprobe: int | None = None,
               coarse: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
-        """``search`` plus each neighbour's uri, label and vote weight (``sample_weights``, 1.0
-        unless soft pruning gave it another): what one shard answers a router."""
+        """``search`` plus each neighbour's ``describe``: what one shard answers a router."""
         sims, ids = self.search(queries, k, nprobe, coarse)
+        uris, labels, weights = self.describe(ids)
+        return {"similarities": sims, "ids": ids, "uris": uris, "labels": labels, "sample_weights": weights}
+
+    def describe(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(uris, labels, vote weights) of ``ids``, what an answer carries beside each id: the
+        weight is 1.0 unless soft pruning gave it another; None, None, 1.0 for −1 or foreign ids."""
         uris, labels = self.lookup(ids)
-        return {"similarities": sims, "ids": ids, "uris": uris, "labels": labels,
-                "sample_weights": self.sample_weights(ids)}
+        return uris, labels, self.sample_weights(ids)
 
     def sample_weights(self, ids: np.ndarray) -> np.ndarray:
         """Each id's vote weight (float64, same shape as ``ids``): 1.0 where none is recorded."""
@@ -512,9 +524,8 @@ class Shard:
         larger than RAM can be served. The small files (metadata, deletion set, weights) are fetched
         together (s3fs fetches them concurrently)."""
         fs, root = commit.filesystem(root_url)
-        if mmap and not isinstance(fs, LocalFileSystem):
-            raise ValueError(f"cannot memory-map the shards of {root_url}: only a memory on a local disk can be "
-                             "mapped (copy it to local disk first, e.g. with `aws s3 sync`)")
+        if mmap:
+            check_mappable(root_url)
         stored = [Segment(entry.index, entry.metadata, entry.base_count, entry.sha256), *entry.segments]
         reused = {s.index: loaded[s.index] for s in stored if loaded and s.index in loaded and loaded[s.index].stored == s}
         paths = [f"{root}/{s.metadata}" for s in stored if s.index not in reused]

@@ -144,10 +144,20 @@ def test_client_sends_nprobe_only_when_given(tmp_path, router, capsys):
     assert f"{image}: cat" in capsys.readouterr().out
 
 
-def test_index_build_replace_and_nprobe(tmp_path, capsys):
-    """--nprobe becomes the memory's default; another encoder's vectors need --replace."""
+def test_index_build_replace_and_nprobe(tmp_path, capsys, monkeypatch):
+    """--nprobe becomes the memory's default; another encoder's vectors need --replace; the
+    embedding files' footers are read once per build (each is a request on S3)."""
+    import index.build
+    import index.parallel_add
     from index.embeddings import JOB_FILE
     from test_memory import unit, write_embeddings
+    planned = []
+
+    def plan_files(url, read=index.parallel_add.plan_files):
+        planned.append(url)
+        return read(url)
+    monkeypatch.setattr(index.parallel_add, "plan_files", plan_files)
+    monkeypatch.setattr(index.build, "plan_files", plan_files)
     rng = np.random.default_rng(0)
     for name in ("a", "b"):
         write_embeddings(str(tmp_path / name), unit(rng.normal(size=(60, 8))), ["x", "y"] * 30)
@@ -157,6 +167,7 @@ def test_index_build_replace_and_nprobe(tmp_path, capsys):
     assert main([*build, "--embeddings", str(tmp_path / "a"), "--nprobe", "1"]) == 0
     manifest = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert manifest["version"] == 1 and manifest["search"] == {"nprobe": 1} and manifest["count"] == 60
+    assert planned == [str(tmp_path / "a")]
 
     assert main([*build, "--embeddings", str(tmp_path / "b")]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]

@@ -7,6 +7,7 @@ import io
 import json
 import os
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -15,7 +16,7 @@ from PIL import Image
 
 from cluster.cli import main
 from encoder import Encoder
-from index.embed_job import decode, embedding_dataset, encoder_pool, plan_embedding, run_embedding
+from index.embed_job import decode, embedding_dataset, encoder_pool, plan_embedding, run_embedding, summarise
 from index.collections import decode_partition
 from index.embed_bench import write_collection
 from index.embeddings import ERRORS_FILE, embedding_matrix, read_embeddings
@@ -91,16 +92,25 @@ def test_resources_for_gpu_and_cpu_clusters(ray_local):
     assert encoder_pool({"CPU": 32.0, "GPU": 4.0}, 2).actors == 2
     assert encoder_pool({"CPU": 8.0, "GPU": 1.0}, 4).actors == 1                 # at most one actor per GPU
     assert encoder_pool({"CPU": 32.0, "GPU": 4.0}, partitions=3).actors == 3     # no idle actors
+    assert gpu.decode_tasks and not encoder_pool({"CPU": 32.0, "GPU": 4.0}, decode="actors").decode_tasks
+    # CPUs only: each actor decodes its own partitions, one single-threaded actor per free CPU
     cpu = encoder_pool({"CPU": 16.0})
-    assert (cpu.actors, cpu.num_gpus, cpu.threads) == (16, None, 1)              # one single-threaded actor a CPU
-    assert encoder_pool({"CPU": 16.0}, 2).threads == 8
-    for cpus, actors in [(2.0, None), (1.0, 2), (2.0, 8), (64.0, 2)]:         # the pool never starves decoding,
-        pool = encoder_pool({"CPU": cpus}, actors)                            # and never fuses with it
-        assert pool.actors * pool.num_cpus <= cpus / 4 and 0 < pool.num_cpus < pool.decode_cpus <= cpus / 2
-    here = encoder_pool(ray_local.cluster_resources())
-    assert (here.actors, here.num_gpus, here.num_cpus, here.threads) == (2, None, 0.25, 1)   # this machine: CPUs
+    assert (cpu.actors, cpu.num_gpus, cpu.num_cpus, cpu.threads, cpu.decode_tasks) == (16, None, 1.0, 1, False)
+    assert (encoder_pool({"CPU": 16.0}, 2).threads, encoder_pool({"CPU": 16.0}, 2).num_cpus) == (8, 8.0)
+    busy = encoder_pool({"CPU": 16.0}, free_cpus=5.5)                         # a Serve deployment holds the rest
+    assert (busy.actors, busy.num_cpus, busy.threads) == (5, 1.1, 1)
+    assert encoder_pool({"CPU": 2.0}, 8).num_cpus == 0.25                     # more actors than CPUs: a share each
+    # CPUs only with decode tasks (a GPU cluster's shape): the pool never starves decoding, never fuses with it
+    for cpus, actors in [(2.0, None), (1.0, 2), (2.0, 8), (64.0, 2)]:
+        pool = encoder_pool({"CPU": cpus}, actors, decode="tasks")
+        assert pool.decode_tasks and pool.actors * pool.num_cpus <= cpus / 4
+        assert 0 < pool.num_cpus < pool.decode_cpus <= cpus / 2
+    here = encoder_pool(ray_local.cluster_resources(), free_cpus=ray_local.available_resources().get("CPU"))
+    assert (here.actors, here.num_gpus, here.num_cpus, here.threads, here.decode_tasks) == (2, None, 1.0, 1, False)
     with pytest.raises(ValueError, match="concurrency must be positive"):
         encoder_pool({"CPU": 2.0}, 0)
+    with pytest.raises(ValueError, match="decode must be one of auto, tasks, actors, got 'gpu'"):
+        encoder_pool({"CPU": 2.0}, decode="gpu")
 
 
 def test_pipeline_matches_encoder_and_redoes_killed_partitions(ray_local, tmp_path):
@@ -108,7 +118,7 @@ def test_pipeline_matches_encoder_and_redoes_killed_partitions(ray_local, tmp_pa
     uris = write_folder(tmp_path / "photos", images)
     out = str(tmp_path / "emb")
     plan = plan_embedding(str(tmp_path / "photos"), TINY, out, partition_size=3)
-    ds = embedding_dataset(plan, 2, 8)
+    ds = embedding_dataset(plan, 2, 8, decode="tasks")          # a GPU cluster's shape: decoding is a stage
     progress = [int(row["images"]) for row in ds.iter_rows()]
     assert sorted(progress) == [1, 3, 3, 3]
     stats = ds.stats()
@@ -128,7 +138,10 @@ def test_pipeline_matches_encoder_and_redoes_killed_partitions(ray_local, tmp_pa
     os.remove(f"{out}/part-00003.parquet")
     again = plan_embedding(str(tmp_path / "photos"), TINY, out, partition_size=3)
     assert [p.number for p in again.pending] == [1, 3]
-    summary = run_embedding(again, concurrency=2, batch_size=2)
+    ds = embedding_dataset(again, 2, 2)                          # CPUs only: the actors decode (the default here)
+    assert sorted(int(row["images"]) for row in ds.iter_rows()) == [1, 3]
+    assert "MapBatches(EmbedPartitions)" in ds.stats() and "decode_batch" not in ds.stats()
+    summary = summarise(*fsspec.core.url_to_fs(out), again)
     assert (summary.computed, summary.images, summary.errors, summary.total, summary.partitions) == (2, 10, 0, 10, 4)
     redone = read_embeddings(out)
     assert redone.column("id").to_pylist() == list(range(10)) and redone.column("uri").to_pylist() == listed

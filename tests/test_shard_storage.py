@@ -2,11 +2,13 @@
 local disk, and answer the same with the coarse assignment computed once for all shards."""
 
 import hashlib
+import os
 
 import numpy as np
 import pytest
 
 from index.build import build_memory
+from index.manifest import read_manifest
 from index.memory import VisualMemory
 from index.shards import coarse_assignment, mapped, merge_topk
 from index.synthetic import ClusteredVectors
@@ -84,3 +86,57 @@ def test_one_coarse_assignment_answers_exactly_like_each_shard_searching_alone(b
         alone = merge_topk([s.query(queries, 10, nprobe) for s in memory.shards], 10)
         assert (together["ids"] == alone["ids"]).all() and np.allclose(together["similarities"], alone["similarities"])
         assert not np.isin(together["ids"], np.arange(0, 9_000, 7)).any()
+
+
+def test_a_memory_served_mapped_answers_like_a_loaded_one_and_takes_edits(ray_local, tmp_path):
+    """``vismem serve --mmap``: each shard replica maps its index file (it shows in the replica's
+    memory maps), answers exactly as the memory in process, and adds and removes as a loaded one
+    does; a memory that is not on a local disk is refused before anything is deployed."""
+    import glob
+
+    from ray import serve
+
+    from conftest import free_port
+    from index.serve import build_app, start
+    from test_memory_edits import write_collection
+    from test_serve_edits import ENCODER, TOKEN, call, top1
+    source = ClusteredVectors(dim=48, clusters=24, spread=0.8, seed=11)
+    vectors = source.rows(0, 2000)
+    url = str(tmp_path / "mem")
+    build_memory(write_collection(str(tmp_path / "emb"), vectors, [f"c{i % 4}" for i in range(len(vectors))],
+                                  encoder=ENCODER), url, shards=2, factory="IVF16,Flat")
+    port = free_port()
+    serve.shutdown()                       # Serve keeps the port it first started on: start it afresh on ours
+    start(url, host="127.0.0.1", port=port, name="mapped", token_digest=hashlib.sha256(TOKEN.encode()).hexdigest(),
+          mmap=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        maps = ""
+        for path in glob.glob("/proc/[0-9]*/maps"):
+            try:
+                with open(path) as f:
+                    maps += f.read()
+            except OSError:                                  # a process that ended meanwhile
+                continue
+        files = [os.path.realpath(f"{url}/{entry.index}") for entry in read_manifest(url).shards]
+        assert all(f in maps for f in files), files
+
+        queries = np.concatenate([source.queries(40), vectors[:10]])
+        assert ids_of(top1(base, queries, k=10)) == VisualMemory.open(url).search(queries, 10).ids.tolist()
+        status, added = call(f"{base}/v1/memory/add", {"vectors": source.queries(43)[40:].tolist(),
+                                                       "labels": ["late"] * 3}, token=TOKEN)
+        assert status == 200, added
+        status, removed = call(f"{base}/v1/memory/remove", {"ids": [added["ids"][0], 5]}, token=TOKEN)
+        assert status == 200, removed
+        memory = VisualMemory.open(url)
+        assert memory.version == removed["version"] and not memory.live([added["ids"][0], 5]).any()
+        found = top1(base, queries, k=10)
+        assert found["version"] == memory.version and ids_of(found) == memory.search(queries, 10).ids.tolist()
+    finally:
+        serve.shutdown()
+    with pytest.raises(ValueError, match="only a memory on a local disk can be mapped"):
+        build_app("s3://no-bucket/mem", mmap=True)
+
+
+def ids_of(answer):
+    return [[n["id"] for n in r["neighbours"]] for r in answer["results"]]

@@ -169,7 +169,7 @@ def test_gpu_check_runs_every_section_on_the_cpu_without_ray_or_faiss(tmp_path):
     report = json.loads(out.read_text())                 # strict JSON: no NaN
     sections = report["sections"]
     assert report["errors"] == [] and set(sections) == {"environment", "train_recipe", "cifar10_knn", "generators",
-                                                        "dino_step", "embedding", "embed_pipeline"}
+                                                        "dino_step", "data_path", "embedding", "embed_pipeline"}
     assert sections["environment"]["device"] == "cpu" and sections["environment"]["torch"]
     assert sections["train_recipe"]["steps"] == 3 and sections["train_recipe"]["data"] == "procedural only"
     knn = sections["cifar10_knn"]
@@ -179,6 +179,10 @@ def test_gpu_check_runs_every_section_on_the_cpu_without_ray_or_faiss(tmp_path):
     assert {r["generator"] for r in sections["generators"]["records"]} == set(GENERATORS)
     assert [r["preset"] for r in sections["dino_step"]["records"]] == ["tiny-cpu", "vit-t16", "vit-s16"]
     assert all(r["images_per_s"] > 0 for r in sections["dino_step"]["records"] + sections["embedding"]["records"])
+    [data] = sections["data_path"]["records"]
+    assert data["batch"] == 8 and data["stream_ms"] > 0 and data["multi_crop_ms"] > 0
+    assert data["generator_share_ms"] and all(ms > 0 for ms in data["generator_share_ms"].values())
+    assert "aten::" in sections["data_path"]["top_ops_by_self_cpu"] and sections["data_path"]["top_ops_by_self_device"] is None
     pipeline = sections["embed_pipeline"]["records"]
     assert [r["bench"] for r in pipeline] == ["embed_pipeline"] * 2 + ["embed_device_decode"] * 2
     assert all(r["bare_images_per_s"] > 0 and 0 < r.get("ratio_to_bare", 1) for r in pipeline)

@@ -35,8 +35,8 @@ class ShardSearcher(ShardState):
     """Holds one shard in memory; concurrent requests are batched, one FAISS search per nprobe,
     at the newest memory version any of them carries."""
 
-    def __init__(self, memory_url: str, version: int, number: int, nprobe: int | None = None):
-        self.open_shard(memory_url, version, number, nprobe)
+    def __init__(self, memory_url: str, version: int, number: int, nprobe: int | None = None, mmap: bool = False):
+        self.open_shard(memory_url, version, number, nprobe, mmap)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
     async def search(self, queries: list[np.ndarray], ks: list[int], nprobes: list[int | None],

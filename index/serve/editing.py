@@ -42,11 +42,14 @@ class ShardState:
     """The editable state of one shard replica (mixed into ``ShardSearcher``): the shard it
     answers from, the version that shard belongs to, and shards staged for edits not yet committed."""
 
-    def open_shard(self, memory_url: str, version: int, number: int, nprobe: int | None) -> None:
-        self.memory_url, self.number, self.nprobe = memory_url, number, nprobe
+    def open_shard(self, memory_url: str, version: int, number: int, nprobe: int | None, mmap: bool = False) -> None:
+        """Load shard ``number`` of ``version``; ``mmap``: map its IVF lists from the local disk
+        (``Shard.load``), this version's and every later one's."""
+        self.memory_url, self.number, self.nprobe, self.mmap = memory_url, number, nprobe, mmap
         manifest = read_manifest(memory_url, version)
         self.version, self.trained, self.placement = manifest.version, None, Placement.of(manifest)
-        self.shard = Shard.load(memory_url, manifest.shards[number], number, manifest.search_defaults(nprobe))
+        self.shard = Shard.load(memory_url, manifest.shards[number], number, manifest.search_defaults(nprobe),
+                                mmap=mmap)
         self.staged: dict[int, tuple[Shard, object]] = {}
 
     async def follow(self, version: int) -> int:
@@ -62,7 +65,8 @@ class ShardState:
             self.shard = staged
         else:
             loaded = {p.stored.index: p for p in self.shard.parts if p.stored is not None}
-            self.shard = Shard.load(self.memory_url, entry, self.number, manifest.search_defaults(self.nprobe), loaded)
+            self.shard = Shard.load(self.memory_url, entry, self.number, manifest.search_defaults(self.nprobe), loaded,
+                                    mmap=self.mmap)
         self.staged = {v: s for v, s in self.staged.items() if v > version}
         self.version, self.placement = version, Placement.of(manifest)
         return version

@@ -16,19 +16,24 @@ from ray.serve.schema import DeploymentStatus
 from index.manifest import read_manifest
 from index.serve.api import Limits
 from index.serve.deployments import Router, ShardSearcher
+from index.shards import check_mappable
 
 
 def build_app(memory_url: str, version: int | None = None, nprobe: int | None = None, shard_timeout_s: float = 10.0,
-              replicas: int = 1, limits: Limits = Limits(), token_digest: str | None = None):
+              replicas: int = 1, limits: Limits = Limits(), token_digest: str | None = None, mmap: bool = False):
     """The Serve application for the memory at ``memory_url`` (current version by default).
 
     ``nprobe`` is the shards' default (a request may ask for another); ``limits`` bound what one
     request may ask; ``token_digest`` (``index.serve.auth.token_digest``) is the sha256 of the
-    bearer token that edits need (None: editing is off).
+    bearer token that edits need (None: editing is off); ``mmap``: the shard replicas map their
+    IVF lists from the memory's local disk instead of loading them, so a shard larger than RAM
+    can answer (the replicas must run where that disk is).
     """
+    if mmap:
+        check_mappable(memory_url)
     manifest = read_manifest(memory_url, version)
     shards = [ShardSearcher.options(name=f"ShardSearcher-{n}", num_replicas=replicas)
-              .bind(memory_url, manifest.version, n, nprobe) for n in range(len(manifest.shards))]
+              .bind(memory_url, manifest.version, n, nprobe, mmap) for n in range(len(manifest.shards))]
     return Router.bind(memory_url, manifest.version, *shards, shard_timeout_s=shard_timeout_s, limits=limits,
                        token_digest=token_digest)
 
