@@ -193,9 +193,9 @@ def encoder_pool(cluster: dict, concurrency: int | None = None, partitions: int 
     decode task. CPUs only, decoding in the actors: the pool shares out the CPUs that are free
     (``free_cpus``, ``ray.available_resources()``: a Serve deployment may hold some; default all),
     ``free / actors`` each with torch on as many threads, so each actor decodes and embeds its own
-    partitions and every core is busy with one of them. CPUs only with decode tasks (what GPU clusters run, measured or
-    tested on CPUs): the actors ask for a quarter of a CPU each and the pool for at most a quarter
-    of the CPUs (DESIGN §5: a pool holding every CPU starves the decode tasks and Ray Data
+    partitions and every core is busy with one of them. CPUs only with decode tasks (what GPU
+    clusters run, measured or tested on CPUs): the actors ask for a quarter of a CPU each and the
+    pool for at most a quarter of the CPUs (DESIGN §5: a pool holding every CPU starves the decode tasks and Ray Data
     deadlocks), while torch in each actor runs ``CPU // actors`` threads (single-threaded actors
     lose nothing to the decode tasks beside them, where two threads of one actor stall on each
     other: 0.32 of the bare encoder's images/s against 0.6-0.9 on 2 cores); decode tasks ask for
