@@ -130,8 +130,9 @@ def build_memory(embeddings_url: str, memory_url: str, shards: int = 2, factory:
     check_shards(shards, count)
     encoder = encoder or embedding_encoder(embeddings_url)
     factory = with_ids(factory or choose_factory(count, dim), dim)
-    check_nprobe(nprobe, factory, dim)
-    check_lists(shards, factory, dim)
+    empty = empty_index(dim, factory)
+    check_nprobe(nprobe, empty)
+    check_lists(shards, empty, factory)
     previous = current_manifest(memory_url)
     if previous is not None and not replace:
         check_same_encoder(previous, encoder, dim, memory_url)
@@ -141,7 +142,7 @@ def build_memory(embeddings_url: str, memory_url: str, shards: int = 2, factory:
     if use_ray is None and count < PARALLEL_MIN:
         use_ray = False                        # seconds in process; Ray's task start-up would be most of it
     runner = Runner(progress, use_ray, urls=(embeddings_url, memory_url))
-    owner = trained if trained is not None else empty_index(dim, factory)     # keeps the IVF view's object alive
+    owner = trained if trained is not None else empty     # keeps the IVF view's object alive
     ivf = faiss.try_extract_index_ivf(owner)
     log.info("building %s over %d vectors of dim %d in %d shards (%d files, %d workers)", factory, count, dim, shards,
              len(files), runner.workers)
@@ -213,20 +214,19 @@ def check_shards(shards: int, count: int) -> None:
                          "(a shard of a few million vectors is typical)")
 
 
-def check_nprobe(nprobe: int | None, factory: str, dim: int) -> None:
-    """A pinned nprobe must name between 1 and nlist lists (Flat indexes ignore it)."""
+def check_nprobe(nprobe: int | None, empty: faiss.Index) -> None:
+    """A pinned nprobe must name between 1 and nlist lists of the ``empty`` index (Flat indexes ignore it)."""
     if nprobe is None:
         return
-    owner = empty_index(dim, factory)                  # owns the C++ object the IVF view points to
-    ivf = faiss.try_extract_index_ivf(owner)
+    ivf = faiss.try_extract_index_ivf(empty)
     if ivf is not None and not 1 <= nprobe <= ivf.nlist:
         raise ValueError(f"nprobe must be between 1 and nlist = {ivf.nlist}, got {nprobe}")
 
 
-def check_lists(shards: int, factory: str, dim: int) -> None:
-    """An IVF memory's shards each own some of its lists (``index.placement``): at most nlist shards."""
-    owner = empty_index(dim, factory)
-    ivf = plain_ivf(owner)
+def check_lists(shards: int, empty: faiss.Index, factory: str) -> None:
+    """An IVF memory's shards each own some of its lists (``index.placement``): at most nlist shards
+    (``empty``: an index of ``factory``)."""
+    ivf = plain_ivf(empty)
     if ivf is not None and shards > ivf.nlist:
         raise ValueError(f"{shards} shards cannot each own some of the {ivf.nlist} inverted lists of {factory}; "
                          f"use at most {ivf.nlist} shards or more lists")

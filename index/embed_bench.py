@@ -13,11 +13,12 @@ actor has finished one, over the seconds from then to the last (so neither the a
 nor the partitions they began during it count); ``wall_s`` and ``wall_img_s`` count from the call,
 Ray Data's start-up and the first partition included (``first_partition_s``). On CPUs decoding and
 the encoder share the cores, so the record also gives the CPU time of reading, decoding and
-resizing one image (``decode_cpu_ms``) beside that of one forward pass (``forward_cpu_ms``): the
-pipeline cannot beat ``cpu_ceiling = forward / (forward + decode)`` of the bare encoder when
-both use every core. The default collection (16,384 images) keeps every stage busy for several
-partitions after start-up; a small one measures little more than the encoder alone (with decode
-tasks, they can decode all of it while the encoder actors start).
+resizing one image (``decode_cpu_ms``) beside that of one forward pass (``forward_cpu_ms``):
+with both on every core the pipeline reaches about ``cpu_ceiling = forward / (forward + decode)``
+of the bare encoder (a little more where single-threaded actors use a core better than the bare
+encoder's threads do: 4% on 2 cores for tiny-cpu). The default collection (16,384 images) keeps
+every stage busy for several partitions after start-up; a small one measures little more than the
+encoder alone (with decode tasks, they can decode all of it while the encoder actors start).
 
 Ray, torch and the embedding job are imported where they are used: the CLI reads this module's
 defaults for ``--help``, before Ray may be imported (``cluster.runtime.loopback_only``).
@@ -139,10 +140,10 @@ def timed_bare(encoder: Encoder, plan, cfg: EmbedBenchConfig) -> dict:
             "forward_cpu_ms": 1000 * best_cpu / len(pixels)}
 
 
-def bench_one(spec: str, cfg: EmbedBenchConfig, work: str, cluster: dict, free_cpus: float | None = None) -> dict:
+def bench_one(spec: str, cfg: EmbedBenchConfig, work: str, cluster: dict) -> dict:
     """One encoder's record: pipeline and bare images/s, their ratio, and what explains it."""
     from encoder import Encoder
-    from index.embed_job import encoder_pool, plan_embedding
+    from index.embed_job import current_pool, plan_embedding
     encoder = Encoder.load(spec)
     width = cfg.source_size or source_size(encoder)
     slug = spec.replace(":", "-").replace("/", "-")
@@ -154,7 +155,7 @@ def bench_one(spec: str, cfg: EmbedBenchConfig, work: str, cluster: dict, free_c
     if len(plan.pending) != len(plan.partitions):
         raise ValueError(f"{work}/{slug}/embeddings already holds embeddings: give an empty --workdir")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    pool = encoder_pool(cluster, cfg.concurrency, len(plan.pending), cfg.decode, free_cpus)
+    pool = current_pool(cfg.concurrency, len(plan.pending), cfg.decode)        # what the job will get
     log.info("%s: embedding %d images in %d partitions through the pipeline (%d actors, decoding in %s)", spec,
              images, len(plan.pending), pool.actors, "tasks" if pool.decode_tasks else "the actors")
     run = timed_run(plan, cfg, pool.actors)
@@ -186,6 +187,6 @@ def run(cfg: EmbedBenchConfig, emit=print) -> dict:
     with tempfile.TemporaryDirectory(prefix="vismem-embed-bench-") as tmp:
         work = (cfg.workdir or tmp).rstrip("/")
         for spec in cfg.encoders:
-            records.append(bench_one(spec, cfg, work, cpus, ray.available_resources().get("CPU")))
+            records.append(bench_one(spec, cfg, work, cpus))
             emit(records[-1])
     return {"records": records}

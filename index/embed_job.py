@@ -16,10 +16,10 @@ CPU tasks (``decode_batch``) feeding one actor per GPU, and Ray Data runs the st
 partition i+1 is decoded while the GPU embeds partition i. On CPUs only, each actor decodes its own
 partitions (one actor per CPU): the two steps would share the same cores anyway, and a stage of
 their own would add the decode workers' start-up and the decoded pixels' trip through the object
-store (on 2 cores: 0.70–0.81 of the bare encoder's images/s in steady state and 25 s for 16,384
-images, against 0.82–0.93 and 15 s decoded in the actors). Either way no image or vector passes
-through the driver. The vectors equal ``Encoder.embed``'s on the same images up to the rounding of
-the resized pixels to uint8 (cosine above 0.999).
+store (on 2 cores, 16,384 tiny-cpu images: 0.76–0.81 of the bare encoder's images/s in steady
+state and 24–30 s for the job, against 0.82–0.98 and 15–20 s decoded in the actors). Either way
+no image or vector passes through the driver. The vectors equal ``Encoder.embed``'s on the same
+images up to the rounding of the resized pixels to uint8 (cosine above 0.999).
 
 Running again into the same output: inputs already recorded and unchanged are skipped; new inputs
 (a collection that grew) go into new partitions numbered after the existing ones, with ids after
@@ -222,6 +222,11 @@ def encoder_pool(cluster: dict, concurrency: int | None = None, partitions: int 
                        threads=max(1, int(cpus) // actors), decode_cpus=min(0.5, cpus / 2))
 
 
+def current_pool(concurrency: int | None, partitions: int, decode: str = "auto") -> EncoderPool:
+    """``encoder_pool`` for the connected Ray cluster as it is now: CPUs other actors hold are left to them."""
+    return encoder_pool(ray.cluster_resources(), concurrency, partitions, decode, ray.available_resources().get("CPU"))
+
+
 def partition_record(part: Partition) -> dict:
     return {"number": part.number, "first_id": part.first_id, "count": len(part), "inputs": part.inputs}
 
@@ -342,8 +347,7 @@ def embedding_dataset(plan: EmbeddingPlan, concurrency: int | None, batch_size: 
     """One row per pending partition → ``decode_batch`` tasks (where decoding is a stage of its
     own) → a pool of ``EmbedPartitions`` actors (``batch_size``: images per forward pass). One row
     per partition all the way, so each actor call embeds and writes one whole partition."""
-    pool = encoder_pool(ray.cluster_resources(), concurrency, len(plan.pending), decode,
-                        ray.available_resources().get("CPU"))
+    pool = current_pool(concurrency, len(plan.pending), decode)
     context = ray.data.DataContext.get_current()
     saved = context.enable_progress_bars, context.print_on_execution_start, context.wait_for_min_actors_s
     context.enable_progress_bars = context.print_on_execution_start = False   # the caller shows progress

@@ -22,7 +22,7 @@ from index.queries import QueryError, check_vectors
 from index.serve.api import (AddRequest, ClassifyRequest, ClassifyResponse, EditResponse, Info, Limits, LogResponse,
                              RemoveRequest, SearchRequest, SearchResponse, VersionsResponse, app)
 from index.serve.auth import require_token
-from index.serve.editing import EditConflict, ShardState, by_shard, commit_edit, watch_storage
+from index.serve.editing import EditConflict, ShardState, commit_edit, watch_storage
 from index.serve.images import decode_images
 from index.shards import merge_topk
 from index.voting import vote
@@ -169,9 +169,12 @@ class Router:
         async def stage(m, version, folder):
             ids = np.arange(m.next_id, m.next_id + len(vectors), dtype=np.int64)
             added[:] = [ids]
-            everything = np.arange(len(ids))         # by list: each shard keeps the vectors of its lists
-            rows = ({s: everything for s in range(len(self.shards))} if Placement.of(m).by_lists
-                    else by_shard(ids, len(self.shards)))
+            placement = Placement.of(m)
+            if placement.by_lists:                   # each shard keeps the vectors of its lists
+                rows = {s: np.arange(len(ids)) for s in range(placement.shards)}
+            else:
+                owner = placement.shard_of(ids)
+                rows = {int(s): np.flatnonzero(owner == s) for s in np.unique(owner)}
             entries = await asyncio.gather(*(self.shards[s].stage_add.remote(
                 version, folder, vectors[r], ids[r], [uris[i] for i in r], [q.labels[i] for i in r])
                 for s, r in rows.items()))

@@ -183,10 +183,3 @@ async def tell_shards(router, version: int) -> None:
     for n, r in enumerate(results):
         if isinstance(r, BaseException):
             log.warning("shard %d did not follow version %d: %r", n, version, r)
-
-
-def by_shard(ids: np.ndarray, shards: int) -> dict[int, np.ndarray]:
-    """The rows of ``ids`` that each shard owns in a memory placed by id (id % shards), for the
-    shards that own some."""
-    owner = np.asarray(ids, dtype=np.int64) % shards
-    return {int(s): np.flatnonzero(owner == s) for s in np.unique(owner)}
