@@ -12,7 +12,7 @@ from index.manifest import list_versions, read_manifest
 from index.memory import VisualMemory
 from index.recall import recall_at_k
 from index.synthetic import ClusteredVectors
-from test_memory import write_embeddings
+from tests.test_memory import write_embeddings
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,7 @@ from index.manifest import list_versions, read_manifest
 from index.memory import VisualMemory
 from index.parallel_add import TASK_OPTIONS, encode_file, merge_shard
 from index.synthetic import ClusteredVectors
-from test_parallel_build import shard_digests, write
+from tests.test_parallel_build import shard_digests, write
 
 FACTORY = "IVF64,SQ8"
 ROWS, ROWS_PER_FILE = 40_000, 10_000       # 4 files: encode_file tasks of ~0.1 s each, long enough to catch

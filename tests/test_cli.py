@@ -150,7 +150,7 @@ def test_index_build_replace_and_nprobe(tmp_path, capsys, monkeypatch):
     import index.build
     import index.parallel_add
     from index.embeddings import JOB_FILE
-    from test_memory import unit, write_embeddings
+    from tests.test_memory import unit, write_embeddings
     planned = []
 
     def plan_files(url, read=index.parallel_add.plan_files):

@@ -12,8 +12,8 @@ from cluster.cli import main
 from index.build import build_memory
 from index.manifest import list_versions
 from index.memory import VisualMemory
-from test_memory import unit
-from test_memory_edits import write_collection
+from tests.test_memory import unit
+from tests.test_memory_edits import write_collection
 
 # compact, vacuum, prune and purge are being written in index/memory.py by another change: their CLI
 # tests run once VisualMemory has them.
@@ -223,7 +223,7 @@ def test_a_conflict_with_another_writer_is_one_line(small, capsys, monkeypatch):
 
 
 def test_every_memory_command_has_memory_json_and_examples():
-    from test_cli import subcommands
+    from tests.test_cli import subcommands
     from cluster.cli import parser
     actions = {name: p for name, p in subcommands(parser()) if name.startswith("memory ")}
     assert set(actions) == {f"memory {a}" for a in ("info", "add", "remove", "prune", "versions", "log", "diff",

@@ -14,8 +14,8 @@ import urllib.request
 
 import numpy as np
 import pytest
-from conftest import free_port
-from test_memory import unit, write_embeddings
+from tests.conftest import free_port
+from tests.test_memory import unit, write_embeddings
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from index.embeddings import embedding_table
 from index.manifest import FORMAT, list_versions, read_manifest
 from index.memory import VisualMemory
 from index.synthetic import ClusteredVectors
-from test_memory import unit
+from tests.test_memory import unit
 
 
 def write_collection(url, vectors, labels, ids=None, uris=None, encoder=("raw-pixels:4", "abc")):

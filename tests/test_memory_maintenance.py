@@ -20,8 +20,8 @@ from index.manifest import list_versions, read_manifest
 from index.memory import VisualMemory
 from index.synthetic import ClusteredVectors
 from index.voting import neighbour_weights
-from test_memory import unit
-from test_memory_edits import Injected, crash_each_write, write_collection
+from tests.test_memory import unit
+from tests.test_memory_edits import Injected, crash_each_write, write_collection
 
 
 def answers(memory, queries, k=10):

@@ -15,7 +15,7 @@ from index.memory import VisualMemory
 from index.placement import Placement
 from index.shards import plain_ivf
 from index.synthetic import ClusteredVectors
-from test_memory import write_embeddings
+from tests.test_memory import write_embeddings
 
 N = 12_000
 

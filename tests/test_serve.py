@@ -61,7 +61,7 @@ BODY_LIMIT = 1 << 20        # the test server's; the default (16 MiB) would only
 
 @pytest.fixture(scope="module")
 def served(ray_local, tmp_path_factory):
-    from conftest import free_port
+    from tests.conftest import free_port
     from ray import serve
 
     from index.serve import Limits, start

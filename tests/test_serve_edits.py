@@ -20,7 +20,7 @@ from index.memory import VisualMemory
 from index.placement import Placement
 from index.queries import check_vectors
 from index.synthetic import ClusteredVectors
-from test_memory_edits import write_collection
+from tests.test_memory_edits import write_collection
 
 TOKEN = "s3cret-token"
 ENCODER = ("raw-pixels:4", hashlib.sha256(b"raw-pixels:4").hexdigest())     # 48-d, loadable by the Router
@@ -38,7 +38,7 @@ def call(url, body=None, token=None):
 
 @pytest.fixture(scope="module")
 def served(ray_local, tmp_path_factory):
-    from conftest import free_port
+    from tests.conftest import free_port
     from ray import serve
 
     from index.serve import start

@@ -12,7 +12,7 @@ from index.manifest import read_manifest
 from index.memory import VisualMemory
 from index.shards import coarse_assignment, mapped, merge_topk
 from index.synthetic import ClusteredVectors
-from test_memory import write_embeddings
+from tests.test_memory import write_embeddings
 
 
 @pytest.fixture(scope="module")
@@ -96,10 +96,10 @@ def test_a_memory_served_mapped_answers_like_a_loaded_one_and_takes_edits(ray_lo
 
     from ray import serve
 
-    from conftest import free_port
+    from tests.conftest import free_port
     from index.serve import build_app, start
-    from test_memory_edits import write_collection
-    from test_serve_edits import ENCODER, TOKEN, call, top1
+    from tests.test_memory_edits import write_collection
+    from tests.test_serve_edits import ENCODER, TOKEN, call, top1
     source = ClusteredVectors(dim=48, clusters=24, spread=0.8, seed=11)
     vectors = source.rows(0, 2000)
     url = str(tmp_path / "mem")

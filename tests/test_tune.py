@@ -14,7 +14,7 @@ from index.memory import VisualMemory
 from index.recall import NprobeSweep, recall_at_k
 from index.synthetic import ClusteredVectors
 from index.tune import tune
-from test_memory import write_embeddings
+from tests.test_memory import write_embeddings
 
 
 @pytest.fixture(scope="module")
