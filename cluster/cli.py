@@ -28,6 +28,7 @@ examples:
   vismem demo                                     # the whole pipeline on the bundled digits
   vismem demo --max-minutes 10 --store s3://bucket/vismem
   vismem procdata preview --out grid.png          # one row of samples per generator
+  vismem procdata stats --natural                 # how natural the generators' statistics are
   vismem encoder train --max-minutes 5 --out runs/enc1
   vismem embed --collection s3://bucket/images --encoder runs/enc1/encoder --out s3://bucket/emb
   vismem index build --embeddings s3://bucket/emb --memory s3://bucket/mem --shards 4
@@ -166,6 +167,24 @@ def add_procdata_parsers(sub) -> None:
     add_device(bench, "the device to time: cpu (one core, then every core) or cuda (cuda:N) (default: the CPU, and "
                       "the GPU when there is one)")
     add_common(bench, ray=False)
+
+
+    stats = add_command(proc, "stats", "how natural the generators' images are: saturation, luminance share of "
+                                       "variance, power above 0.25 cycles/px, spectral slope",
+                        epilog="examples:\n"
+                               "  vismem procdata stats --generators shader,dead_leaves\n"
+                               "  vismem procdata stats --natural --reference ../shared/data/cifar10/test.parquet --json\n"
+                               "\nA collection is measured for reference only: no generator is fit to it.\n")
+    stats.add_argument("--generators", default="kml_mixup,shader,dead_leaves,fractal,spectral",
+                       help="comma-separated generators")
+    stats.add_argument("--reference", action="append", default=[], metavar="URL",
+                       help="a real image collection (folder tree or Parquet, any URL) to measure beside them; repeatable")
+    stats.add_argument("--images", type=int, default=768, help="images measured per generator or collection")
+    stats.add_argument("--size", type=int, default=32, help="image side in pixels, as the training stream renders it")
+    stats.add_argument("--natural", action="store_true",
+                       help="also measure render_natural (supersampled x2, natural colour) for every generator")
+    stats.add_argument("--seed", type=int, default=0, help="seed")
+    add_common(stats, ray=False)
 
 
 def add_encoder_parsers(sub) -> None:
@@ -690,6 +709,44 @@ def cmd_bench(args) -> dict:
               f"{record['images_per_s']:10.1f} images/s", flush=True)
     args.json = False                      # the records are already one JSON object per line
     return {"results": records}
+
+
+def reference_stats(url: str, images: int, size: int):
+    """procdata.stats of the first ``images`` readable images of a real collection, resized as an
+    encoder of input ``size`` resizes them: a reference, never an input to a generator."""
+    import numpy as np
+
+    from encoder.embed import Resize
+    from eval.readable import readable_images
+    from procdata.stats import image_stats
+    resize, out = Resize(size), []
+    for _, items in readable_images(url):
+        out.extend(resize(image) for _, _, image in items[:images - len(out)])
+        if len(out) >= images:
+            break
+    return image_stats(np.stack(out))
+
+
+def cmd_stats(args) -> dict:
+    from procdata.stats import generator_stats, outside_natural
+    check_positive(args, "images", "size")
+    names = parse_generators(args.generators)
+    rows = []
+    for name in names:
+        rows.append({"source": name, "rendering": "plain", **generator_stats(name, args.images, args.size,
+                                                                              args.seed).to_dict()})
+        if args.natural:
+            rows.append({"source": name, "rendering": "natural",
+                         **generator_stats(name, args.images, args.size, args.seed, natural=True).to_dict()})
+    for url in args.reference:
+        rows.append({"source": url, "rendering": "reference", **reference_stats(url, args.images, args.size).to_dict()})
+    print(f"{'source':40s} {'rendering':9s} {'images':>6s} {'saturation':>10s} {'lum share':>9s} {'HF power':>8s} "
+          f"{'slope':>6s}  outside natural ranges")
+    for row in rows:
+        outside = ", ".join(outside_natural(row)) or "-"
+        print(f"{row['source'][-40:]:40s} {row['rendering']:9s} {row['images']:6d} {row['saturation']:10.3f} "
+              f"{row['luminance_share']:9.3f} {row['high_freq_power']:8.3f} {row['spectral_slope']:6.2f}  {outside}")
+    return {"stats": rows}
 
 
 def cmd_train(args) -> dict:
@@ -1249,7 +1306,7 @@ def cmd_client(args) -> dict:
 
 
 COMMANDS = {("demo", None): cmd_demo, ("procdata", "generate"): cmd_generate, ("procdata", "preview"): cmd_preview,
-            ("procdata", "bench"): cmd_bench, ("encoder", "train"): cmd_train,
+            ("procdata", "bench"): cmd_bench, ("procdata", "stats"): cmd_stats, ("encoder", "train"): cmd_train,
             ("encoder", "eval-knn"): cmd_eval_knn, ("encoder", "bench"): cmd_encoder_bench, ("embed", None): cmd_embed,
             ("index", "build"): cmd_build, ("index", "bench"): cmd_index_bench,
             ("index", "tune"): cmd_tune, ("memory", "info"): cmd_info,

@@ -38,18 +38,25 @@ def chance(n: int, p: float, g: torch.Generator, device) -> torch.Tensor:
     return (torch.rand(n, generator=g) < p).to(device)[:, None, None, None]
 
 
-def colour_jitter(x: torch.Tensor, g: torch.Generator, p: float = 0.8, strength: float = 0.4,
-                  hue_shift: float = 0.1) -> torch.Tensor:
-    """Brightness, contrast, saturation and a hue-like channel rotation, per image, with prob p."""
+def luminance(x: torch.Tensor) -> torch.Tensor:
+    """Rec. 601 luma ``[n, 1, H, W]`` of RGB ``[n, 3, H, W]`` (torchvision's grey-scale weights)."""
+    return x.mul(torch.tensor([0.299, 0.587, 0.114], device=x.device)[None, :, None, None]).sum(1, keepdim=True)
+
+
+def colour_jitter(x: torch.Tensor, g: torch.Generator, p: float = 0.8, brightness: float = 0.4,
+                  contrast: float = 0.4, saturation: float = 0.2, hue_shift: float = 0.1) -> torch.Tensor:
+    """Brightness, contrast, saturation and a hue-like channel rotation, per image, with prob p;
+    DINO's strengths (ColorJitter(0.4, 0.4, 0.2, 0.1)). Each step works on the image the previous
+    step made: saturation blends toward the grey of the brightened, contrasted image."""
     n, device = x.shape[0], x.device
 
     def factor(s):
         return (1 + torch.empty(n).uniform_(-s, s, generator=g)).to(device)[:, None, None, None]
 
-    grey = x.mul(torch.tensor([0.299, 0.587, 0.114], device=device)[None, :, None, None]).sum(1, keepdim=True)
-    y = x * factor(strength)
-    y = (y - y.mean((1, 2, 3), keepdim=True)) * factor(strength) + y.mean((1, 2, 3), keepdim=True)
-    y = (y - grey) * factor(strength) + grey
+    y = x * factor(brightness)
+    y = (y - y.mean((1, 2, 3), keepdim=True)) * factor(contrast) + y.mean((1, 2, 3), keepdim=True)
+    grey = luminance(y)
+    y = (y - grey) * factor(saturation) + grey
     theta = (torch.empty(n).uniform_(-hue_shift, hue_shift, generator=g) * 2 * math.pi).to(device)
     y = rotate_hue(y, theta)
     return torch.where(chance(n, p, g, device), y.clamp(0, 1), x)
@@ -91,8 +98,7 @@ def view(images: torch.Tensor, size: int, scale, g: torch.Generator, blur: float
     x = resized_crops(images, size, scale, g)
     x = torch.where(chance(n, 0.5, g, device), x.flip(-1), x)
     x = colour_jitter(x, g)
-    grey = x.mul(torch.tensor([0.299, 0.587, 0.114], device=device)[None, :, None, None]).sum(1, keepdim=True)
-    x = torch.where(chance(n, 0.2, g, device), grey.expand_as(x), x)
+    x = torch.where(chance(n, 0.2, g, device), luminance(x).expand_as(x), x)
     x = gaussian_blur(x, g, blur)
     x = torch.where(chance(n, solarize, g, device) & (x >= 0.5), 1 - x, x)
     return x

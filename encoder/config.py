@@ -51,6 +51,7 @@ class TrainConfig:
     arch: ArchConfig = field(default_factory=ArchConfig)
     # data
     generators: tuple[str, ...] = ("kml_mixup", "shader", "dead_leaves")
+    natural_images: bool = False          # procdata.generators.render_natural: natural colour and spectrum statistics
     real_data: str | None = None          # set by eval.real_control: the real-data control run
     seed: int = 0
     batch_size: int = 64                 # per worker

@@ -50,7 +50,7 @@ class Session(Protocol):
 def provenance(cfg: TrainConfig, images_seen: int, steps: int) -> dict:
     """What the encoder was trained on: generators and seeds (or, for a control run, the real collection)."""
     data = ({"data": f"real images: {cfg.real_data}"} if cfg.real_data else
-            {"data": "procedural only", "generators": list(cfg.generators)})
+            {"data": "procedural only", "generators": list(cfg.generators), "natural_images": cfg.natural_images})
     return {**data, "seed": cfg.seed,
             "per_worker_seed_layout": "image index = ((epoch*steps_per_epoch + step)*workers + rank)*batch + i",
             "workers": cfg.workers, "batch_size_per_worker": cfg.batch_size, "steps": steps,
@@ -60,7 +60,7 @@ def provenance(cfg: TrainConfig, images_seen: int, steps: int) -> dict:
 def procedural_stream(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> ProceduralStream:
     """This worker's own procedural batches, made on its device (no data moves between workers)."""
     return ProceduralStream(StreamConfig(cfg.generators, cfg.seed, cfg.arch.img_size, cfg.batch_size,
-                                         steps_per_epoch=10_000), rank, world, str(device))
+                                         steps_per_epoch=10_000, natural=cfg.natural_images), rank, world, str(device))
 
 
 def train_worker(cfg: TrainConfig, session: Session, stream=None) -> dict:

@@ -12,7 +12,7 @@ from typing import Iterator
 
 import torch
 
-from procdata.generators import generate, get_generator, grouped
+from procdata.generators import generate, get_generator, grouped, quantise, render_natural
 
 
 @dataclass
@@ -22,6 +22,7 @@ class StreamConfig:
     size: int = 32
     batch_size: int = 64
     steps_per_epoch: int = 1000
+    natural: bool = False               # render_natural: supersampled ×2, chroma scaled toward natural statistics
 
     def __post_init__(self):
         for name in self.generators:
@@ -52,9 +53,14 @@ class ProceduralStream:
         images = torch.empty(cfg.batch_size, 3, cfg.size, cfg.size, dtype=torch.uint8, device=self.device)
         for k, rows in grouped(indices % len(cfg.generators), len(cfg.generators)):
             if len(rows):
-                images[rows.to(self.device)] = generate(cfg.generators[k], cfg.seed, indices[rows].tolist(), cfg.size,
-                                                        self.device)
+                images[rows.to(self.device)] = self.images(cfg.generators[k], indices[rows].tolist())
         return images
+
+    def images(self, name: str, indices: list[int]) -> torch.Tensor:
+        cfg = self.config
+        if cfg.natural:
+            return quantise(render_natural(name, cfg.seed, indices, cfg.size, self.device, supersample=2))
+        return generate(name, cfg.seed, indices, cfg.size, self.device)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[torch.Tensor]:
         for step in range(start_step, self.config.steps_per_epoch):

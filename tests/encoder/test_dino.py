@@ -59,3 +59,15 @@ def test_precision_choice():
         autocast_dtype("fp16", cpu)
     with pytest.raises(ValueError, match="unknown precision 'half'"):
         autocast_dtype("half", cpu)
+
+
+def test_saturation_jitter_keeps_the_luma_of_the_image_it_is_given():
+    """The saturation step blends toward the grey of the brightened image, not of the input: the
+    output's luma is the brightness factor times the input's (no hue, no contrast, no clamping)."""
+    from encoder.augment import colour_jitter, luminance
+    x = torch.rand(16, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * 0.3 + 0.1
+    out = colour_jitter(x, torch.Generator().manual_seed(0), p=1.0, brightness=0.4, contrast=0.0, saturation=0.2,
+                        hue_shift=0.0)
+    brightness = 1 + torch.empty(16).uniform_(-0.4, 0.4, generator=torch.Generator().manual_seed(0))
+    assert not torch.allclose(out, x)
+    torch.testing.assert_close(luminance(out), luminance(x) * brightness[:, None, None, None], atol=1e-5, rtol=1e-5)
