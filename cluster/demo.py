@@ -31,6 +31,7 @@ class DemoConfig:
     store: str = "vismem-demo"              # fsspec URL of the object store (a local folder by default)
     max_minutes: float = 3.0                # training time budget
     max_steps: int | None = None            # stop training after this many steps (for reproducible runs)
+    batch_size: int | None = None           # images per worker and step (None: the preset's)
     preset: str = "tiny-cpu"
     workers: int = 2
     generators: tuple[str, ...] = ("kml_mixup", "shader", "dead_leaves")
@@ -183,7 +184,7 @@ def train_encoder(cfg: DemoConfig, store: str, echo=print) -> tuple[str, dict]:
         if cfg.fresh and fs.exists(run):
             fs.rm(run, recursive=True)
         tcfg = preset(cfg.preset, generators=tuple(cfg.generators), seed=cfg.seed, workers=cfg.workers,
-                      max_minutes=cfg.max_minutes, max_steps=cfg.max_steps or 10**9)
+                      max_minutes=cfg.max_minutes, max_steps=cfg.max_steps or 10**9, batch_size=cfg.batch_size)
         encoder_url = train(tcfg, run)
     else:
         echo(f"      reusing {encoder_url} (pass --fresh to retrain)")

@@ -12,7 +12,11 @@ from dataclasses import dataclass, field
 
 @dataclass
 class ArchConfig:
-    """What ``config.json`` of an encoder checkpoint holds: enough to rebuild the backbone."""
+    """What ``config.json`` of an encoder checkpoint holds: enough to rebuild the backbone.
+
+    ``arch="vit"`` uses patch_size, embed_dim, depth, num_heads, mlp_ratio and stem; ``arch="resnet"``
+    uses widths and blocks (four stages of BasicBlocks) and stem_stride, and its embed_dim is the
+    last stage's width. ``readout`` is what the memory stores (encoder.backbone.embedding)."""
 
     arch: str = "vit"
     img_size: int = 32
@@ -21,6 +25,11 @@ class ArchConfig:
     depth: int = 4
     num_heads: int = 3
     mlp_ratio: float = 4.0
+    stem: str = "patch"              # ViT: "patch" (one linear map a patch) or "conv" (3×3 stride-2 convolutions)
+    widths: tuple[int, ...] = ()
+    blocks: tuple[int, ...] = ()
+    stem_stride: int = 1
+    readout: str = "token"           # "token": CLS / global average; "token+grid2": plus a pooled 2×2 grid
     crop_ratio: float = 1.0          # resize to img_size / crop_ratio, then centre-crop img_size
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.25, 0.25, 0.25)
@@ -35,11 +44,33 @@ class ArchConfig:
         if unknown:
             raise ValueError(f"{source}: unknown field(s) {', '.join(unknown)}")
         cfg = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
-        if cfg.img_size % cfg.patch_size:
-            raise ValueError(f"{source}: img_size {cfg.img_size} is not a multiple of patch_size {cfg.patch_size}")
-        if cfg.embed_dim % cfg.num_heads:
-            raise ValueError(f"{source}: embed_dim {cfg.embed_dim} is not a multiple of num_heads {cfg.num_heads}")
+        cfg.check(source)
         return cfg
+
+    def check(self, source: str = "config") -> None:
+        """The choices that would fail later inside timm, named here."""
+        if self.readout not in ("token", "token+grid2"):
+            raise ValueError(f"{source}: unknown readout {self.readout!r}; choose 'token' or 'token+grid2'")
+        if self.arch == "resnet":
+            if len(self.widths) != 4 or len(self.blocks) != 4 or self.widths[0] % 2:
+                raise ValueError(f"{source}: a resnet takes four stages: widths (the first even) and blocks, "
+                                 f"got widths {list(self.widths)} and blocks {list(self.blocks)}")
+            if self.embed_dim != self.widths[-1]:
+                raise ValueError(f"{source}: a resnet's embed_dim is its last width {self.widths[-1]}, "
+                                 f"got {self.embed_dim}")
+            if self.stem_stride not in (1, 2):
+                raise ValueError(f"{source}: stem_stride must be 1 or 2, got {self.stem_stride}")
+            return
+        if self.arch != "vit":
+            raise ValueError(f"{source}: unknown architecture {self.arch!r}; choose 'vit' or 'resnet'")
+        if self.stem not in ("patch", "conv"):
+            raise ValueError(f"{source}: unknown stem {self.stem!r}; choose 'patch' or 'conv'")
+        if self.stem == "conv" and self.patch_size & (self.patch_size - 1):
+            raise ValueError(f"{source}: a conv stem needs a power-of-two patch_size, got {self.patch_size}")
+        if self.img_size % self.patch_size:
+            raise ValueError(f"{source}: img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"{source}: embed_dim {self.embed_dim} is not a multiple of num_heads {self.num_heads}")
 
 
 @dataclass
@@ -91,6 +122,7 @@ class TrainConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     checkpoint_every: int = 200
+    keep_checkpoints: int = 2            # the newest kept; 0 keeps all (a curve of quality against steps)
     log_every: int = 20
 
     def to_dict(self) -> dict:
@@ -113,8 +145,27 @@ PAPER = TrainConfig(
     teacher_temp=0.04, warmup_teacher_temp=0.04, centering="mean", koleo_weight=0.0, momentum_teacher=0.996,
     lr=5e-4, warmup=0.1)
 
+# CIFAR-style ResNets (3×3 stem, no max-pool) through the same DINO loop. resnet18-cifar is the
+# network of the strong public CIFAR self-supervised recipes (solo-learn, lightly: ResNet-18, two
+# 32-px crops, batch 256, EMA 0.99 → 1) for a GPU; resnet-cpu is a quarter of its width with one
+# block a stage, sized to train on two CPU cores.
+RESNET18_CIFAR = TrainConfig(
+    preset="resnet18-cifar",
+    arch=ArchConfig(arch="resnet", img_size=32, patch_size=1, embed_dim=512, depth=0, num_heads=1,
+                    widths=(64, 128, 256, 512), blocks=(2, 2, 2, 2)),
+    out_dim=4096, head_hidden=2048, head_bottleneck=256, local_crops=0, global_crop_scale=(0.2, 1.0),
+    batch_size=256, max_minutes=10.0, use_gpu=True, lr=1e-3, warmup=0.1, teacher_temp=0.07,
+    warmup_teacher_temp=0.04, teacher_temp_warmup=0.3, checkpoint_every=1000, log_every=100)
+RESNET_CPU = dataclasses.replace(
+    RESNET18_CIFAR, preset="resnet-cpu",
+    arch=dataclasses.replace(RESNET18_CIFAR.arch, embed_dim=128, widths=(16, 32, 64, 128), blocks=(1, 1, 1, 1)),
+    out_dim=1024, head_hidden=512, head_bottleneck=128, batch_size=64, max_minutes=3.0, use_gpu=False,
+    checkpoint_every=200, log_every=20)
+
 PRESETS: dict[str, TrainConfig] = {
     "tiny-cpu": TrainConfig(),
+    "resnet-cpu": RESNET_CPU,
+    "resnet18-cifar": RESNET18_CIFAR,
     "vit-t16": dataclasses.replace(PAPER, preset="vit-t16",
                                    arch=dataclasses.replace(PAPER.arch, embed_dim=192, num_heads=3)),
     "vit-s16": PAPER,

@@ -1,8 +1,9 @@
 """``Encoder``: images in, L2-normalised embeddings out. The only face index/ sees of encoder/.
 
-Three kinds share one interface, so baselines go through the same code path as the real thing:
-a trained checkpoint URL, ``random-init:PRESET`` (the same network untrained) and
-``raw-pixels:SIZE`` (resized pixels, per-image centred).
+Four kinds share one interface, so baselines go through the same code path as the real thing:
+a trained checkpoint URL, ``random-init:PRESET`` (the same network untrained), ``raw-pixels:SIZE``
+(resized pixels, per-image centred) and ``colour-histogram:BINS`` (a joint RGB histogram of the
+32-px image, no layout at all).
 
 Embedding is two steps, which a pipeline may run in different places: ``Encoder.resize`` (a
 ``Resize``, small and picklable: no weights) turns one decoded image into uint8 ``[3, S, S]`` at the
@@ -13,6 +14,7 @@ device; the two ways differ only by the rounding of the resized pixels to whole 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import os
@@ -25,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from encoder.backbone import build_backbone, patch_tokens
+from encoder.backbone import build_backbone, embedding, embedding_dim, feature_map
+from encoder.baselines import ColourHistogram
 from encoder.checkpoint import read_artifact
 from encoder.config import ArchConfig, preset
 
@@ -173,7 +176,7 @@ class Encoder:
     # construction -------------------------------------------------------------------------
     @classmethod
     def load(cls, spec: str, device: str | None = None, threads: int | None = None) -> "Encoder":
-        """A checkpoint URL, ``random-init:PRESET[:SEED]`` or ``raw-pixels:SIZE``."""
+        """A checkpoint URL, ``random-init:PRESET[:SEED]``, ``raw-pixels:SIZE`` or ``colour-histogram:BINS``."""
         if spec.startswith("random-init:"):
             arch, seed = parse_random_init(spec)
             torch.manual_seed(seed)
@@ -183,6 +186,12 @@ class Encoder:
             size = whole_number(spec, spec.split(":", 1)[1], "SIZE", 1, "raw-pixels:32")
             return cls(spec, ArchConfig(img_size=size, patch_size=1, embed_dim=3 * size * size, depth=0, num_heads=1),
                        None, hashlib.sha256(spec.encode()).hexdigest(), device=device, threads=threads)
+        if spec.startswith("colour-histogram:"):
+            bins = whole_number(spec, spec.split(":", 1)[1], "BINS", 1, "colour-histogram:4")
+            arch = ArchConfig(img_size=32, patch_size=1, embed_dim=bins ** 3, depth=0, num_heads=1,
+                              mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))            # the histogram takes [0, 1]
+            return cls(spec, arch, ColourHistogram(bins), hashlib.sha256(spec.encode()).hexdigest(), device=device,
+                       threads=threads)
         arch, state, provenance, sha = read_artifact(spec)
         model = build_backbone(arch)
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -190,9 +199,20 @@ class Encoder:
             raise ValueError(f"weights at {spec} do not match its config.json: missing {missing[:3]}, unexpected {unexpected[:3]}")
         return cls(spec, arch, model, sha, provenance, device, threads)
 
+    def with_readout(self, readout: str) -> "Encoder":
+        """The same network storing another readout (encoder.backbone.embedding), e.g. a model
+        trained with ``token`` read out with ``token+grid2``; the name and hash say which."""
+        if self.model is None or not hasattr(self.model, "forward_features"):
+            raise ValueError(f"{self.name} has one readout only")
+        arch = dataclasses.replace(self.arch, readout=readout)
+        arch.check(self.name)
+        return Encoder(f"{self.name}#{readout}", arch, self.model,
+                       hashlib.sha256(f"{self.sha256}#{readout}".encode()).hexdigest(), self.provenance,
+                       str(self.device))
+
     @property
     def dim(self) -> int:
-        return self.arch.embed_dim
+        return self.arch.embed_dim if self.model is None else embedding_dim(self.arch)
 
     # embedding ----------------------------------------------------------------------------
     @property
@@ -222,12 +242,12 @@ class Encoder:
             z = x.flatten(1)
             z = z - z.mean(1, keepdim=True)
         else:
-            z = self.model(x)
+            z = embedding(self.model, x, self.arch.readout)
         return F.normalize(z.float(), dim=-1).cpu().numpy()
 
     @torch.no_grad()
     def embed(self, images, batch_size: int = 256) -> np.ndarray:
-        """``[n, dim]`` float32, L2-normalised: the CLS token (raw pixels: centred pixels)."""
+        """``[n, dim]`` float32, L2-normalised: the backbone's readout (raw pixels: centred pixels)."""
         n = len(images)
         out = [self.vectors(self.preprocess(images[start:start + batch_size])) for start in range(0, n, batch_size)]
         return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
@@ -252,6 +272,6 @@ class Encoder:
     @torch.no_grad()
     def embed_patches(self, images: Sequence) -> np.ndarray:
         """``[n, h, w, dim]`` float32 patch embeddings, each L2-normalised."""
-        if self.model is None:
-            raise ValueError("raw-pixels encoders have no patch embeddings")
-        return F.normalize(patch_tokens(self.model, self.preprocess(images)).float(), dim=-1).cpu().numpy()
+        if not hasattr(self.model, "forward_features"):
+            raise ValueError(f"{self.name} has no patch embeddings")
+        return F.normalize(feature_map(self.model, self.preprocess(images)).float(), dim=-1).cpu().numpy()

@@ -27,7 +27,7 @@ log = logging.getLogger("vismem.encoder.train")
 class LocalSession:
     """``encoder.loop.Session`` for a single process: rank 0 of 1, checkpoints written to
     ``out_url`` file by file (provenance last: it marks a checkpoint complete) and all but the
-    newest ``keep`` deleted. Without ``out_url`` nothing is written (benchmarks)."""
+    newest ``keep`` deleted (``keep=0``: none deleted). Without ``out_url`` nothing is written (benchmarks)."""
 
     rank, world = 0, 1
 
@@ -51,8 +51,9 @@ class LocalSession:
         for name in (WEIGHTS, CONFIG, TRAIN_STATE, PROVENANCE):
             with open(os.path.join(checkpoint_dir, name), "rb") as f:
                 write_atomic(fs, f"{target}/{name}", f.read())
-        for old in sorted(fs.glob(f"{root}/checkpoint_*"))[:-self.keep]:
-            fs.rm(old, recursive=True)
+        if self.keep:
+            for old in sorted(fs.glob(f"{root}/checkpoint_*"))[:-self.keep]:
+                fs.rm(old, recursive=True)
 
 
 def default_device() -> torch.device:
@@ -72,7 +73,7 @@ def train_local(cfg: TrainConfig, out_url: str, resume: bool = False, device: st
     if previous:
         fs, path = fsspec.core.url_to_fs(previous[0])
         state = load_train_state(fs.cat_file(f"{path}/{TRAIN_STATE}"))
-    session = LocalSession(torch_device, out_url, state)
+    session = LocalSession(torch_device, out_url, state, keep=cfg.keep_checkpoints)
     final = train_worker(cfg, session, stream)
     if result_metrics is not None:
         result_metrics.update(final)

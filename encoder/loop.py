@@ -105,6 +105,9 @@ def train_worker(cfg: TrainConfig, session: Session, stream=None) -> dict:
         if rank == 0:
             log.info("resumed from step %d (%.1f min in)", step, elapsed / 60)
     teacher.to(device)
+    if world > 1 and device.type == "cuda":           # BatchNorm statistics over the global batch, as DINO's
+        student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)       # (the same parameters)
+        teacher = torch.nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
     student = session.prepare(student)
     student_module = student.module if hasattr(student, "module") else student
     if rank == 0:

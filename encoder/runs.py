@@ -20,18 +20,21 @@ log = logging.getLogger("vismem.encoder.train")
 RUN_NAME = "dino"
 
 
-def latest_checkpoint(out_url: str, name: str = RUN_NAME) -> tuple[str, int] | None:
-    """(URL, step) of the newest complete checkpoint of run ``name`` under ``out_url``, if any.
+def checkpoints(out_url: str, name: str = RUN_NAME) -> list[tuple[str, int]]:
+    """(URL, step) of every complete checkpoint of run ``name`` under ``out_url``, oldest first.
     A checkpoint is complete once its ``provenance.json`` exists: it is written last."""
     fs, root = fsspec.core.url_to_fs(out_url.rstrip("/") + "/" + name)
     found = []
     for path in fs.glob(f"{root}/checkpoint_*/{PROVENANCE}"):
         with fs.open(path) as f:
             found.append((int(json.load(f).get("steps", 0)), path.rsplit("/", 1)[0]))
-    if not found:
-        return None
-    step, path = max(found)
-    return checkpoint_url(out_url, fs, path), step
+    return [(checkpoint_url(out_url, fs, path), step) for step, path in sorted(found)]
+
+
+def latest_checkpoint(out_url: str, name: str = RUN_NAME) -> tuple[str, int] | None:
+    """(URL, step) of the newest complete checkpoint of run ``name`` under ``out_url``, if any."""
+    found = checkpoints(out_url, name)
+    return found[-1] if found else None
 
 
 def checkpoint_url(out_url: str, fs, path: str) -> str:

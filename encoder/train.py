@@ -107,7 +107,7 @@ def train(cfg: TrainConfig, out_url: str, name: str = RUN_NAME, max_failures: in
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage_path, storage_filesystem=storage_fs,
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)))
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints or None)))
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training under {out_url}/{name} produced no checkpoint")

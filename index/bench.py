@@ -238,6 +238,9 @@ def peak_rss_gb(pid: int | str = "self") -> float:
 def worker_peak_rss_gb() -> float:
     """The largest peak RSS of this local Ray's live task workers (each ran build tasks: one file's
     vectors and its pieces, or one shard's merge)."""
+    import ray
     from ray.util.state import list_workers
-    workers = list_workers(filters=[("worker_type", "=", "WORKER"), ("is_alive", "=", True)], limit=10_000)
+    address = ray.get_runtime_context().gcs_address     # this driver's Ray, not another one on the machine
+    workers = list_workers(address=address, filters=[("worker_type", "=", "WORKER"), ("is_alive", "=", True)],
+                           limit=10_000)
     return max([peak_rss_gb(w.pid) for w in workers], default=0.0)

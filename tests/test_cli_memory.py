@@ -15,12 +15,6 @@ from index.memory import VisualMemory
 from tests.test_memory import unit
 from tests.test_memory_edits import write_collection
 
-# compact, vacuum, prune and purge are being written in index/memory.py by another change: their CLI
-# tests run once VisualMemory has them.
-PENDING = {name: pytest.mark.skipif(not hasattr(VisualMemory, name),
-                                    reason=f"VisualMemory.{name} is not implemented yet (index/memory.py)")
-           for name in ("compact", "vacuum", "prune", "purge")}
-
 
 def build_small(root, store=None):
     """A 2-shard Flat memory of 200 16-d vectors in 4 classes (c0..c3), uris mem://img/<i>.png;
@@ -235,9 +229,7 @@ def test_every_memory_command_has_memory_json_and_examples():
         assert p.epilog.startswith("examples:\n  vismem " + name), name
 
 
-# the commands over operations another change is adding to VisualMemory ---------------------------
-@PENDING["compact"]
-@PENDING["vacuum"]
+# compact, vacuum, purge and prune ------------------------------------------------------------------
 def test_compact_then_vacuum(small, capsys):
     mem, _ = small
     assert vismem(capsys, "memory", "remove", "--memory", mem, "--ids", "0,1,2")[0] == 0
@@ -272,7 +264,6 @@ def test_compact_then_vacuum(small, capsys):
     assert code == 0 and "deleted 0 versions and 0 files" in out, err
 
 
-@PENDING["purge"]
 def test_remove_with_purge_unlearns(small, capsys):
     mem, vectors = small
     code, out, err = vismem(capsys, "memory", "remove", "--memory", mem, "--ids", "5,6", "--purge", "--json")
@@ -288,7 +279,6 @@ def test_remove_with_purge_unlearns(small, capsys):
     assert code == 2 and "[5] not in memory" in err
 
 
-@PENDING["prune"]
 @pytest.mark.parametrize("mode", ["hard", "soft"])
 def test_prune(tmp_path, capsys, mode):
     """Class c1's items that sit among c0's clusters mislead their neighbours: pruning finds them."""

@@ -47,25 +47,40 @@ def wait_for_info(proc: subprocess.Popen, url: str, timeout: float = 150) -> Non
         time.sleep(0.5)
 
 
-@pytest.mark.parametrize("signum, whole_group, code", [(signal.SIGTERM, False, 0), (signal.SIGINT, True, 130)],
-                         ids=["SIGTERM", "ctrl-c"])
-def test_serve_stops_cleanly_on_a_signal(memory, signum, whole_group, code):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", "--memory", memory, "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**os.environ, "PYTHONPATH": os.getcwd()})
+SIGNALS = [(signal.SIGTERM, False, 0), (signal.SIGINT, True, 130)]      # (signal, to the whole group, exit code)
+
+
+def test_serve_stops_cleanly_on_a_signal(memory):
+    """SIGTERM to the process and Ctrl-C to its group, each to its own `vismem serve`; the two
+    servers run side by side (each start-up is mostly waiting on Ray)."""
+    servers = []
     try:
-        wait_for_info(proc, f"http://127.0.0.1:{port}/info")
-        assert proc.stdout.readline().startswith(f"serving {memory} on http://127.0.0.1:{port}")
-        if whole_group:
-            os.killpg(proc.pid, signum)
-        else:
-            proc.send_signal(signum)
-        _, err = proc.communicate(timeout=120)
+        for signum, whole_group, code in SIGNALS:
+            port = free_port()
+            proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", "--memory", memory, "--port",
+                                     str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    start_new_session=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+            servers.append((proc, port, signum, whole_group, code))
+        for proc, port, signum, whole_group, _ in servers:
+            wait_for_info(proc, f"http://127.0.0.1:{port}/info", timeout=240)
+            assert proc.stdout.readline().startswith(f"serving {memory} on http://127.0.0.1:{port}")
+        for proc, _, signum, whole_group, _ in servers:
+            if whole_group:
+                os.killpg(proc.pid, signum)
+            else:
+                proc.send_signal(signum)
+        errors = [proc.communicate(timeout=120)[1] for proc, *_ in servers]
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        for proc, *_ in servers:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    for (proc, port, signum, _, code), err in zip(servers, errors):
+        check_stopped(proc, port, signum, code, err)
+
+
+def check_stopped(proc: subprocess.Popen, port: int, signum: int, code: int, err: str) -> None:
+    """Exit code, one line, no traceback, the HTTP proxy gone, and every Ray process of the session gone."""
     name = signal.Signals(signum).name
     assert proc.returncode == code, err[-3000:]
     assert f"vismem serve: stopped ({name}; Serve and Ray shut down)" in err.splitlines()
@@ -80,5 +95,6 @@ def test_serve_stops_cleanly_on_a_signal(memory, signum, whole_group, code):
             break
         if time.time() > deadline:
             os.killpg(proc.pid, signal.SIGKILL)
-            pytest.fail("Ray processes of the served session were still running 30 s after vismem serve exited")
+            pytest.fail(f"Ray processes of the served session were still running 30 s after vismem serve exited "
+                        f"({name})")
         time.sleep(0.5)

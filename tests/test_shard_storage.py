@@ -10,7 +10,7 @@ import pytest
 from index.build import build_memory
 from index.manifest import read_manifest
 from index.memory import VisualMemory
-from index.shards import coarse_assignment, mapped, merge_topk
+from index.shards import Shard, coarse_assignment, mapped, merge_topk
 from index.synthetic import ClusteredVectors
 from tests.test_memory import write_embeddings
 
@@ -66,9 +66,7 @@ def test_a_mapped_memory_answers_like_a_loaded_one_and_can_be_edited(built, tmp_
 
 def test_only_a_local_memory_can_be_mapped(s3_bucket, built):
     with pytest.raises(ValueError, match="only a memory on a local disk can be mapped"):
-        VisualMemory.open(f"{s3_bucket}/mem-that-does-not-matter", mmap=True) if False else \
-            __import__("index.shards", fromlist=["Shard"]).Shard.load(
-                f"{s3_bucket}/mem", VisualMemory.open(built[0]).manifest.shards[0], mmap=True)
+        Shard.load(f"{s3_bucket}/mem", VisualMemory.open(built[0]).manifest.shards[0], mmap=True)
 
 
 def test_one_coarse_assignment_answers_exactly_like_each_shard_searching_alone(built, tmp_path):

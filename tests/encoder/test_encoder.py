@@ -61,6 +61,23 @@ def test_raw_pixels_and_random_init_share_the_interface():
     assert a.dim == preset("tiny-cpu").arch.embed_dim
 
 
+def test_colour_histogram_sees_colour_and_no_layout():
+    hist = Encoder.load("colour-histogram:4", device="cpu")
+    half = np.zeros((32, 32, 3), np.uint8)
+    half[:, :16] = (250, 10, 10)                  # left half red, right half black
+    flipped = half[:, ::-1].copy()                # the same colours elsewhere
+    blue = np.zeros((32, 32, 3), np.uint8)
+    blue[:, :16] = (10, 10, 250)
+    z = hist.embed([half, flipped, blue])
+    assert z.shape == (3, 64) and hist.dim == 64
+    assert z[0] @ z[1] == pytest.approx(1.0, abs=1e-6)         # layout does not matter
+    assert z[0] @ z[2] == pytest.approx(0.5, abs=1e-6)         # the black half is shared, the colour is not
+    with pytest.raises(ValueError, match="no patch embeddings"):
+        hist.embed_patches([half])
+    with pytest.raises(ValueError, match="colour-histogram:x: BINS"):
+        Encoder.load("colour-histogram:x")
+
+
 def test_bad_checkpoints_name_the_file(checkpoint, tmp_path_factory):
     url, _ = checkpoint
     with pytest.raises(FileNotFoundError, match="no encoder checkpoint"):

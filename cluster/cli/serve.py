@@ -1,0 +1,84 @@
+"""``vismem serve`` and the HTTP client commands (``vismem classify``, ``vismem query``)."""
+
+from __future__ import annotations
+
+from cluster.cli.common import add_command, add_common, add_k, add_nprobe, check_positive, stop_on_signals
+
+
+def add_serve_parser(sub) -> None:
+    serve = add_command(sub, "serve", "serve a memory over HTTP with Ray Serve (until Ctrl-C or SIGTERM)",
+                        description="Deploy the memory's shard searchers and the router with Ray Serve and answer "
+                                    "HTTP until stopped. Ctrl-C (SIGINT) or SIGTERM shuts Serve and Ray down and "
+                                    "exits with status 130 or 0 respectively.")
+    serve.add_argument("--memory", required=True, help="memory root URL")
+    serve.add_argument("--host", default="127.0.0.1", help="HTTP bind address")
+    serve.add_argument("--port", type=int, default=8000, help="HTTP port")
+    serve.add_argument("--replicas", type=int, default=1, help="replicas per shard searcher")
+    serve.add_argument("--shard-timeout", type=float, default=10.0, help="seconds before a shard counts as failed")
+    serve.add_argument("--mmap", action="store_true",
+                       help="memory-map the shards' IVF lists from the memory's local disk instead of loading them: "
+                            "a shard larger than RAM can answer, paged in as queries visit its lists (a memory on "
+                            "a local disk only; the shard replicas must run on that machine)")
+    serve.add_argument("--token-file", default=None, metavar="PATH",
+                       help="file holding the bearer token that /v1/memory/add and /v1/memory/remove need "
+                            "(default: $VISMEM_TOKEN; with neither, editing over HTTP is off)")
+    add_common(serve)
+
+
+def add_client_parsers(sub) -> None:
+    from index.voting import RULES
+    for name, what in (("classify", "classify images through a running router"),
+                       ("query", "nearest neighbours of images through a running router")):
+        q = add_command(sub, name, what, epilog="examples:\n"
+                        f"  vismem {name} --url http://127.0.0.1:8000 -k 5 cat.jpg dog.png\n")
+        q.add_argument("images", nargs="+", help="image files (any fsspec URL)")
+        q.add_argument("--url", default="http://127.0.0.1:8000", help="router base URL")
+        add_k(q, 10)
+        if name == "classify":
+            q.add_argument("--rule", default="plurality", choices=RULES, help="voting rule")
+        add_nprobe(q, "IVF lists to visit in each shard (default: the memory's, set by `vismem index build`)")
+        add_common(q, ray=False)
+
+
+def cmd_serve(args) -> dict:
+    import time
+
+    from cluster.runtime import ray_session
+    from index.serve import start
+    from index.serve.auth import token_digest
+    check_positive(args, "port", "replicas", "shard_timeout")
+    digest = token_digest(args.token_file)
+    with ray_session(args.address, serve_too=True):        # on the way out, Stopped included: Serve, then Ray
+        stop_on_signals("Serve and Ray shut down")
+        start(args.memory, host=args.host, port=args.port, replicas=args.replicas, shard_timeout_s=args.shard_timeout,
+              token_digest=digest, mmap=args.mmap)
+        print(f"serving {args.memory} on http://{args.host}:{args.port} (POST /v1/classify, /v1/search; GET /v1/info, "
+              f"/docs; editing {'on: /v1/memory/add, /v1/memory/remove' if digest else 'off (no token)'}); "
+              "Ctrl-C to stop", flush=True)
+        while True:
+            time.sleep(3600)
+
+
+def cmd_client(args) -> dict:
+    import base64
+
+    import fsspec
+
+    from cluster.demo import post
+    check_positive(args, "k", "nprobe")
+    images = []
+    for uri in args.images:
+        with fsspec.open(uri, "rb") as f:
+            images.append(base64.b64encode(f.read()).decode())
+    body = {"images": images, "k": args.k}
+    if args.command == "classify":
+        body["rule"] = args.rule
+    if args.nprobe is not None:
+        body["nprobe"] = args.nprobe
+    answer = post(f"{args.url.rstrip('/')}/v1/{args.command if args.command == 'classify' else 'search'}", body)
+    for uri, result in zip(args.images, answer["results"]):
+        head = f"{uri}: {result['decision']}" if "decision" in result else f"{uri}:"
+        print(head + ("  (PARTIAL: shards %s missing)" % answer["missing_shards"] if answer["partial"] else ""))
+        for n in result["neighbours"]:
+            print(f"    {n['similarity']:.3f}  {n['label']!s:12s} {n['uri']}" + (f"  w={n['weight']:.3g}" if "weight" in n else ""))
+    return answer
