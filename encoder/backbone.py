@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import ConvNormAct, HybridEmbed, PatchEmbed
 
-from encoder.config import ArchConfig
+from encoder.config import READOUTS, ArchConfig
 
 
 def build_backbone(arch: ArchConfig) -> nn.Module:
@@ -66,13 +66,21 @@ def cifar_resnet(arch: ArchConfig) -> resnet.ResNet:
     return net
 
 
-def feature_map(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Spatial features ``[n, h, w, d]``: a ViT's patch tokens (prefix tokens dropped), or a
-    ResNet's last map."""
+def pooled_and_map(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward pass: the pooled feature ``[n, d]`` and the spatial features ``[n, d, h, w]``
+    (a ViT's patch tokens with the prefix tokens dropped, or a ResNet's last map)."""
     if isinstance(model, vit.VisionTransformer):
-        tokens = model.forward_features(x)[:, model.num_prefix_tokens:]
-        return tokens.reshape(x.shape[0], *model.patch_embed.dynamic_feat_size(x.shape[-2:]), -1)
-    return model.forward_features(x).permute(0, 2, 3, 1)
+        tokens = model.forward_features(x)
+        h, w = model.patch_embed.dynamic_feat_size(x.shape[-2:])
+        grid = tokens[:, model.num_prefix_tokens:].reshape(x.shape[0], h, w, -1).permute(0, 3, 1, 2)
+        return model.forward_head(tokens, pre_logits=True), grid
+    grid = model.forward_features(x)
+    return model.forward_head(grid, pre_logits=True), grid
+
+
+def feature_map(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Spatial features ``[n, h, w, d]`` (``pooled_and_map``'s map, channels last)."""
+    return pooled_and_map(model, x)[1].permute(0, 2, 3, 1)
 
 
 def embedding(model: nn.Module, x: torch.Tensor, readout: str) -> torch.Tensor:
@@ -83,19 +91,9 @@ def embedding(model: nn.Module, x: torch.Tensor, readout: str) -> torch.Tensor:
         return model(x)
     if readout != "token+grid2":
         raise ValueError(f"unknown readout {readout!r}; choose one of: {', '.join(READOUTS)}")
-    if isinstance(model, vit.VisionTransformer):
-        tokens = model.forward_features(x)
-        pooled = model.forward_head(tokens, pre_logits=True)
-        h, w = model.patch_embed.dynamic_feat_size(x.shape[-2:])
-        grid = tokens[:, model.num_prefix_tokens:].reshape(x.shape[0], h, w, -1).permute(0, 3, 1, 2)
-    else:
-        grid = model.forward_features(x)
-        pooled = model.forward_head(grid, pre_logits=True)
+    pooled, grid = pooled_and_map(model, x)
     cells = F.normalize(F.adaptive_avg_pool2d(grid.float(), 2).flatten(2), dim=1)      # [n, d, 4]
     return torch.cat([F.normalize(pooled.float(), dim=-1), cells.transpose(1, 2).flatten(1) / 2], dim=1)
-
-
-READOUTS = ("token", "token+grid2")
 
 
 def embedding_dim(arch: ArchConfig) -> int:

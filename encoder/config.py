@@ -10,6 +10,9 @@ import dataclasses
 from dataclasses import dataclass, field
 
 
+READOUTS = ("token", "token+grid2")       # what the memory stores: encoder.backbone.embedding
+
+
 @dataclass
 class ArchConfig:
     """What ``config.json`` of an encoder checkpoint holds: enough to rebuild the backbone.
@@ -49,8 +52,8 @@ class ArchConfig:
 
     def check(self, source: str = "config") -> None:
         """The choices that would fail later inside timm, named here."""
-        if self.readout not in ("token", "token+grid2"):
-            raise ValueError(f"{source}: unknown readout {self.readout!r}; choose 'token' or 'token+grid2'")
+        if self.readout not in READOUTS:
+            raise ValueError(f"{source}: unknown readout {self.readout!r}; choose one of: {', '.join(READOUTS)}")
         if self.arch == "resnet":
             if len(self.widths) != 4 or len(self.blocks) != 4 or self.widths[0] % 2:
                 raise ValueError(f"{source}: a resnet takes four stages: widths (the first even) and blocks, "

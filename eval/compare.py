@@ -131,16 +131,17 @@ def compare(cfg: TrainConfig, control: str, evals: list[EvalSet], out_url: str, 
     encoders = {name: (lambda url=url: Encoder.load(url)) for name, url in urls.items()}
     encoders["random_init"] = lambda: random_init(cfg)
     encoders.update({name: (lambda spec=spec: Encoder.load(spec)) for name, spec in BASELINES.items()})
-    scores: dict = {}
+    scores, provenance = {}, {}
     for name, make in encoders.items():
         encoder = make()
         scores[name] = {e.name: score(encoder, *decoded[e.name]) for e in evals}
+        if name in urls:
+            provenance[name] = encoder.provenance
         log.info("%s: %s", name, ", ".join(f"{s} top-1 {100 * r['top1']:.1f}%" for s, r in scores[name].items()))
 
     first = evals[0].name
     curves = {run: [{"step": step, "top1": score(Encoder.load(url), *decoded[first])["top1"]}
                     for url, step in curve_steps(checkpoints(runs[run]), curve_points)] for run in runs}
-    provenance = {name: Encoder.load(url).provenance for name, url in urls.items()}
     result = {"preset": cfg.preset, "max_minutes": cfg.max_minutes, "max_steps": cfg.max_steps, "seed": cfg.seed,
               "control_collection": control, "eval_sets": [dataclasses.asdict(e) for e in evals],
               "encoders": {**urls, "random_init": f"random-init:{cfg.preset}:{cfg.seed}", **BASELINES},

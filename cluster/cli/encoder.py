@@ -9,7 +9,7 @@ from cluster.cli.common import (add_command, add_common, add_device, add_group, 
 
 
 def add_encoder_parsers(sub) -> None:
-    from encoder.config import PRESETS
+    from encoder.config import PRESETS, READOUTS
     from eval.knn import K_SWEEP
     from procdata.generators import GENERATORS
     enc = add_group(sub, "encoder", "train, evaluate and benchmark encoders")
@@ -66,7 +66,7 @@ def add_encoder_parsers(sub) -> None:
     knn.add_argument("--ks", default=",".join(map(str, K_SWEEP)), help="comma-separated ks to sweep")
     knn.add_argument("--temperature", type=float, default=0.07, help="softmax voting temperature")
     knn.add_argument("--batch-size", type=int, default=512, help="images per embedding batch")
-    knn.add_argument("--readout", default=None, choices=("token", "token+grid2"),
+    knn.add_argument("--readout", default=None, choices=READOUTS,
                      help="what is compared (default: the encoder's own): the pooled feature, or with "
                           "token+grid2 also the mean feature of each 2x2 cell of the map")
     add_common(knn, ray=False)
