@@ -97,7 +97,7 @@ def wait_ready(url: str, timeout: float = 120) -> dict:
 
 
 def read_labels(embeddings_url: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    from index.embeddings import embedding_matrix, read_embeddings
+    from index.ingest.embeddings import embedding_matrix, read_embeddings
     table = read_embeddings(embeddings_url)
     return embedding_matrix(table), np.array(table.column("label").to_pylist(), dtype=object), table.column("uri").to_pylist()
 
@@ -196,7 +196,7 @@ def train_encoder(cfg: DemoConfig, store: str, echo=print) -> tuple[str, dict]:
 
 def embed_splits(cfg: DemoConfig, store: str, specs: dict[str, str], digits: dict, echo=print) -> dict:
     """Stage 4: both splits with every encoder through Ray Data; ``{(encoder, split): url}``."""
-    from index.embed_job import embed_collection
+    from index.ingest.job import embed_collection
     fs, _ = fsspec.core.url_to_fs(store)
     embeddings = {}
     for name, spec in specs.items():
@@ -213,7 +213,7 @@ def embed_splits(cfg: DemoConfig, store: str, specs: dict[str, str], digits: dic
 
 def build_demo_memory(cfg: DemoConfig, store: str, embeddings_url: str, echo=print) -> str:
     """Stage 5: a fresh memory of ``cfg.shards`` shards from the procedural encoder's vectors."""
-    from index.build import build_memory
+    from index.build.build import build_memory
     fs, _ = fsspec.core.url_to_fs(store)
     memory_url = f"{store}/memory"
     if fs.exists(memory_url):

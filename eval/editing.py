@@ -34,7 +34,7 @@ def embed_split(url: str, encoder, limit: int | None = None) -> tuple[np.ndarray
 
 
 def write_split(url: str, encoder, vectors: np.ndarray, labels: np.ndarray, ids: np.ndarray) -> str:
-    from index.embeddings import write_vectors
+    from index.ingest.embeddings import write_vectors
     return write_vectors(url, vectors[ids], labels[ids], [f"train#{i}" for i in ids], ids=ids, encoder=encoder.name,
                          encoder_sha256=encoder.sha256)
 
@@ -47,7 +47,7 @@ def accuracy(memory, vectors: np.ndarray, labels: np.ndarray, k: int, rule: str)
 
 def class_addition(train, test, encoder, work: str, k: int, rule: str, old: list[str]) -> dict:
     """Build from the ``old`` classes, add the rest, and compare with a build from all of them."""
-    from index.build import build_memory
+    from index.build.build import build_memory
     from index.memory import VisualMemory
     (train_x, train_y), (test_x, test_y) = train, test
     is_old_train, is_old_test = np.isin(train_y, old), np.isin(test_y, old)
@@ -83,7 +83,7 @@ def exact_same_answers(a, b, queries: np.ndarray, k: int) -> bool:
 
 def pruning(train, test, encoder, work: str, k: int, rule: str, thresholds: list[int]) -> dict:
     """Test accuracy of the whole memory, and after hard pruning (each threshold) and soft pruning."""
-    from index.build import build_memory
+    from index.build.build import build_memory
     from index.memory import VisualMemory
     (train_x, train_y), (test_x, test_y) = train, test
     url = write_split(f"{work}/prune-all", encoder, train_x, train_y, np.arange(len(train_x)))

@@ -3,7 +3,7 @@
 ``knn_accuracy`` scores the four voting rules at one k (the demo's table). ``knn_sweep`` is the
 papers' protocol: softmax-weighted votes (T = 0.07) for every k of a sweep from one exact search
 at the largest k, reporting the best. ``embed_labelled`` embeds a labelled collection in any
-format ``index.collections`` reads (folder tree or Parquet, local or object storage).
+format ``index.ingest.collections`` reads (folder tree or Parquet, local or object storage).
 
 The exact search is FAISS's where FAISS is installed, else the same search in torch (on the GPU
 when there is one), so the evaluation runs on machines that have torch alone.
@@ -105,7 +105,7 @@ def embed_labelled(url: str, encoder, batch_size: int = 512, progress: bool = Tr
     evaluation needs every label.
     """
     from eval.readable import readable_images
-    from index.collections import list_partitions
+    from index.ingest.collections import list_partitions
 
     parts = list_partitions(url, batch_size)
     vectors, labels = [], []

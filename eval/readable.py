@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
-from index.collections import Partition, decode_partition, list_partitions
+from index.ingest.collections import Partition, decode_partition, list_partitions
 
 if TYPE_CHECKING:
     import torch

@@ -1,7 +1,7 @@
 """The real-data control: the same DINO recipe trained on real images, the papers' upper reference.
 
 It is an evaluation, not the product, so it lives here rather than in encoder/ (which never reads
-real images). ``CollectionStream`` serves a collection (any format ``index.collections`` reads)
+real images). ``CollectionStream`` serves a collection (any format ``index.ingest.collections`` reads)
 with the procedural stream's interface, each worker holding the decoded images in memory: meant
 for control runs on small sets such as CIFAR-10, not for a billion images.
 """
@@ -67,7 +67,7 @@ def train_on_collection(cfg, url: str, out_url: str, local: bool = False, device
                         **train_kwargs) -> str:
     """Train ``cfg``'s recipe on the real collection at ``url`` (the control run); the encoder URL.
     Through Ray Train, or with ``local`` in this process on ``device`` (encoder.local)."""
-    from index.collections import open_collection
+    from index.ingest.collections import open_collection
     url = url if "://" in url else os.path.abspath(url)       # workers run elsewhere
     open_collection(url)                                        # a clear error before any training work
     cfg = dataclasses.replace(cfg, real_data=url)

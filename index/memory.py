@@ -1,36 +1,29 @@
 """``VisualMemory``: search, classify and edit a memory, in one process.
 
 The Ray Serve app (index.serve) does the same fan-out across actors; both use the same Shard,
-merge and vote, so their answers agree. Edits (``add``, ``add_embeddings``, ``remove``,
-``rollback``, ``compact``, ``prune``) each commit a new version (index.edits, index.maintenance,
-index.prune, index.commit) and are visible to this object's next query; another process sees them
-when it opens the memory again. ``vacuum`` deletes old versions and unreferenced files and
-``purge`` removes vectors from every file (index.maintenance).
+merge and vote, so their answers agree. A ``VisualMemory`` holds one version's snapshot
+(``index.snapshot``) and answers from it. Edits (``add``, ``add_embeddings``, ``remove``,
+``rollback``, ``compact``, ``prune``) each commit a new version (index.edit.edits,
+index.edit.maintenance, index.edit.prune, through index.store.commit) and return its snapshot,
+which this object switches to: they are visible to its next query; another process sees them when
+it opens the memory again. ``vacuum`` deletes old versions and unreferenced files and ``purge``
+removes vectors from every file (index.edit.maintenance).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import faiss
 import numpy as np
 
-from index import edits, history, maintenance
-from index import prune as pruning
-from index.manifest import Manifest, list_versions, read_manifest
-from index.queries import check_vectors
-from index.shards import Shard, coarse_assignment, merge_topk
+from index.edit import edits, maintenance
+from index.edit import prune as pruning
+from index.shard.state import Shard
+from index.snapshot import Neighbours, Snapshot
+from index.store import history
+from index.store.manifest import Manifest, list_versions
 from index.voting import vote
-
-
-@dataclass
-class Neighbours:
-    similarities: np.ndarray   # [nq, k] inner product of unit vectors (cosine)
-    ids: np.ndarray            # [nq, k] global ids, −1 where fewer than k exist
-    labels: np.ndarray         # [nq, k] object
-    uris: np.ndarray           # [nq, k] object
-    shards: np.ndarray         # [nq, k] which shard held each neighbour
-    sample_weights: np.ndarray | None = None   # [nq, k] each neighbour's vote weight from soft pruning (1.0: none)
 
 
 @dataclass
@@ -43,9 +36,7 @@ class Classification:
 
 class VisualMemory:
     def __init__(self, url: str, manifest: Manifest, shards: list[Shard], nprobe: int | None = None):
-        self.url, self.manifest, self.shards, self.nprobe = url, manifest, shards, nprobe
-        self.mmap = False
-        self._trained: tuple[str, faiss.Index] | None = None
+        self.snapshot = Snapshot(url, manifest, shards, nprobe)
 
     @classmethod
     def open(cls, url: str, version: int | None = None, nprobe: int | None = None, mmap: bool = False,
@@ -53,36 +44,44 @@ class VisualMemory:
         """The memory at ``url`` (current version by default). ``nprobe`` replaces the default the
         build recorded in the manifest, for every search of this object. ``mmap`` maps IVF shards of
         a memory on local disk instead of reading them (``Shard.load``): shards larger than RAM."""
-        manifest = read_manifest(url, version)
-        search = manifest.search_defaults(nprobe)
-        memory = cls(url, manifest, [Shard.load(url, e, i, search, mmap=mmap) for i, e in enumerate(manifest.shards)],
-                     nprobe)
-        memory.mmap = mmap                     # shards this object reads later (rollback) are mapped too
+        snapshot = Snapshot.open(url, version, nprobe, mmap)
+        memory = cls(url, snapshot.manifest, snapshot.shards, nprobe)
+        memory.snapshot = snapshot             # shards this object reads later (rollback) are mapped too
         return memory
 
+    # the version this object answers from (read-only: an edit switches to a new snapshot) ----------
+    @property
+    def url(self) -> str:
+        return self.snapshot.url
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.snapshot.manifest
+
+    @property
+    def shards(self) -> list[Shard]:
+        return self.snapshot.shards
+
+    @property
+    def nprobe(self) -> int | None:
+        return self.snapshot.nprobe
+
+    @property
+    def mmap(self) -> bool:
+        return self.snapshot.mmap
+
     def __len__(self) -> int:
-        return sum(len(s) for s in self.shards)
+        return len(self.snapshot)
 
     @property
     def version(self) -> int:
-        return self.manifest.version
+        return self.snapshot.version
 
     # queries -----------------------------------------------------------------------------------
     def search(self, queries, k: int = 10, nprobe: int | None = None) -> Neighbours:
         """The ``k`` nearest memory items of each query (unit-normalised first; see index.queries).
         ``nprobe`` overrides the manifest's default for this call."""
-        queries = check_vectors(queries, self.manifest.dim, "query vectors")
-        if k < 1:
-            raise ValueError(f"k must be a positive whole number, got {k}")
-        coarse = coarse_assignment(self.shards, queries, nprobe)          # once for every shard
-        answers = [dict(zip(("similarities", "ids"), s.search(queries, k, nprobe, coarse))) for s in self.shards]
-        found = merge_topk(answers, k)
-        uris, labels = np.full(found["ids"].shape, None, object), np.full(found["ids"].shape, None, object)
-        weights = np.ones(found["ids"].shape)
-        for n, shard in enumerate(self.shards):            # metadata of the k answers only, from their shards
-            mine = (found["shards"] == n) & (found["ids"] >= 0)
-            uris[mine], labels[mine], weights[mine] = shard.describe(found["ids"][mine])
-        return Neighbours(found["similarities"], found["ids"], labels, uris, found["shards"], weights)
+        return self.snapshot.search(queries, k, nprobe)
 
     def classify(self, queries, k: int = 10, rule: str = "plurality", nprobe: int | None = None) -> Classification:
         found = self.search(queries, k, nprobe)
@@ -91,71 +90,75 @@ class VisualMemory:
 
     def live(self, ids) -> np.ndarray:
         """Whether each of ``ids`` is a vector this version answers with."""
-        ids = np.asarray(ids, dtype=np.int64)
-        out = np.zeros(len(ids), dtype=bool)
-        for shard in self.shards:
-            out |= shard.live(ids)
-        return out
+        return self.snapshot.live(ids)
 
     # edits -------------------------------------------------------------------------------------
     def add(self, vectors, labels, uris, source_ids=None, reason: str | None = None) -> tuple[int, np.ndarray]:
         """Add vectors (new classes welcome) as a new version; returns (version, their new ids)."""
-        return edits.add(self, vectors, labels, uris, source_ids, reason)
+        self.snapshot, ids = edits.add(self.snapshot, vectors, labels, uris, source_ids, reason)
+        return self.version, ids
 
     def add_embeddings(self, url: str, reason: str | None = None) -> tuple[int, np.ndarray]:
         """Add the output of ``vismem embed`` at ``url``, which must come from the memory's encoder;
         each vector's collection id is kept as its ``source_id``."""
-        from index.build import embedding_encoder
-        from index.embeddings import embedding_matrix, read_embeddings
-        table = read_embeddings(url)
-        vectors = embedding_matrix(table)
-        edits.check_embeddings_encoder(self.manifest, self.url, embedding_encoder(url), vectors.shape[1], url)
-        if len(vectors) == 0:
-            raise ValueError(f"no vectors under {url}: nothing to add")
-        return self.add(vectors, table.column("label").to_pylist(), table.column("uri").to_pylist(),
-                        table.column("id").to_numpy(), reason)
+        self.snapshot, ids = edits.add_embeddings(self.snapshot, url, reason)
+        return self.version, ids
 
     def remove(self, ids=None, uris=None, labels=None, reason: str | None = None) -> tuple[int, np.ndarray]:
         """Remove exactly the vectors named (by id, uri or label) as a new version; no later query of
         this object or of a memory opened at that version returns them. Returns (version, ids)."""
-        return edits.remove(self, ids, uris, labels, reason)
+        self.snapshot, removed = edits.remove(self.snapshot, ids, uris, labels, reason)
+        return self.version, removed
 
     def rollback(self, version: int, reason: str | None = None) -> int:
         """A new version equal in content to ``version``; returns its number."""
-        return edits.rollback(self, version, reason)
+        self.snapshot = edits.rollback(self.snapshot, version, reason)
+        return self.version
 
     def compact(self, reason: str | None = None) -> int:
         """Rewrite the shards that have segments or removed vectors as one base index each (same
         answers; removed vectors gone from the new version's files) as a new version; returns it."""
-        return maintenance.compact(self, reason)
+        self.snapshot = maintenance.compact(self.snapshot, reason)
+        return self.version
 
     def vacuum(self, keep_last: int | None = None, older_than_s: float | None = None, dry_run: bool = False,
                grace_s: float = maintenance.GRACE_S) -> dict:
-        """Delete versions not kept and the files no kept version references (see index.maintenance);
-        writes no version and returns what it deleted."""
-        return maintenance.vacuum(self, keep_last, older_than_s, dry_run, grace_s)
+        """Delete versions not kept and the files no kept version references (see
+        index.edit.maintenance); writes no version and returns what it deleted."""
+        return maintenance.vacuum(self.snapshot, keep_last, older_than_s, dry_run, grace_s)
 
     def prune(self, queries=None, query_labels=None, threshold: int = pruning.THRESHOLD, mode: str = "hard",
               k: int = 10, reason: str | None = None) -> tuple[int, dict]:
         """Hard- or soft-prune items that are wrong-label neighbours of the queries (the memory
-        itself, leave-one-out, by default); returns (version, summary). See index.prune."""
-        return pruning.prune(self, queries, query_labels, threshold, mode, k, reason)
+        itself, leave-one-out, by default); returns (version, summary). See index.edit.prune."""
+        self.snapshot, summary = pruning.prune(self.snapshot, queries, query_labels, threshold, mode, k, reason)
+        return self.version, summary
 
     def purge(self, ids=None, uris=None, labels=None, reason: str | None = None,
               grace_s: float = maintenance.GRACE_S) -> dict:
         """Remove, compact and vacuum all older versions: the vectors named are then in no file
-        under the memory root. Unlearning is complete only after this."""
-        return maintenance.purge(self, ids, uris, labels, reason, grace_s)
+        under the memory root. Unlearning is complete only after this. With nothing named it
+        finishes an interrupted purge (compact if needed, then vacuum). Returns what each step did.
+
+        Each step switches this object to the version it commits as it goes, so a purge that fails
+        part-way leaves it answering from the last step that committed."""
+        out = {"removed": [], "remove_version": None, "compact_version": None}
+        if ids is not None or uris is not None or labels is not None:
+            out["remove_version"], removed = self.remove(ids=ids, uris=uris, labels=labels, reason=reason)
+            out["removed"] = np.asarray(removed).tolist()
+        if any(maintenance.needs_compaction(s) for s in self.shards):
+            out["compact_version"] = self.compact(reason=reason)
+        out["vacuum"] = self.vacuum(keep_last=1, grace_s=grace_s)
+        out["version"] = self.version
+        return out
 
     def switch(self, manifest: Manifest, shards: list[Shard]) -> None:
         """Answer from ``shards`` of the committed ``manifest`` from now on (after an edit)."""
-        self.shards, self.manifest = shards, manifest
+        self.snapshot = replace(self.snapshot, manifest=manifest, shards=shards)
 
     def trained_index(self) -> faiss.Index:
         """The memory's trained empty index, which encodes every vector that enters it."""
-        if self._trained is None or self._trained[0] != self.manifest.trained_index:
-            self._trained = (self.manifest.trained_index, edits.load_trained(self.url, self.manifest))
-        return self._trained[1]
+        return self.snapshot.trained_index()
 
     # history -----------------------------------------------------------------------------------
     def versions(self) -> list[int]:

@@ -147,17 +147,17 @@ def test_client_sends_nprobe_only_when_given(tmp_path, router, capsys):
 def test_index_build_replace_and_nprobe(tmp_path, capsys, monkeypatch):
     """--nprobe becomes the memory's default; another encoder's vectors need --replace; the
     embedding files' footers are read once per build (each is a request on S3)."""
-    import index.build
-    import index.parallel_add
-    from index.embeddings import JOB_FILE
-    from tests.test_memory import unit, write_embeddings
+    import index.build.build
+    import index.build.parallel_add
+    from index.ingest.embeddings import JOB_FILE
+    from tests.index.test_memory import unit, write_embeddings
     planned = []
 
-    def plan_files(url, read=index.parallel_add.plan_files):
+    def plan_files(url, read=index.build.parallel_add.plan_files):
         planned.append(url)
         return read(url)
-    monkeypatch.setattr(index.parallel_add, "plan_files", plan_files)
-    monkeypatch.setattr(index.build, "plan_files", plan_files)
+    monkeypatch.setattr(index.build.parallel_add, "plan_files", plan_files)
+    monkeypatch.setattr(index.build.build, "plan_files", plan_files)
     rng = np.random.default_rng(0)
     for name in ("a", "b"):
         write_embeddings(str(tmp_path / name), unit(rng.normal(size=(60, 8))), ["x", "y"] * 30)

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from cluster.cli import main
-from index.build import build_memory
-from index.manifest import list_versions
+from index.build.build import build_memory
 from index.memory import VisualMemory
-from tests.test_memory import unit
-from tests.test_memory_edits import write_collection
+from index.store.manifest import list_versions
+from tests.index.edit.test_memory_edits import write_collection
+from tests.index.test_memory import unit
 
 
 def build_small(root, store=None):

@@ -15,14 +15,14 @@ import urllib.request
 import numpy as np
 import pytest
 from tests.conftest import free_port
-from tests.test_memory import unit, write_embeddings
+from tests.index.test_memory import unit, write_embeddings
 
 
 @pytest.fixture(scope="module")
 def memory(tmp_path_factory):
     """A 30-vector memory of raw-pixels:4 vectors (48-d), built without Ray."""
     from encoder import Encoder
-    from index.build import build_memory
+    from index.build.build import build_memory
     root = tmp_path_factory.mktemp("serve-cli")
     vectors = unit(np.random.default_rng(0).normal(size=(30, 48)))
     write_embeddings(str(root / "emb"), vectors, [str(i % 3) for i in range(30)])

@@ -8,7 +8,7 @@ from cluster.cli.common import add_command, add_common, check_positive, record_p
 
 
 def add_embed_parser(sub) -> None:
-    from index.embed_bench import EmbedBenchConfig
+    from index.bench.embed_bench import EmbedBenchConfig
     d = EmbedBenchConfig()
     embed = add_command(
         sub, "embed", "embed a real image collection into Parquet with Ray Data (resumable)",
@@ -64,7 +64,7 @@ def cmd_embed(args) -> dict:
     from tqdm import tqdm
 
     from cluster.runtime import ray_session
-    from index.embed_bench import EmbedBenchConfig
+    from index.bench.embed_bench import EmbedBenchConfig
     check_positive(args, "partition_size", "concurrency", "batch_size", "images", "source_size", "repeats")
     d = EmbedBenchConfig()
     if args.bench:
@@ -79,7 +79,7 @@ def cmd_embed(args) -> dict:
     missing = [option for option in ("--collection", "--encoder", "--out") if getattr(args, option[2:]) is None]
     if missing:
         raise ValueError(f"vismem embed needs {', '.join(missing)} (or --bench)")
-    from index.embed_job import plan_embedding, run_embedding
+    from index.ingest.job import plan_embedding, run_embedding
     plan = plan_embedding(args.collection, args.encoder, args.out, args.partition_size or 512)
     with ray_session(args.address), tqdm(total=plan.pending_images, unit="img", desc=f"embed → {args.out}",
                                          file=sys.stderr, disable=not plan.pending) as bar:
@@ -90,11 +90,11 @@ def cmd_embed(args) -> dict:
 
 
 def embed_bench(args, defaults) -> dict:
-    """``vismem embed --bench``: one record per encoder (index.embed_bench)."""
+    """``vismem embed --bench``: one record per encoder (index.bench.embed_bench)."""
     from dataclasses import replace
 
     from cluster.runtime import ray_session
-    from index.embed_bench import run
+    from index.bench.embed_bench import run
     if args.out:
         raise ValueError("--bench embeds into a fresh folder under --workdir (default: a temporary one): drop --out")
     encoders = tuple(e.strip() for e in (args.encoder or ",".join(defaults.encoders)).split(",") if e.strip())

@@ -64,7 +64,7 @@ def add_index_parsers(sub) -> None:
         epilog="examples:\n"
                "  vismem index bench --vectors 100000 --dim 64 --json\n"
                "  vismem index bench --also IVF8192,PQ64          # the 1M figure in README\n")
-    from index.bench import IndexBenchConfig
+    from index.bench.index_bench import IndexBenchConfig
     d = IndexBenchConfig()
     bench.add_argument("--vectors", type=int, default=d.vectors, help="vectors in the memory")
     bench.add_argument("--dim", type=int, default=d.dim, help="vector dimension")
@@ -90,8 +90,8 @@ def cmd_build(args) -> dict:
     from tqdm import tqdm
 
     from cluster.runtime import ray_session
-    from index.build import PARALLEL_MIN, build_memory
-    from index.parallel_add import plan_files
+    from index.build.build import PARALLEL_MIN, build_memory
+    from index.build.parallel_add import plan_files
     check_positive(args, "shards", "nprobe")
     options = {}                                     # only what was asked for: build_memory's defaults otherwise
     if args.replace:
@@ -124,14 +124,13 @@ def cmd_build(args) -> dict:
 
 def cmd_tune(args) -> dict:
     from index.memory import VisualMemory
-    from index.tune import tune
+    from index.build.tune import tune
     check_positive(args, "held_out", "k")
     memory = VisualMemory.open(args.memory)
     queries = None
     if args.queries:
-        from index.build import embedding_encoder
-        from index.edits import check_embeddings_encoder
-        from index.embeddings import embedding_matrix, read_embeddings
+        from index.ingest.embeddings import (check_embeddings_encoder, embedding_encoder, embedding_matrix,
+                                             read_embeddings)
         queries = embedding_matrix(read_embeddings(args.queries))
         check_embeddings_encoder(memory.manifest, memory.url, embedding_encoder(args.queries), queries.shape[1],
                                  args.queries)
@@ -144,7 +143,7 @@ def cmd_tune(args) -> dict:
 
 
 def cmd_index_bench(args) -> dict:
-    from index.bench import IndexBenchConfig, run
+    from index.bench.index_bench import IndexBenchConfig, run
     check_positive(args, "vectors", "dim", "clusters", "shards", "held_out")
     cfg = IndexBenchConfig(vectors=args.vectors, dim=args.dim, clusters=args.clusters, spread=args.spread,
                            shards=args.shards, queries=args.held_out, factory=args.factory,

@@ -130,7 +130,7 @@ def add_memory_parsers(sub) -> None:
     vacuum.add_argument("--dry-run", action="store_true", help="delete nothing; print what would be deleted")
     add_common(vacuum, ray=False)
 
-    from index.memory_bench import MemoryBenchConfig
+    from index.bench.memory_bench import MemoryBenchConfig
     d = MemoryBenchConfig()
     bench = add_command(
         mem, "bench", "what editing costs: remove and add latency in process and through HTTP (synthetic vectors)",
@@ -157,7 +157,7 @@ def add_memory_parsers(sub) -> None:
 def cmd_info(args) -> dict:
     from dataclasses import asdict
 
-    from index.manifest import list_versions, read_manifest
+    from index.store.manifest import list_versions, read_manifest
     m = read_manifest(args.memory, args.version)
     print(f"memory {args.memory}, version {m.version} (versions {list_versions(args.memory)})\n"
           f"  {m.count} vectors of dim {m.dim}, {m.metric}, {m.factory}\n  encoder {m.encoder['name']}\n"
@@ -333,9 +333,8 @@ def read_labelled_queries(memory, url: str):
     encoder and all carry a label."""
     import numpy as np
 
-    from index.build import embedding_encoder
-    from index.edits import check_embeddings_encoder
-    from index.embeddings import embedding_matrix, read_embeddings
+    from index.ingest.embeddings import (check_embeddings_encoder, embedding_encoder, embedding_matrix,
+                                         read_embeddings)
     table = read_embeddings(url)
     vectors = embedding_matrix(table)
     check_embeddings_encoder(memory.manifest, memory.url, embedding_encoder(url), vectors.shape[1], url)
@@ -348,8 +347,8 @@ def read_labelled_queries(memory, url: str):
 
 
 def cmd_memory_versions(args) -> dict:
-    from index.history import log
-    from index.manifest import read_manifest
+    from index.store.history import log
+    from index.store.manifest import read_manifest
     current = read_manifest(args.memory).version          # no memory (or a newer format): one line, exit 2
     records = log(args.memory)
     for r in records:
@@ -365,8 +364,8 @@ def utc(iso: str) -> str:
 
 
 def cmd_memory_log(args) -> dict:
-    from index.history import log
-    from index.manifest import read_manifest
+    from index.store.history import log
+    from index.store.manifest import read_manifest
     current = read_manifest(args.memory).version
     records = log(args.memory)
     print(f"{'version':>8s}  {'time (UTC)':19s}  {'operation':10s} {'counts':24s} {'user':12s} reason")
@@ -378,8 +377,8 @@ def cmd_memory_log(args) -> dict:
 
 
 def cmd_memory_diff(args) -> dict:
-    from index.history import diff
-    from index.manifest import read_manifest
+    from index.store.history import diff
+    from index.store.manifest import read_manifest
     read_manifest(args.memory)                            # no memory (or a newer format): one line, exit 2
     with Steps("memory diff", ["ids"]) as step:
         step(f"read the ids of versions {args.from_version} and {args.to_version}")
@@ -439,7 +438,7 @@ def cmd_memory_vacuum(args) -> dict:
 
 
 def cmd_memory_bench(args) -> dict:
-    from index.memory_bench import MemoryBenchConfig, run
+    from index.bench.memory_bench import MemoryBenchConfig, run
     check_positive(args, "dim", "shards", "repeats", "add", "http_removes")
     cfg = MemoryBenchConfig(sizes=tuple(parse_ints(args.sizes, "--sizes")), dim=args.dim, shards=args.shards,
                             repeats=args.repeats, add=args.add, http=not args.no_http, http_removes=args.http_removes,

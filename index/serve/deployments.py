@@ -15,16 +15,16 @@ import numpy as np
 from fastapi import Header, HTTPException
 from ray import serve
 
-from index.history import log as memory_log
-from index.manifest import list_versions, read_manifest
-from index.placement import Placement
 from index.queries import QueryError, check_vectors
 from index.serve.api import (AddRequest, ClassifyRequest, ClassifyResponse, EditResponse, Info, Limits, LogResponse,
                              RemoveRequest, SearchRequest, SearchResponse, VersionsResponse, app)
 from index.serve.auth import require_token
 from index.serve.editing import EditConflict, ShardState, commit_edit, watch_storage
 from index.serve.images import decode_images
-from index.shards import merge_topk
+from index.shard.placement import Placement
+from index.shard.search import merge_topk
+from index.store.history import log as memory_log
+from index.store.manifest import list_versions, read_manifest
 from index.voting import vote
 
 log = logging.getLogger("vismem.index.serve")
@@ -74,7 +74,7 @@ class Router:
 
     def __init__(self, memory_url: str, version: int, *shards, shard_timeout_s: float = 10.0,
                  limits: Limits = Limits(), token_digest: str | None = None):
-        from encoder import Encoder
+        from encoder import Encoder                     # imports torch: only the Router's replica needs it
         self.manifest = read_manifest(memory_url, version)
         self.memory_url, self.shards, self.timeout, self.limits = memory_url, list(shards), shard_timeout_s, limits
         self.token_digest, self.edit_lock = token_digest, asyncio.Lock()
@@ -208,7 +208,7 @@ class Router:
 
     async def resolve_removal(self, q: RemoveRequest, version: int) -> dict[int, np.ndarray]:
         """The live ids ``q`` names at ``version``, by the shard that holds them (every shard is
-        asked: where a vector is stored is the shards' knowledge, ``index.placement``); a 404 naming
+        asked: where a vector is stored is the shards' knowledge, ``index.shard.placement``); a 404 naming
         whatever ``q`` names that is not there."""
         ids = np.unique(np.asarray(q.ids or [], dtype=np.int64))
         answers = await asyncio.gather(*(h.resolve.remote(version, ids.tolist(), q.uris or [], q.labels or [])

@@ -3,12 +3,13 @@
 An edit through the Router (``/v1/memory/add``, ``/v1/memory/remove``) runs under the Router's
 edit lock, as one writer of the memory:
 
-1. each shard that owns some of the edit's vectors (``index.placement``: a new vector's shard is
-   the owner of its IVF list, or ``id % shards``; a stored one's is the shard that holds it, which
+1. each shard that owns some of the edit's vectors (``index.shard.placement``: a new vector's shard
+   is the owner of its IVF list, or ``id % shards``; a stored one's is the shard that holds it, which
    the Router asks the shards) stages its new state in one of its replicas
    (``ShardState.stage_add`` / ``stage_remove``) and writes only the new files (a segment, a
    deletion set) into the edit's folder, returning its manifest entry;
-2. the Router commits the next version with those entries (``index.commit``: the exclusive create
+2. the Router commits the next version with those entries (``index.store.commit.transaction``, the
+   commit entry point the build and every in-process edit use too: the exclusive create
    of ``v<N+1>/manifest.json``; a writer elsewhere that got there first is a conflict, after which
    the Router adopts the newer version and tries once more);
 3. the Router answers from the new version from then on and tells each shard to follow it.
@@ -28,11 +29,11 @@ import logging
 import faiss
 import numpy as np
 
-from index import commit
-from index.edits import load_trained, next_manifest
-from index.manifest import Manifest, read_manifest
-from index.placement import Placement, encode
-from index.shards import Shard, metadata_table
+from index.shard.faiss_io import load_trained
+from index.shard.placement import Placement, encode
+from index.shard.state import Shard, metadata_table
+from index.store import commit
+from index.store.manifest import Manifest, next_manifest, read_manifest
 
 log = logging.getLogger("vismem.index.serve")
 WATCH_S = 2.0                # how often a served memory checks its storage for versions written elsewhere
@@ -94,7 +95,7 @@ class ShardState:
 
     async def stage_add(self, version: int, folder: str, vectors: np.ndarray, ids: np.ndarray, uris: list,
                         labels: list):
-        """Stage this shard plus a segment holding those of ``vectors`` it owns (``index.placement``;
+        """Stage this shard plus a segment holding those of ``vectors`` it owns (``index.shard.placement``;
         encoded with the memory's trained index, no training) for ``version`` and write the segment;
         None, writing nothing, when it owns none of them."""
         await self.follow(version - 1)
@@ -126,28 +127,26 @@ class EditConflict(Exception):
 
 async def commit_edit(router, stage, operation: str, reason: str | None) -> Manifest:
     """Stage on the shards (``await stage(manifest, version, folder)`` → ({shard number: entry},
-    manifest changes such as ``counts`` and ``next_id``)), commit the next version, switch the
-    Router to it and tell every shard. On a conflict (another writer committed that version) the
-    Router adopts the memory's current version and stages again, once."""
+    manifest changes such as ``counts`` and ``next_id``)), commit the next version (one
+    ``commit.transaction``: the pointer moves as it ends), switch the Router to it and tell every
+    shard. On a conflict (another writer committed that version) the Router adopts the memory's
+    current version and stages again, once."""
     async with router.edit_lock:
         for attempt in range(2):
             m = router.manifest
             version = m.version + 1
-            fs, root = commit.filesystem(router.memory_url)
             try:
-                with commit.staged(fs, root, version) as folder:
-                    entries, changes = await stage(m, version, folder)
-                    new = next_manifest(m, [entries.get(n, entry) for n, entry in enumerate(m.shards)],
-                                        operation=operation, reason=reason, **changes)
-                    commit.commit(fs, root, version, new.to_json())
+                with commit.transaction(router.memory_url, version) as txn:
+                    entries, changes = await stage(m, version, txn.folder)
+                    txn.manifest = next_manifest(m, [entries.get(n, entry) for n, entry in enumerate(m.shards)],
+                                                 operation=operation, reason=reason, **changes)
             except commit.MemoryConflict:
                 if attempt:
                     raise EditConflict(f"memory {router.memory_url} was edited elsewhere twice while this edit ran; "
                                        "retry it") from None
                 await follow_storage(router)
                 continue
-            router.manifest = new
-            commit.move_pointer(fs, root, version)
+            new = router.manifest = txn.manifest
             # not awaited: every later query carries the version and its replicas follow first anyway;
             # telling them now only spares the first such query the manifest read
             router.following = asyncio.create_task(tell_shards(router, version))

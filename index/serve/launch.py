@@ -13,10 +13,10 @@ import re
 from ray import serve
 from ray.serve.schema import DeploymentStatus
 
-from index.manifest import read_manifest
 from index.serve.api import Limits
 from index.serve.deployments import Router, ShardSearcher
-from index.shards import check_mappable
+from index.shard.faiss_io import check_mappable
+from index.store.manifest import read_manifest
 
 
 def build_app(memory_url: str, version: int | None = None, nprobe: int | None = None, shard_timeout_s: float = 10.0,

@@ -13,7 +13,7 @@ from PIL import Image
 
 from cluster.cli import main
 from eval.knn import knn_sweep
-from index.collections import list_partitions, read_partition
+from index.ingest.collections import list_partitions, read_partition
 from index.voting import vote
 
 

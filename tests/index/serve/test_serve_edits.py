@@ -1,0 +1,366 @@
+"""A served memory follows its edits live: adds and removes through HTTP (with the bearer token)
+are exact, answered by every query that starts after the acknowledgement, under concurrent query
+load, and the server follows an edit made by another writer."""
+
+import hashlib
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+from fastapi import HTTPException
+
+from index.build.build import build_memory
+from index.memory import VisualMemory
+from index.queries import check_vectors
+from index.shard.faiss_io import load_trained
+from index.shard.placement import Placement
+from index.store.manifest import read_manifest
+from index.synthetic import ClusteredVectors
+from tests.index.edit.test_memory_edits import write_collection
+
+TOKEN = "s3cret-token"
+ENCODER = ("raw-pixels:4", hashlib.sha256(b"raw-pixels:4").hexdigest())     # 48-d, loadable by the Router
+
+
+def call(url, body=None, token=None):
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
+    request = urllib.request.Request(url, None if body is None else json.dumps(body).encode(), headers)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.fixture(scope="module")
+def served(ray_local, tmp_path_factory):
+    from tests.conftest import free_port
+    from ray import serve
+
+    from index.serve import start
+    root = tmp_path_factory.mktemp("serve-edits")
+    source = ClusteredVectors(dim=48, clusters=32, spread=0.8, seed=3)
+    vectors = source.rows(0, 900)
+    labels = [f"c{i % 4}" for i in range(len(vectors))]
+    build_memory(write_collection(str(root / "emb"), vectors, labels, encoder=ENCODER), str(root / "mem"), shards=3)
+    port = free_port()
+    serve.shutdown()                       # Serve keeps the port it first started on: start it afresh on ours
+    start(str(root / "mem"), host="127.0.0.1", port=port, name="vismem-edits",
+          token_digest=hashlib.sha256(TOKEN.encode()).hexdigest())
+    yield f"http://127.0.0.1:{port}", str(root / "mem"), vectors
+    serve.shutdown()                       # the next module starts Serve on its own port
+
+
+def nearest(base, vectors, k=5):
+    status, answer = call(f"{base}/v1/search", {"vectors": np.asarray(vectors).tolist(), "k": k})
+    assert status == 200, answer
+    return answer["version"], [[n["id"] for n in r["neighbours"]] for r in answer["results"]], answer
+
+
+def test_edits_need_the_token(served):
+    base, mem, vectors = served
+    body = {"ids": [1]}
+    assert call(f"{base}/v1/memory/remove", body)[0] == 401
+    status, answer = call(f"{base}/v1/memory/remove", body, token="wrong")
+    assert status == 401 and "wrong editing token" in answer["detail"]
+    with pytest.raises(HTTPException) as off:                         # a server started without a token
+        from index.serve.auth import require_token
+        require_token(f"Bearer {TOKEN}", None)
+    assert off.value.status_code == 403
+    assert call(f"{base}/v1/memory/versions")[1]["current"] == VisualMemory.open(mem).version   # nothing written
+
+
+def test_remove_is_exact_and_answered_from_the_next_query(served):
+    base, mem, vectors = served
+    version, ids, _ = nearest(base, vectors[10:12])
+    assert ids[0][0] == 10 and ids[1][0] == 11
+    status, answer = call(f"{base}/v1/memory/remove", {"ids": [10, 11], "reason": "test"}, token=TOKEN)
+    assert status == 200 and answer["count"] == 2 and answer["version"] == version + 1, answer
+    after, ids, found = nearest(base, vectors[10:12])
+    assert after == version + 1 and 10 not in ids[0] + ids[1] and 11 not in ids[0] + ids[1]
+    expected = VisualMemory.open(mem).search(vectors[10:12], 5)         # the committed version, from storage
+    assert ids == expected.ids.tolist()
+    np.testing.assert_allclose([[n["similarity"] for n in r["neighbours"]] for r in found["results"]],
+                               expected.similarities, atol=1e-6)
+    log = call(f"{base}/v1/memory/log")[1]["log"]
+    assert log[-1]["operation"] == "remove" and log[-1]["counts"] == {"removed": 2} and log[-1]["reason"] == "test"
+
+
+def test_add_is_searchable_by_the_next_query(served):
+    base, mem, vectors = served
+    new = np.random.default_rng(9).standard_normal((3, 48)).astype(np.float32)
+    status, answer = call(f"{base}/v1/memory/add", {"vectors": new.tolist(), "labels": ["new-class"] * 3,
+                                                    "uris": ["a", "b", "c"]}, token=TOKEN)
+    assert status == 200 and answer["count"] == 3, answer
+    status, found = call(f"{base}/v1/classify", {"vectors": new.tolist(), "k": 1})
+    assert found["version"] == answer["version"]
+    assert [r["neighbours"][0]["id"] for r in found["results"]] == answer["ids"]
+    assert [r["decision"] for r in found["results"]] == ["new-class"] * 3
+    status, again = call(f"{base}/v1/memory/remove", {"labels": ["new-class"]}, token=TOKEN)   # a whole class
+    assert status == 200 and sorted(again["ids"]) == sorted(answer["ids"])
+    assert all(r["neighbours"][0]["label"] != "new-class"
+               for r in call(f"{base}/v1/classify", {"vectors": new.tolist(), "k": 1})[1]["results"])
+
+
+def test_an_add_may_carry_more_vectors_than_a_query(served):
+    """An add takes up to Limits.max_added vectors (10,000), a query at most max_queries (256)."""
+    base, mem, vectors = served
+    many = np.random.default_rng(11).standard_normal((300, 48)).astype(np.float32)
+    status, answer = call(f"{base}/v1/memory/add", {"vectors": many.tolist(), "labels": ["bulk"] * 300}, token=TOKEN)
+    assert status == 200 and answer["count"] == 300, answer
+    assert call(f"{base}/v1/search", {"vectors": many.tolist(), "k": 1})[0] == 422
+    status, answer = call(f"{base}/v1/memory/remove", {"labels": ["bulk"]}, token=TOKEN)
+    assert status == 200 and answer["count"] == 300
+
+
+def test_bad_edits_name_the_problem_and_write_nothing(served):
+    base, mem, vectors = served
+    before = call(f"{base}/v1/memory/versions")[1]
+    status, answer = call(f"{base}/v1/memory/remove", {"ids": [5, 10 ** 9]}, token=TOKEN)
+    assert status == 404 and "1000000000" in answer["detail"]
+    status, answer = call(f"{base}/v1/memory/remove", {"labels": ["no-such-class"]}, token=TOKEN)
+    assert status == 404 and "no-such-class" in answer["detail"]
+    status, answer = call(f"{base}/v1/memory/add", {"vectors": [[0.1] * 7], "labels": ["x"]}, token=TOKEN)
+    assert status == 422 and "dimension" in json.dumps(answer)
+    status, answer = call(f"{base}/v1/memory/add", {"vectors": [[0.1] * 48], "labels": []}, token=TOKEN)
+    assert status == 422
+    assert call(f"{base}/v1/memory/versions")[1] == before
+
+
+def test_no_removed_id_after_the_acknowledgement_under_query_load(served):
+    """Queries run without pause in threads while ids are removed one at a time; a query that
+    started after a remove was acknowledged never returns that id."""
+    base, mem, vectors = served
+    targets = list(range(100, 112))
+    acked: dict[int, float] = {}
+    seen: list[tuple[float, list[int]]] = []
+    stop = threading.Event()
+
+    def load():
+        while not stop.is_set():
+            started = time.monotonic()
+            _, ids, _ = nearest(base, vectors[targets], k=3)
+            seen.append((started, [i for row in ids for i in row]))
+
+    threads = [threading.Thread(target=load) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        for target in targets:
+            time.sleep(0.05)
+            status, answer = call(f"{base}/v1/memory/remove", {"ids": [target]}, token=TOKEN)
+            assert status == 200, answer
+            acked[target] = time.monotonic()
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    late = [(started, ids) for started, ids in seen if started > min(acked.values())]
+    assert len(late) > 20, "too few queries overlapped the removes"
+    for started, ids in late:
+        stale = [t for t, when in acked.items() if when < started and t in ids]
+        assert not stale, f"a query started after removing {stale} returned them"
+
+
+def test_follows_an_edit_made_elsewhere(served):
+    base, mem, vectors = served
+    nearest(base, vectors[:1])                            # the server is up and watching its storage
+    version, _ = VisualMemory.open(mem).remove(ids=[202], reason="from the CLI")
+    deadline = time.monotonic() + 15
+    while (answer := nearest(base, vectors[202:203]))[0] < version:
+        assert time.monotonic() < deadline, "the server did not adopt a version committed elsewhere"
+        time.sleep(0.5)
+    assert 202 not in answer[1][0]
+
+    version, _ = VisualMemory.open(mem).remove(ids=[200], reason="from the CLI")
+    status, answer = call(f"{base}/v1/memory/remove", {"ids": [201]}, token=TOKEN)
+    assert status == 200 and answer["version"] == version + 1          # the server adopted it, then edited
+    _, ids, _ = nearest(base, vectors[200:202])
+    assert 200 not in ids[0] and 201 not in ids[1]
+
+
+def test_edits_of_a_memory_on_s3(served, s3_bucket):
+    """The same live edits when the memory lives on S3 (moto): the commit is S3's conditional put."""
+    from ray import serve
+
+    from index.serve import build_app
+    base = served[0]
+    url = f"{s3_bucket}/mem"
+    vectors = ClusteredVectors(dim=48, clusters=8, spread=0.8, seed=4).rows(0, 120)
+    build_memory(write_collection(f"{s3_bucket}/emb", vectors, [f"c{i % 3}" for i in range(120)], encoder=ENCODER),
+                 url, shards=2)
+    serve.run(build_app(url, token_digest=hashlib.sha256(TOKEN.encode()).hexdigest()), name="s3", route_prefix="/s3")
+    try:
+        status, removed = call(f"{base}/s3/v1/memory/remove", {"ids": [7]}, token=TOKEN)
+        assert status == 200, removed
+        status, added = call(f"{base}/s3/v1/memory/add", {"vectors": [vectors[7].tolist()], "labels": ["again"]},
+                             token=TOKEN)
+        assert status == 200 and added["version"] == removed["version"] + 1, added
+        status, found = call(f"{base}/s3/v1/search", {"vectors": [vectors[7].tolist()], "k": 2})
+        assert found["version"] == added["version"]
+        assert [n["id"] for n in found["results"][0]["neighbours"]][0] == added["ids"][0]
+        assert 7 not in [n["id"] for n in found["results"][0]["neighbours"]]
+        assert VisualMemory.open(url).version == added["version"]
+        assert [r["operation"] for r in call(f"{base}/s3/v1/memory/log")[1]["log"]] == ["build", "remove", "add"]
+    finally:
+        serve.delete("s3")
+
+
+# ---- an IVF memory, placed by inverted lists (index.shard.placement) ------------------------------------
+# Defined after the S3 test: the module's Ray has 2 CPUs, the Flat app holds 1 and this one 1 more,
+# so the S3 app (deployed and deleted inside its test) must have come and gone before this one starts.
+
+@pytest.fixture(scope="module")
+def served_ivf(served, tmp_path_factory):
+    """A 3-shard ``IVF16,Flat`` memory of 3,000 clustered vectors, each shard owning a range of the
+    16 lists, served beside the Flat memory at ``/ivf``: (base URL, memory URL, vectors, source)."""
+    from ray import serve
+
+    from index.serve import build_app
+    root = tmp_path_factory.mktemp("serve-ivf")
+    source = ClusteredVectors(dim=48, clusters=24, spread=0.8, seed=7)
+    vectors = source.rows(0, 3000)
+    url = str(root / "mem")
+    build_memory(write_collection(str(root / "emb"), vectors, [f"c{i % 4}" for i in range(len(vectors))],
+                                  encoder=ENCODER), url, shards=3, factory="IVF16,Flat")
+    serve.run(build_app(url, token_digest=hashlib.sha256(TOKEN.encode()).hexdigest()), name="ivf",
+              route_prefix="/ivf")
+    yield f"{served[0]}/ivf", url, vectors, source
+    serve.delete("ivf")
+
+
+def owning_shards(url, vectors):
+    """(the shard that owns each vector's inverted list, the list) at the memory's current version."""
+    m = read_manifest(url)
+    placement = Placement.of(m)
+    lists = placement.assign(load_trained(url, m), check_vectors(vectors, m.dim))
+    return placement.shard_of(np.zeros(len(lists), np.int64), lists), lists
+
+
+def spread_over_shards(source, per_shard, url, skip=0):
+    """``per_shard`` held-out unit vectors of each shard's lists (different clusters, so different shards)."""
+    candidates = check_vectors(source.queries(400 + skip)[skip:], 48)
+    owner, _ = owning_shards(url, candidates)
+    picked = [candidates[owner == s][:per_shard] for s in range(3)]
+    assert all(len(p) == per_shard for p in picked), "some shard owns too few of the clusters"
+    return np.concatenate(picked)
+
+
+def top1(base, vectors, nprobe=None, k=1):
+    status, answer = call(f"{base}/v1/search", {"vectors": np.asarray(vectors).tolist(), "k": k, "nprobe": nprobe})
+    assert status == 200 and not answer["partial"], answer
+    return answer
+
+
+def test_ivf_memory_is_placed_by_lists(served_ivf):
+    """The build put every vector in the shard owning its list, and every shard holds some."""
+    base, url, vectors, _ = served_ivf
+    m = read_manifest(url)
+    assert m.placement["by"] == "lists" and len(m.placement["bounds"]) == 4 and m.placement["bounds"][-1] == 16
+    owner, _ = owning_shards(url, vectors)
+    memory = VisualMemory.open(url)
+    for s, shard in enumerate(memory.shards):
+        mine = np.flatnonzero(owner == s)
+        assert len(mine) > 100 and len(shard) == len(mine) and shard.held(mine).all()
+    assert call(f"{base}/v1/info")[1]["shards"] == [e.count for e in m.shards]
+
+
+def test_ivf_add_lands_in_the_shard_of_each_vectors_list(served_ivf):
+    base, url, vectors, source = served_ivf
+    before = read_manifest(url)
+    new = spread_over_shards(source, 2, url)
+    owner, lists = owning_shards(url, new)
+    status, answer = call(f"{base}/v1/memory/add", {"vectors": new.tolist(), "labels": ["fresh"] * 6,
+                                                    "uris": [f"new://{i}" for i in range(6)]}, token=TOKEN)
+    assert status == 200 and answer["version"] == before.version + 1 and answer["count"] == 6, answer
+    ids = np.asarray(answer["ids"])
+    assert ids.tolist() == list(range(before.next_id, before.next_id + 6))
+    for nprobe in (16, None):                    # all lists, and the memory's default (the own list is probed first)
+        found = top1(base, new, nprobe)
+        assert found["version"] == answer["version"]
+        assert [r["neighbours"][0]["id"] for r in found["results"]] == ids.tolist()
+        assert [r["neighbours"][0]["shard"] for r in found["results"]] == owner.tolist()
+        assert [r["neighbours"][0]["uri"] for r in found["results"]] == [f"new://{i}" for i in range(6)]
+        assert all(r["neighbours"][0]["similarity"] > 0.999 for r in found["results"])
+
+    after = read_manifest(url)
+    assert after.version == answer["version"] and after.placement == before.placement
+    assert sum(e.count for e in after.shards) == sum(e.count for e in before.shards) + 6
+    memory = VisualMemory.open(url)
+    assert len(memory) == sum(e.count for e in before.shards) + 6 and memory.live(ids).all()
+    held = np.array([shard.held(ids) for shard in memory.shards])               # [shard, added]
+    assert (held.sum(axis=0) == 1).all(), held
+    bounds = np.asarray(Placement.of(after).bounds)
+    holder = held.argmax(axis=0)
+    assert ((bounds[holder] <= lists) & (lists < bounds[holder + 1])).all()
+    assert sorted(set(holder.tolist())) == [0, 1, 2]
+
+    # one vector: only its shard stages a segment; the others return None and keep their entries
+    one = spread_over_shards(source, 1, url, skip=400)[2:3]
+    status, answer = call(f"{base}/v1/memory/add", {"vectors": one.tolist(), "labels": ["fresh"]}, token=TOKEN)
+    assert status == 200, answer
+    latest = read_manifest(url)
+    assert [len(e.segments) - len(a.segments) for e, a in zip(latest.shards, after.shards)] == [0, 0, 1]
+    assert latest.shards[0] == after.shards[0] and latest.shards[1] == after.shards[1]
+    assert VisualMemory.open(url).shards[2].held(np.asarray(answer["ids"])).all()
+    assert top1(base, one)["results"][0]["neighbours"][0]["id"] == answer["ids"][0]
+
+
+def test_ivf_remove_by_ids_and_by_label(served_ivf):
+    base, url, vectors, source = served_ivf
+    memory = VisualMemory.open(url)
+    count, kept = len(memory), 120                          # kept: an original vector no test removes
+    targets = [int(np.flatnonzero(shard.held(np.arange(50)))[0]) for shard in memory.shards]  # one per shard
+    assert [r["neighbours"][0]["id"] for r in top1(base, vectors[targets], 16)["results"]] == targets
+    doomed = spread_over_shards(source, 2, url, skip=800)
+    status, added = call(f"{base}/v1/memory/add", {"vectors": doomed.tolist(), "labels": ["doomed"] * 6}, token=TOKEN)
+    assert status == 200, added
+
+    status, answer = call(f"{base}/v1/memory/remove", {"ids": targets, "reason": "by id"}, token=TOKEN)
+    assert status == 200 and answer["ids"] == sorted(targets) and answer["version"] == added["version"] + 1, answer
+    status, again = call(f"{base}/v1/memory/remove", {"labels": ["doomed"]}, token=TOKEN)
+    assert status == 200 and again["ids"] == added["ids"] and again["version"] == answer["version"] + 1, again
+    gone = set(targets) | set(added["ids"])
+    for nprobe in (16, None):
+        found = top1(base, np.concatenate([vectors[targets], doomed]), nprobe, k=10)
+        assert found["version"] == again["version"]
+        assert not gone & {n["id"] for r in found["results"] for n in r["neighbours"]}
+        assert all(n["label"] != "doomed" for r in found["results"] for n in r["neighbours"])
+
+    reopened = VisualMemory.open(url)
+    assert reopened.version == again["version"] and len(reopened) == count - 3              # 6 added, those 6 and 3 more removed
+    assert not reopened.live(sorted(gone)).any() and reopened.live([kept]).all()
+    assert sum(e.count for e in read_manifest(url).shards) == count - 3
+
+    for body, named in (({"ids": [kept, 10 ** 9]}, "1000000000"),     # unknown
+                        ({"ids": [targets[1]]}, str(targets[1])),                # removed, still held by its shard
+                        ({"labels": ["doomed"]}, "doomed")):
+        status, answer = call(f"{base}/v1/memory/remove", body, token=TOKEN)
+        assert status == 404 and named in answer["detail"] and "nothing was removed" in answer["detail"], answer
+    assert call(f"{base}/v1/memory/versions")[1]["current"] == again["version"]
+    assert read_manifest(url).version == again["version"] and VisualMemory.open(url).live([kept]).all()
+
+
+def test_ivf_served_answers_equal_the_memory_in_process(served_ivf):
+    base, url, vectors, source = served_ivf
+    status, added = call(f"{base}/v1/memory/add", {"vectors": spread_over_shards(source, 1, url, skip=1200).tolist(),
+                                                   "labels": ["late"] * 3}, token=TOKEN)
+    assert status == 200, added
+    status, removed = call(f"{base}/v1/memory/remove", {"ids": [added["ids"][0], 60, 61, 62]}, token=TOKEN)
+    assert status == 200, removed
+    queries = np.concatenate([source.queries(1600)[1500:], vectors[55:70]])
+    memory = VisualMemory.open(url)
+    assert memory.version == removed["version"]
+    for nprobe in (None, 2, 16):
+        found = top1(base, queries, nprobe, k=10)
+        expected = memory.search(queries, 10, nprobe)
+        assert found["version"] == memory.version
+        assert [[n["id"] for n in r["neighbours"]] for r in found["results"]] == expected.ids.tolist()
+        assert [[n["shard"] for n in r["neighbours"]] for r in found["results"]] == expected.shards.tolist()
+        np.testing.assert_allclose([[n["similarity"] for n in r["neighbours"]] for r in found["results"]],
+                                   expected.similarities, atol=1e-6)
