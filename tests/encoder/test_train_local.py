@@ -21,7 +21,7 @@ TINY = TrainConfig(preset="test-tiny", arch=ArchConfig(img_size=16, patch_size=8
                    generators=("shader",), batch_size=8, local_crops=2, local_size=8, out_dim=64, head_hidden=64,
                    head_bottleneck=32, max_minutes=None, workers=1, checkpoint_every=3, log_every=1000,
                    precision="fp32")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository
 # Run a snippet in a fresh interpreter where `import ray` and `import faiss` fail, as on the GPU machine.
 WITHOUT_RAY_AND_FAISS = "import sys; sys.modules['ray'] = None; sys.modules['faiss'] = None\n"
 
