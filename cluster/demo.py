@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import fsspec
 import numpy as np
 
+from encoder.config import TrainConfig
+
 log = logging.getLogger("vismem.demo")
 RULES = ("plurality", "distance", "softmax", "rank")
 
@@ -34,7 +36,7 @@ class DemoConfig:
     batch_size: int | None = None           # images per worker and step (None: the preset's)
     preset: str = "tiny-cpu"
     workers: int = 2
-    generators: tuple[str, ...] = ("kml_mixup", "shader", "dead_leaves")
+    generators: tuple[str, ...] = TrainConfig.generators     # the default recipe's mix
     seed: int = 0
     shards: int = 2
     k: int = 10

@@ -4,8 +4,8 @@ stem in their place), or a CIFAR-style ResNet.
 Every backbone's ``forward`` gives the pooled feature DINO trains on (the normalised CLS token of
 a ViT, the global average of a ResNet's last map); ``feature_map`` gives the spatial features
 (patch tokens, or the last map) ``[n, h, w, d]``; ``embedding`` is what the memory stores: the
-pooled feature, and with ``readout="token+grid2"`` also the mean feature of each 2×2 cell of the
-map, so that kNN sees where things are and not only what is there.
+pooled feature, the mean feature of each cell of an N×N grid of the map (``readout="grid4"``), or
+both (``"token+grid2"``), so that kNN sees where things are and not only what is there.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import ConvNormAct, HybridEmbed, PatchEmbed
 
-from encoder.config import READOUTS, ArchConfig
+from encoder.config import ArchConfig, readout_parts
 
 
 def build_backbone(arch: ArchConfig) -> nn.Module:
@@ -84,18 +84,24 @@ def feature_map(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def embedding(model: nn.Module, x: torch.Tensor, readout: str) -> torch.Tensor:
-    """What the memory stores for input ``x``: the pooled feature (``readout="token"``), or with
-    ``"token+grid2"`` the L2-normalised pooled feature followed by the four L2-normalised 2×2-cell
-    means of the map, scaled so that the pooled part and the grid weigh the same in a cosine."""
-    if readout == "token":
+    """What the memory stores for input ``x`` (``encoder.config.readout_parts``): ``"token"`` is the
+    pooled feature as the network gives it; otherwise each part, the L2-normalised pooled feature
+    or the N×N cell means of the map each L2-normalised, is scaled to unit length (a grid by 1/N)
+    and the parts are concatenated, so that every part weighs the same in a cosine."""
+    parts = readout_parts(readout)
+    if parts == [0]:
         return model(x)
-    if readout != "token+grid2":
-        raise ValueError(f"unknown readout {readout!r}; choose one of: {', '.join(READOUTS)}")
     pooled, grid = pooled_and_map(model, x)
-    cells = F.normalize(F.adaptive_avg_pool2d(grid.float(), 2).flatten(2), dim=1)      # [n, d, 4]
-    return torch.cat([F.normalize(pooled.float(), dim=-1), cells.transpose(1, 2).flatten(1) / 2], dim=1)
+    out = []
+    for n in parts:
+        if n == 0:
+            out.append(F.normalize(pooled.float(), dim=-1))
+        else:
+            cells = F.normalize(F.adaptive_avg_pool2d(grid.float(), n).flatten(2), dim=1)     # [b, d, n·n]
+            out.append(cells.transpose(1, 2).flatten(1) / n)
+    return torch.cat(out, dim=1)
 
 
 def embedding_dim(arch: ArchConfig) -> int:
     """The length of ``embedding``'s vectors for ``arch``."""
-    return arch.embed_dim * (5 if arch.readout == "token+grid2" else 1)
+    return arch.embed_dim * sum(n * n if n else 1 for n in readout_parts(arch.readout))

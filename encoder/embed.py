@@ -204,6 +204,8 @@ class Encoder:
         trained with ``token`` read out with ``token+grid2``; the name and hash say which."""
         if self.model is None or not hasattr(self.model, "forward_features"):
             raise ValueError(f"{self.name} has one readout only")
+        if readout == self.arch.readout:
+            return self
         arch = dataclasses.replace(self.arch, readout=readout)
         arch.check(self.name)
         return Encoder(f"{self.name}#{readout}", arch, self.model,

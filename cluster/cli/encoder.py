@@ -67,8 +67,8 @@ def add_encoder_parsers(sub) -> None:
     knn.add_argument("--temperature", type=float, default=0.07, help="softmax voting temperature")
     knn.add_argument("--batch-size", type=int, default=512, help="images per embedding batch")
     knn.add_argument("--readout", default=None, choices=READOUTS,
-                     help="what is compared (default: the encoder's own): the pooled feature, or with "
-                          "token+grid2 also the mean feature of each 2x2 cell of the map")
+                     help="what is compared (default: the encoder's own): token is the pooled feature, gridN "
+                          "the mean feature of each cell of an NxN grid of the map, token+gridN both")
     add_common(knn, ray=False)
 
     compare = add_command(
@@ -83,11 +83,11 @@ def add_encoder_parsers(sub) -> None:
                     "--curve-points of them are scored on the first eval set for a plot of top-1 against "
                     "steps. Writes OUT/compare.json and OUT/compare.png.",
         epilog="examples:\n"
-               "  vismem encoder compare --preset resnet-cpu --max-minutes 30 --out runs/cmp "
+               "  vismem encoder compare --local --device cpu --max-minutes 30 --out runs/cmp "
                "--eval cifar10=../shared/data/cifar10/train.parquet,../shared/data/cifar10/test.parquet\n"
                "  vismem encoder compare --local --device cuda --preset resnet18-cifar --max-minutes 10 "
                "--out runs/gpu --eval train/,test/ --control train/ --json\n")
-    compare.add_argument("--preset", default="resnet-cpu", choices=sorted(PRESETS), help="encoder and DINO recipe")
+    compare.add_argument("--preset", default="tiny-cpu", choices=sorted(PRESETS), help="encoder and DINO recipe")
     compare.add_argument("--eval", action="append", default=[], required=True, metavar="[NAME=]MEMORY,QUERIES",
                          help="a labelled memory and query collection to score on (repeatable)")
     compare.add_argument("--control", default=None, metavar="URL",

@@ -58,7 +58,7 @@ def test_raw_pixels_and_random_init_share_the_interface():
     b = Encoder.load("random-init:tiny-cpu:1", device="cpu")
     x = torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8)
     np.testing.assert_array_equal(a.embed(x), b.embed(x))
-    assert a.dim == preset("tiny-cpu").arch.embed_dim
+    assert a.dim == 16 * preset("tiny-cpu").arch.embed_dim           # its 4×4 grid readout
 
 
 def test_colour_histogram_sees_colour_and_no_layout():

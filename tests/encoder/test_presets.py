@@ -50,19 +50,31 @@ def test_every_preset_trains_resumes_and_embeds_through_one_path(name, tmp_path)
 
 
 @pytest.mark.parametrize("name", ["tiny-cpu", "resnet-cpu"])
-def test_grid_readout_weighs_the_pooled_feature_and_the_2x2_cells_equally(name):
-    """cos(embedding) = ½ cos(pooled feature) + ½ mean over the four cells of cos(cell mean of the map)."""
-    arch = dataclasses.replace(preset(name).arch, readout="token+grid2")
+@pytest.mark.parametrize("readout, parts", [("token+grid2", (0, 2)), ("grid4", (4,)), ("token+grid4", (0, 4))])
+def test_a_readout_weighs_each_of_its_parts_equally(name, readout, parts):
+    """cos(embedding) = the mean over its parts of the part's cosine: the pooled feature's, or for an
+    N×N grid the mean over its cells of cos(cell mean of the map)."""
+    arch = dataclasses.replace(preset(name).arch, readout=readout)
     torch.manual_seed(0)
     model = build_backbone(arch).eval()
     x, y = torch.randn(2, 3, 32, 32).chunk(2)
     with torch.no_grad():
         ex, ey = (F.normalize(embedding(model, v, arch.readout), dim=-1) for v in (x, y))
-        pooled = F.cosine_similarity(model(x), model(y)).item()
-        cells = [F.adaptive_avg_pool2d(feature_map(model, v).permute(0, 3, 1, 2), 2).flatten(2) for v in (x, y)]
-        cell_cos = F.cosine_similarity(cells[0], cells[1], dim=1).mean().item()
-    assert ex.shape[1] == embedding_dim(arch) == 5 * arch.embed_dim
-    assert (ex * ey).sum().item() == pytest.approx(0.5 * pooled + 0.5 * cell_cos, abs=1e-5)
+        part_cos = []
+        for n in parts:
+            if n == 0:
+                part_cos.append(F.cosine_similarity(model(x), model(y)).item())
+            else:
+                cells = [F.adaptive_avg_pool2d(feature_map(model, v).permute(0, 3, 1, 2), n).flatten(2) for v in (x, y)]
+                part_cos.append(F.cosine_similarity(cells[0], cells[1], dim=1).mean().item())
+    assert ex.shape[1] == embedding_dim(arch) == sum(n * n or 1 for n in parts) * arch.embed_dim
+    assert (ex * ey).sum().item() == pytest.approx(np.mean(part_cos), abs=1e-5)
+
+
+def test_tiny_cpu_stores_its_patch_grid_and_old_checkpoints_keep_their_token():
+    assert preset("tiny-cpu").arch.readout == "grid4" and preset("tiny-cpu").natural_images
+    assert ArchConfig.from_dict({k: v for k, v in dataclasses.asdict(preset("tiny-cpu").arch).items()
+                                 if k != "readout"}).readout == "token"
 
 
 def test_random_init_resnet_embeds_with_its_readout():
@@ -76,6 +88,7 @@ def test_random_init_resnet_embeds_with_its_readout():
     ({"arch": "resnet", "widths": [16, 32, 64, 128], "blocks": [1, 1, 1, 1], "embed_dim": 64}, "last width 128"),
     ({"arch": "convnext"}, "unknown architecture 'convnext'"),
     ({"readout": "grid"}, "unknown readout 'grid'"),
+    ({"readout": "token+grid0"}, "unknown readout 'token\\+grid0'"),
     ({"stem": "deep"}, "unknown stem 'deep'"),
     ({"stem": "conv", "patch_size": 6, "img_size": 36}, "power-of-two patch_size, got 6"),
 ])
@@ -102,4 +115,5 @@ def test_a_vit_with_a_conv_stem_trains_and_keeps_the_patch_grid(tmp_path):
     encoder = Encoder.load(url, device="cpu")
     assert encoder.arch.stem == "conv" and any("patch_embed.backbone" in k for k in encoder.model.state_dict())
     images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
-    assert encoder.embed(images).shape == (2, 192) and encoder.embed_patches(images).shape == (2, 4, 4, 192)
+    assert encoder.embed(images).shape == (2, 16 * 192)                  # tiny-cpu's grid4 readout
+    assert encoder.embed_patches(images).shape == (2, 4, 4, 192)
