@@ -111,11 +111,12 @@ def router():
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             bodies.append((self.path, body))
-            result = {"neighbours": [{"similarity": 0.9, "label": "cat", "uri": "mem://a.png"}]}
+            result = {"neighbours": [{"id": 7, "similarity": 0.9, "label": "cat", "uri": "mem://a.png", "shard": 0}]}
             if self.path == "/v1/classify":
-                result["decision"] = "cat"
-            answer = json.dumps({"results": [result] * len(body["images"]), "partial": False,
-                                 "missing_shards": []}).encode()
+                result.update(decision="cat", scores={"cat": 1.0})
+                result["neighbours"][0]["weight"] = 1.0
+            answer = json.dumps({"version": 1, "results": [result] * len(body["images"]), "partial": False,
+                                 "missing_shards": [], **({"rule": body["rule"]} if "rule" in body else {})}).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(answer)))

@@ -60,22 +60,14 @@ def cmd_serve(args) -> dict:
 
 
 def cmd_client(args) -> dict:
-    import base64
-
-    import fsspec
-
-    from cluster.demo import post
+    from index.serve.client import Client
     check_positive(args, "k", "nprobe")
-    images = []
-    for uri in args.images:
-        with fsspec.open(uri, "rb") as f:
-            images.append(base64.b64encode(f.read()).decode())
-    body = {"images": images, "k": args.k}
-    if args.command == "classify":
-        body["rule"] = args.rule
-    if args.nprobe is not None:
-        body["nprobe"] = args.nprobe
-    answer = post(f"{args.url.rstrip('/')}/v1/{args.command if args.command == 'classify' else 'search'}", body)
+    with Client(args.url) as client:
+        if args.command == "classify":
+            answer = client.classify(images=args.images, k=args.k, rule=args.rule, nprobe=args.nprobe)
+        else:
+            answer = client.search(images=args.images, k=args.k, nprobe=args.nprobe)
+    answer = answer.model_dump()
     for uri, result in zip(args.images, answer["results"]):
         head = f"{uri}: {result['decision']}" if "decision" in result else f"{uri}:"
         print(head + ("  (PARTIAL: shards %s missing)" % answer["missing_shards"] if answer["partial"] else ""))

@@ -106,6 +106,61 @@ def test_add_is_searchable_by_the_next_query(served):
                for r in call(f"{base}/v1/classify", {"vectors": new.tolist(), "k": 1})[1]["results"])
 
 
+def test_the_python_client_reads_searches_and_edits_the_served_memory(served, tmp_path, monkeypatch, capsys):
+    """index.serve.client.Client against the real app: typed answers equal to the raw HTTP ones,
+    images as bytes, paths and PIL images, edits by label and URI with the token, 4xx as exceptions."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from index.serve.client import Client, RequestRejected
+    monkeypatch.delenv("VISMEM_TOKEN", raising=False)
+    base, mem, vectors = served
+    with Client(base, token=TOKEN) as client:
+        info = client.info()
+        assert info.dim == 48 and info.version == client.versions().current == VisualMemory.open(mem).version
+        found = client.search(vectors=vectors[20:22], k=5)
+        assert found.version == info.version and not found.partial
+        assert [[n.id for n in r.neighbours] for r in found.results] == nearest(base, vectors[20:22])[1]
+
+        picture = Image.fromarray(np.random.default_rng(4).integers(0, 255, (16, 16, 3), dtype=np.uint8))
+        buffer = io.BytesIO()
+        picture.save(buffer, format="PNG")
+        picture.save(tmp_path / "q.png")
+        status, raw = call(f"{base}/v1/classify", {"images": [base64.b64encode(buffer.getvalue()).decode()], "k": 3})
+        assert status == 200, raw
+        answers = client.classify(images=[buffer.getvalue(), str(tmp_path / "q.png"), picture], k=3, rule="distance")
+        ids = [[n.id for n in r.neighbours] for r in answers.results]
+        assert ids == [[n["id"] for n in raw["results"][0]["neighbours"]]] * 3
+        assert all(r.decision in r.scores and r.neighbours[0].weight > 0 for r in answers.results)
+        from cluster.cli import main                                  # `vismem classify` is this client
+        capsys.readouterr()
+        assert main(["classify", "--url", base, "-k", "3", "--rule", "distance", str(tmp_path / "q.png")]) == 0
+        printed = capsys.readouterr().out
+        assert printed.startswith(f"{tmp_path / 'q.png'}: {answers.results[0].decision}")
+        assert len([line for line in printed.splitlines() if "w=" in line]) == 3
+
+        new = np.random.default_rng(21).standard_normal((2, 48)).astype(np.float32)
+        added = client.add(["client-class"] * 2, vectors=new, uris=["client://a", "client://b"], reason="client")
+        decided = client.classify(vectors=new, k=1)
+        assert decided.version == added.version and [r.decision for r in decided.results] == ["client-class"] * 2
+        by_uri = client.remove(uris=["client://a"])
+        assert by_uri.ids == added.ids[:1] and by_uri.version == added.version + 1
+        by_label = client.remove(labels=["client-class"], reason="client cleanup")
+        assert by_label.ids == added.ids[1:]
+        assert client.log().log[-1]["operation"] == "remove" and client.log().log[-1]["reason"] == "client cleanup"
+
+    with Client(base) as anonymous:                                   # no token given, none in the environment
+        with pytest.raises(RequestRejected) as refused:
+            anonymous.remove(ids=[1])
+        assert refused.value.status == 401 and "Bearer" in str(refused.value)
+        with pytest.raises(RequestRejected) as wrong:
+            anonymous.search(vectors=[[0.1] * 7])
+        assert wrong.value.status == 422 and "dimension" in str(wrong.value)
+        assert anonymous.versions().current == by_label.version          # nothing written by the refusals
+
+
 def test_an_add_may_carry_more_vectors_than_a_query(served):
     """An add takes up to Limits.max_added vectors (10,000), a query at most max_queries (256)."""
     base, mem, vectors = served
