@@ -90,6 +90,17 @@ def test_info(served):
     assert info["search"] == {} and info["recall"] is None          # Flat: exact, nothing to claim
 
 
+def test_a_server_started_without_a_token_refuses_every_edit(served):
+    base, mem, _ = served
+    for path, body in (("remove", {"ids": [1]}), ("add", {"vectors": [[0.1] * 48], "labels": ["x"]})):
+        request = urllib.request.Request(f"{base}/v1/memory/{path}", json.dumps(body).encode(),
+                                         {"Content-Type": "application/json", "Authorization": "Bearer anything"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=60)
+        assert refused.value.code == 403 and "editing is off" in json.loads(refused.value.read())["detail"]
+    assert call(f"{base}/info")[1]["version"] == 1                    # nothing written
+
+
 def test_openapi_describes_typed_requests_and_answers(served):
     base, _, _ = served
     status, spec = call(f"{base}/openapi.json")

@@ -11,7 +11,6 @@ import urllib.request
 
 import numpy as np
 import pytest
-from fastapi import HTTPException
 
 from index.build.build import build_memory
 from index.memory import VisualMemory
@@ -62,16 +61,21 @@ def nearest(base, vectors, k=5):
 
 
 def test_edits_need_the_token(served):
+    """Both mutations, over HTTP: no token, a wrong one and a non-Bearer scheme are 401 and write nothing."""
     base, mem, vectors = served
-    body = {"ids": [1]}
-    assert call(f"{base}/v1/memory/remove", body)[0] == 401
-    status, answer = call(f"{base}/v1/memory/remove", body, token="wrong")
-    assert status == 401 and "wrong editing token" in answer["detail"]
-    with pytest.raises(HTTPException) as off:                         # a server started without a token
-        from index.serve.auth import require_token
-        require_token(f"Bearer {TOKEN}", None)
-    assert off.value.status_code == 403
-    assert call(f"{base}/v1/memory/versions")[1]["current"] == VisualMemory.open(mem).version   # nothing written
+    before = call(f"{base}/v1/memory/versions")[1]
+    for path, body in (("remove", {"ids": [1]}), ("add", {"vectors": [[0.1] * 48], "labels": ["intruder"]})):
+        status, answer = call(f"{base}/v1/memory/{path}", body)
+        assert status == 401 and "Authorization: Bearer" in answer["detail"], (path, answer)
+        status, answer = call(f"{base}/v1/memory/{path}", body, token="wrong")
+        assert status == 401 and "wrong editing token" in answer["detail"], (path, answer)
+        request = urllib.request.Request(f"{base}/v1/memory/{path}", json.dumps(body).encode(),
+                                         {"Content-Type": "application/json", "Authorization": f"Basic {TOKEN}"})
+        with pytest.raises(urllib.error.HTTPError) as basic:
+            urllib.request.urlopen(request, timeout=60)
+        assert basic.value.code == 401 and basic.value.headers["WWW-Authenticate"] == "Bearer"
+    assert call(f"{base}/v1/memory/versions")[1] == before          # nothing written
+    assert before["current"] == VisualMemory.open(mem).version
 
 
 def test_remove_is_exact_and_answered_from_the_next_query(served):
@@ -149,6 +153,10 @@ def test_the_python_client_reads_searches_and_edits_the_served_memory(served, tm
         assert by_uri.ids == added.ids[:1] and by_uri.version == added.version + 1
         by_label = client.remove(labels=["client-class"], reason="client cleanup")
         assert by_label.ids == added.ids[1:]
+        pictured = client.add(["pictured"], images=[picture], uris=["client://picture"])   # embedded by the server
+        assert client.classify(images=[picture], k=1).results[0].decision == "pictured"
+        by_label = client.remove(labels=["pictured"], reason="client cleanup")
+        assert by_label.ids == pictured.ids
         assert client.log().log[-1]["operation"] == "remove" and client.log().log[-1]["reason"] == "client cleanup"
 
     with Client(base) as anonymous:                                   # no token given, none in the environment
