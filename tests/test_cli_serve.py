@@ -63,7 +63,7 @@ def test_serve_stops_cleanly_on_a_signal(memory):
             servers.append((proc, port, signum, whole_group, code))
         for proc, port, signum, whole_group, _ in servers:
             wait_for_info(proc, f"http://127.0.0.1:{port}/info", timeout=240)
-            assert proc.stdout.readline().startswith(f"serving {memory} on http://127.0.0.1:{port}")
+            assert proc.stdout.readline().startswith(f"serving {memory}: the page at http://127.0.0.1:{port}/")
         for proc, _, signum, whole_group, _ in servers:
             if whole_group:
                 os.killpg(proc.pid, signum)

@@ -52,8 +52,9 @@ def cmd_serve(args) -> dict:
         stop_on_signals("Serve and Ray shut down")
         start(args.memory, host=args.host, port=args.port, replicas=args.replicas, shard_timeout_s=args.shard_timeout,
               token_digest=digest, mmap=args.mmap)
-        print(f"serving {args.memory} on http://{args.host}:{args.port} (POST /v1/classify, /v1/search; GET /v1/info, "
-              f"/docs; editing {'on: /v1/memory/add, /v1/memory/remove' if digest else 'off (no token)'}); "
+        print(f"serving {args.memory}: the page at http://{args.host}:{args.port}/ (API: POST /v1/classify, "
+              f"/v1/search; GET /v1/info, /docs; editing "
+              f"{'on: /v1/memory/add, /v1/memory/remove, /v1/memory/rollback' if digest else 'off (no token)'}); "
               "Ctrl-C to stop", flush=True)
         while True:
             time.sleep(3600)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tarfile
 from dataclasses import asdict, dataclass
 
 import fsspec
@@ -259,3 +260,26 @@ def read_rows(file: pq.ParquetFile, start: int, stop: int):
             groups.append(group)
         row += rows
     return file.read_row_groups(groups).slice(start - first_row, stop - start)
+
+
+def item_bytes(uri: str) -> bytes:
+    """The image file bytes of the item named ``uri``, a URI this module gives (module docstring):
+    a file's bytes, a Parquet row's ``image`` or a WebDataset sample's image file; any other URI
+    is read as a file. A sample is found by walking its tar from the start: one item's cost (a
+    thumbnail), not a way to read many."""
+    base, sep, fragment = uri.partition("#")
+    if sep and fragment.startswith("row=") and fragment[4:].split(":", 1)[0].isdigit():
+        row = int(fragment[4:].split(":", 1)[0])
+        with fsspec.open(base, "rb") as f:
+            file = pq.ParquetFile(f)
+            if row >= file.metadata.num_rows:
+                raise FileNotFoundError(f"{uri}: {base} has {file.metadata.num_rows} rows")
+            return read_rows(file, row, row + 1).column("image")[0].as_py()
+    if sep and base.lower().endswith(".tar"):
+        with fsspec.open(base, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+            for sample in webdataset.iter_samples(tar, read_from=0):
+                if sample.key == fragment and "image" in sample.data:
+                    return sample.data["image"]
+        raise FileNotFoundError(f"{uri}: no image of sample {fragment!r} in {base}")
+    with fsspec.open(uri, "rb") as f:
+        return f.read()

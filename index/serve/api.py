@@ -105,6 +105,13 @@ class RemoveRequest(BaseModel):
         return self
 
 
+class RollbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: int = Field(ge=1, description="the version whose content the new version holds (GET /v1/memory/versions)")
+    reason: str | None = Field(None, max_length=1000, description="why, for the memory's log")
+
+
 # ---- answers ---------------------------------------------------------------------------------
 
 class EditResponse(BaseModel):

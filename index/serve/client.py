@@ -114,6 +114,11 @@ class Client:
                 "labels": None if labels is None else list(labels), "reason": reason}
         return EditResponse.model_validate(self.call("POST", "/v1/memory/remove", body, edit=True))
 
+    def rollback(self, version: int, reason: str | None = None) -> EditResponse:
+        """Commit a new version holding version ``version``'s content (see ``/v1/memory/versions``)."""
+        body = {"version": int(version), "reason": reason}
+        return EditResponse.model_validate(self.call("POST", "/v1/memory/rollback", body, edit=True))
+
     # transport ----------------------------------------------------------------------------
     def call(self, method: str, path: str, body: dict | None = None, edit: bool = False) -> Any:
         """One request with its retries; the decoded JSON answer, or an exception naming what failed."""

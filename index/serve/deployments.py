@@ -13,14 +13,16 @@ import logging
 
 import numpy as np
 from fastapi import Header, HTTPException
+from fastapi.responses import HTMLResponse, Response
 from ray import serve
 
 from index.queries import QueryError, check_vectors
 from index.serve.api import (AddRequest, ClassifyRequest, ClassifyResponse, EditResponse, Info, Limits, LogResponse,
-                             RemoveRequest, SearchRequest, SearchResponse, VersionsResponse, app)
+                             RemoveRequest, RollbackRequest, SearchRequest, SearchResponse, VersionsResponse, app)
 from index.serve.auth import require_token
 from index.serve.editing import EditConflict, ShardState, commit_edit, watch_storage
 from index.serve.images import decode_images
+from index.serve.page import page_html, thumbnail_png
 from index.shard.placement import Placement
 from index.shard.search import merge_topk
 from index.store.history import log as memory_log
@@ -239,3 +241,48 @@ class Router:
     @app.get("/v1/memory/log")
     def log(self) -> LogResponse:
         return LogResponse(log=memory_log(self.memory_url))
+
+    @app.post("/v1/memory/rollback")
+    async def rollback(self, q: RollbackRequest, authorization: str | None = Header(None)) -> EditResponse:
+        """Commit a new version holding version ``q.version``'s content (``index.edit.edits.rollback``'s
+        rule: only the manifest is written, ids are never handed out twice); the shards follow it."""
+        require_token(authorization, self.token_digest)
+        held: list[int] = []
+
+        async def stage(m, version, folder):
+            if q.version == m.version:
+                raise HTTPException(409, f"version {q.version} is the current version of memory {self.memory_url}; "
+                                         "nothing to roll back")
+            try:
+                target = read_manifest(self.memory_url, q.version)
+            except FileNotFoundError as e:
+                raise HTTPException(404, str(e)) from None
+            if len(target.shards) != len(m.shards):
+                raise HTTPException(409, f"version {q.version} has {len(target.shards)} shards and this server "
+                                         f"serves {len(m.shards)}: roll back with `vismem memory rollback` and "
+                                         "restart the server")
+            held[:] = [target.count]
+            return dict(enumerate(target.shards)), {"content": target, "next_id": max(m.next_id, target.next_id),
+                                                    "counts": {"vectors": target.count}, "target": q.version}
+
+        new = await self.edit(stage, "rollback", q.reason)
+        return EditResponse(version=new.version, operation="rollback", count=held[0], ids=[])
+
+    # ---- the page ----------------------------------------------------------------------------
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page(self) -> HTMLResponse:
+        return HTMLResponse(page_html())
+
+    @app.get("/v1/thumbnail/{item_id}", response_class=Response,
+             responses={200: {"content": {"image/png": {}}, "description": "a PNG of at most 160 px a side"}})
+    async def thumbnail(self, item_id: int) -> Response:
+        """The image of live memory item ``item_id``, read from the URI the memory holds for it."""
+        version = self.manifest.version
+        uris = await asyncio.gather(*(h.uri_of.remote(version, item_id) for h in self.shards), return_exceptions=True)
+        uri = next((u for u in uris if isinstance(u, str)), None)
+        if uri is None:
+            raise HTTPException(404, f"memory {self.memory_url} (version {version}) holds no item {item_id} with an "
+                                     "image URI")
+        png = await asyncio.to_thread(thumbnail_png, item_id, uri, self.limits)
+        # no-store: a removed item's image must not outlive its removal in a cache
+        return Response(png, media_type="image/png", headers={"Cache-Control": "no-store"})

@@ -83,6 +83,14 @@ class ShardState:
         return {"live": live.tolist(), "matched": np.unique(np.concatenate([live, by_uri, by_label])).tolist(),
                 "uris": sorted(seen_uris), "labels": sorted(seen_labels)}
 
+    async def uri_of(self, version: int, item_id: int) -> str | None:
+        """At ``version``: the URI of item ``item_id`` if it is live in this shard and has one, else None."""
+        await self.follow(version)
+        ids = np.asarray([item_id], dtype=np.int64)
+        if not self.shard.live(ids).all():
+            return None
+        return self.shard.describe(ids)[0][0]
+
     async def stage_remove(self, version: int, folder: str, ids: list[int]):
         """Stage this shard without ``ids`` (ids it owns) for ``version`` and write its new deletion
         set; ``{"unknown": [...]}`` instead, writing nothing, when some of them are not live here."""

@@ -158,6 +158,17 @@ def test_the_python_client_reads_searches_and_edits_the_served_memory(served, tm
         by_label = client.remove(labels=["pictured"], reason="client cleanup")
         assert by_label.ids == pictured.ids
         assert client.log().log[-1]["operation"] == "remove" and client.log().log[-1]["reason"] == "client cleanup"
+        before_client = added.version - 1                              # the same content as now: later tests see no change
+        rolled = client.rollback(before_client, reason="client rollback")
+        assert rolled.operation == "rollback" and rolled.count == read_manifest(mem, before_client).count
+        assert client.log().log[-1]["target"] == before_client and client.versions().current == rolled.version
+        with pytest.raises(RequestRejected) as current:
+            client.rollback(rolled.version)
+        assert current.value.status == 409 and "nothing to roll back" in str(current.value)
+        with pytest.raises(RequestRejected) as missing:
+            client.rollback(10 ** 6)
+        assert missing.value.status == 404
+        by_label = rolled
 
     with Client(base) as anonymous:                                   # no token given, none in the environment
         with pytest.raises(RequestRejected) as refused:
