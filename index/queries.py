@@ -1,8 +1,8 @@
 """Query vectors, checked once for every entry point (Python, CLI, HTTP).
 
 The memory compares unit vectors by inner product (cosine similarity). A query that is ragged,
-of the wrong dimension, non-finite (NaN, ±inf, or a value such as 1e308 that overflows float32)
-or of zero length has no cosine similarity to anything, so it is refused with an error naming
+of the wrong dimension, non-finite (NaN, ±inf, or past float32's range, as 1e308 is) or all
+zeros has no cosine similarity to anything, so it is refused with an error naming
 its row. A finite, non-zero query that is not unit length is normalised: the direction is what a
 cosine search compares, and an encoder that skips the final normalisation should not silently
 change the scores (a vector of length 10 would otherwise score 10× higher).
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-MIN_NORM = 1e-12
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class QueryError(ValueError):
@@ -45,16 +45,18 @@ def check_vectors(vectors, dim: int, name: str = "vectors") -> np.ndarray:
         raise QueryError(f"{name} have dimension {array.shape[1]}; the memory holds dimension {dim}")
     if len(array) == 0:
         raise QueryError(f"{name} is empty: give at least one query")
-    with np.errstate(over="ignore", invalid="ignore"):
-        array = array.astype(np.float32)
-        bad = ~np.isfinite(array).all(axis=1)
-        if bad.any():
-            row = int(np.flatnonzero(bad)[0])
-            raise QueryError(f"{name}[{row}] has a non-finite value (NaN, inf, or beyond float32's range); "
-                             "give finite numbers", row)
-        norms = np.linalg.norm(array.astype(np.float64), axis=1)
-    zero = norms < MIN_NORM
+    array = array.astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        bad = ~(np.abs(array) <= FLOAT32_MAX).all(axis=1)          # NaN compares False
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise QueryError(f"{name}[{row}] has a non-finite value (NaN, inf, or beyond float32's range); "
+                         "give finite numbers", row)
+    # scaled by its largest value first, so that no finite vector over- or underflows on its way to unit length
+    scale = np.abs(array).max(axis=1)
+    zero = scale == 0
     if zero.any():
         row = int(np.flatnonzero(zero)[0])
         raise QueryError(f"{name}[{row}] is a zero vector: it has no direction to compare (cosine similarity)", row)
-    return np.ascontiguousarray(array / norms[:, None].astype(np.float32), dtype=np.float32)
+    array /= scale[:, None]
+    return np.ascontiguousarray(array / np.linalg.norm(array, axis=1, keepdims=True), dtype=np.float32)

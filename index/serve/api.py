@@ -5,9 +5,10 @@ nprobe) and every bad request is answered with a 4xx whose ``detail`` names the 
 do; the catch-all handler is there for bugs, not for input.
 """
 
+import copy
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
@@ -18,11 +19,16 @@ from ray import serve
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from index.queries import FLOAT32_MAX
 from index.voting import RULES
 
 log = logging.getLogger("vismem.index.serve")
 MAX_K = 1000
+MAX_ID = 2**53 - 1          # ids count up from 0; the largest integer every JSON client (JavaScript too) reads exactly
 MAX_NPROBE = 1 << 24        # more lists than any memory here has (nlist ≈ 16·√N); FAISS takes an int
+# an embedding: finite float32 numbers, not all zero (no direction to compare); served_openapi adds its length
+Vector = Annotated[list[Annotated[float, Field(json_schema_extra={"minimum": -FLOAT32_MAX, "maximum": FLOAT32_MAX})]],
+                   Field(json_schema_extra={"not": {"items": {"const": 0}}})]
 
 
 @dataclass(frozen=True)
@@ -37,12 +43,39 @@ class Limits:
 
 
 # ---- requests --------------------------------------------------------------------------------
+# The JSON Schema of each request states what its validators enforce (exactly one of images or
+# vectors, nothing empty, no zero vector), so that generated clients and fuzzers agree with the
+# server; ``served_openapi`` adds what only the served memory knows (its dimension, whether it can
+# embed images). Equal lengths of ``labels`` and the items to add cannot be said in JSON Schema.
+
+def exactly_one_list_of(*fields: str):
+    """A ``json_schema_extra`` making ``fields`` non-empty arrays (or null) of which exactly one is given."""
+    def extra(schema: dict) -> None:
+        for name in fields:
+            for variant in schema["properties"][name].get("anyOf", []):
+                if variant.get("type") == "array":
+                    variant["minItems"] = 1
+        schema["oneOf"] = [{"required": [name], "properties": {name: {"type": "array"}}} for name in fields]
+    return extra
+
+
+def some_list_of(*fields: str):
+    """A ``json_schema_extra`` requiring at least one of ``fields`` to be a non-empty array."""
+    def extra(schema: dict) -> None:
+        schema["anyOf"] = [{"required": [name], "properties": {name: {"type": "array", "minItems": 1}}}
+                           for name in fields]
+    return extra
+
+
+IMAGE_FORMAT = "base64-image"    # a base64-encoded image file; index.serve.fuzzing tells a fuzzer how to make one
+
 
 class SearchRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=exactly_one_list_of("images", "vectors"))
 
-    images: list[str] | None = Field(None, description="base64-encoded image files (PNG, JPEG, ...)")
-    vectors: list[list[float]] | None = Field(
+    images: list[Annotated[str, Field(json_schema_extra={"format": IMAGE_FORMAT})]] | None = Field(
+        None, description="base64-encoded image files (PNG, JPEG, ...)")
+    vectors: list[Vector] | None = Field(
         None, description="embeddings of the memory's dimension; each is L2-normalised before the search")
     k: int = Field(10, ge=1, le=MAX_K, description="neighbours per query")
     nprobe: int | None = Field(None, ge=1, le=MAX_NPROBE,
@@ -69,12 +102,14 @@ class ClassifyRequest(SearchRequest):
 
 
 class AddRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=exactly_one_list_of("images", "vectors"))
 
-    images: list[str] | None = Field(None, description="base64-encoded image files, embedded by the memory's encoder")
-    vectors: list[list[float]] | None = Field(None, description="embeddings of the memory's encoder and dimension")
-    labels: list[str] = Field(description="one label per image or vector; new classes are welcome")
-    uris: list[str] | None = Field(None, description="one URI per image or vector, shown with it as a neighbour")
+    images: list[Annotated[str, Field(json_schema_extra={"format": IMAGE_FORMAT})]] | None = Field(
+        None, description="base64-encoded image files, embedded by the memory's encoder")
+    vectors: list[Vector] | None = Field(None, description="embeddings of the memory's encoder and dimension")
+    labels: list[str] = Field(description="one label per image or vector (as many as those); new classes are welcome")
+    uris: list[str] | None = Field(None, description="one URI per image or vector (as many as those), shown with it "
+                                                     "as a neighbour")
     reason: str | None = Field(None, max_length=1000, description="why, for the memory's log")
 
     @model_validator(mode="after")
@@ -91,9 +126,9 @@ class AddRequest(BaseModel):
 
 
 class RemoveRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=some_list_of("ids", "uris", "labels"))
 
-    ids: list[int] | None = Field(None, description="memory ids to remove")
+    ids: list[Annotated[int, Field(ge=0, le=MAX_ID)]] | None = Field(None, description="memory ids to remove")
     uris: list[str] | None = Field(None, description="remove the vectors with these URIs")
     labels: list[str] | None = Field(None, description="remove every vector of these labels (whole classes)")
     reason: str | None = Field(None, max_length=1000, description="why, for the memory's log")
@@ -113,6 +148,23 @@ class RollbackRequest(BaseModel):
 
 
 # ---- answers ---------------------------------------------------------------------------------
+
+class Problem(BaseModel):
+    detail: str | list[dict[str, Any]] = Field(
+        description="what is wrong and what to do; for a body that does not parse or match the schema, FastAPI's "
+                    "list of {loc, msg, type}")
+
+
+def problems(*codes: int) -> dict:
+    """The ``responses=`` of a route that can answer these 4xx/5xx codes, each with a ``Problem``."""
+    words = {400: "an image over the pixel limits", 401: "no or wrong bearer token", 403: "editing is off",
+             404: "not in the memory", 409: "a conflicting or empty edit", 413: "the body is over the size limit",
+             422: "a request the memory cannot answer (see detail)", 503: "no shard answered"}
+    return {code: {"model": Problem, "description": words[code]} for code in codes}
+
+
+QUERY_PROBLEMS = problems(400, 413, 422, 503)
+EDIT_PROBLEMS = problems(400, 401, 403, 404, 409, 413, 422, 503)
 
 class EditResponse(BaseModel):
     version: int = Field(description="the memory version the edit made; answers from now on are computed on it or later")
@@ -234,7 +286,9 @@ class BodyLimit:
                                        "smaller images (or fewer vectors) per request"}, status_code=413)
 
 
-app = FastAPI(title="vismem", description="kNN search and classification against a visual memory")
+# /openapi.json and /docs are the Router's own routes: the document names the served memory's dimension
+app = FastAPI(title="vismem", description="kNN search and classification against a visual memory",
+              openapi_url=None, docs_url=None, redoc_url=None)
 app.add_middleware(BodyLimit)
 
 
@@ -253,3 +307,27 @@ async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     log.error("%s %s failed unexpectedly", request.method, request.url.path, exc_info=exc)
     return JSONResponse({"detail": f"internal error ({type(exc).__name__}) while answering {request.url.path}; "
                                    "it is logged with its traceback on the server"}, status_code=500)
+
+
+def served_openapi(dim: int, embeds_images: bool, limits: Limits) -> dict:
+    """The app's OpenAPI document for one served memory: every vector has exactly ``dim`` numbers,
+    lists are capped at ``limits``, and a server that cannot embed images takes no ``images``."""
+    schema = copy.deepcopy(app.openapi())
+    models = schema["components"]["schemas"]
+    for name, most in (("SearchRequest", limits.max_queries), ("ClassifyRequest", limits.max_queries),
+                       ("AddRequest", limits.max_added)):
+        model = models[name]
+        vectors = array_variant(model["properties"]["vectors"])
+        vectors.update(maxItems=most)
+        vectors["items"].update(minItems=dim, maxItems=dim)
+        if embeds_images:
+            array_variant(model["properties"]["images"]).update(maxItems=limits.max_queries)
+        else:
+            del model["properties"]["images"]
+            model["oneOf"] = [branch for branch in model["oneOf"] if "vectors" in branch["required"]]
+    return schema
+
+
+def array_variant(prop: dict) -> dict:
+    """The array schema inside a nullable property's ``anyOf``."""
+    return next(variant for variant in prop["anyOf"] if variant.get("type") == "array")

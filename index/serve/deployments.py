@@ -10,15 +10,18 @@ was computed on. The Router runs as one replica: it is the memory's one writer i
 
 import asyncio
 import logging
+from typing import Annotated
 
 import numpy as np
-from fastapi import Header, HTTPException
-from fastapi.responses import HTMLResponse, Response
+from fastapi import Header, HTTPException, Path, Request
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 
 from index.queries import QueryError, check_vectors
-from index.serve.api import (AddRequest, ClassifyRequest, ClassifyResponse, EditResponse, Info, Limits, LogResponse,
-                             RemoveRequest, RollbackRequest, SearchRequest, SearchResponse, VersionsResponse, app)
+from index.serve.api import (EDIT_PROBLEMS, MAX_ID, QUERY_PROBLEMS, AddRequest, ClassifyRequest, ClassifyResponse,
+                             EditResponse, Info, Limits, LogResponse, RemoveRequest, RollbackRequest, SearchRequest,
+                             SearchResponse, VersionsResponse, app, problems, served_openapi)
 from index.serve.auth import require_token
 from index.serve.editing import EditConflict, ShardState, commit_edit, watch_storage
 from index.serve.images import decode_images
@@ -141,15 +144,15 @@ class Router:
         envelope = {"version": version, "partial": bool(missing), "missing_shards": missing}
         return merge_topk(results, q.k, answered), envelope
 
-    @app.post("/v1/search")
-    @app.post("/search")
+    @app.post("/v1/search", responses=QUERY_PROBLEMS)
+    @app.post("/search", responses=QUERY_PROBLEMS)
     async def search(self, q: SearchRequest) -> SearchResponse:
         found, envelope = await self.neighbours(q)
         return SearchResponse(**envelope, results=[
             {"neighbours": neighbour_list(found, row)} for row in range(len(found["ids"]))])
 
-    @app.post("/v1/classify")
-    @app.post("/classify")
+    @app.post("/v1/classify", responses=QUERY_PROBLEMS)
+    @app.post("/classify", responses=QUERY_PROBLEMS)
     async def classify(self, q: ClassifyRequest) -> ClassifyResponse:
         found, envelope = await self.neighbours(q)
         v = vote(found["labels"], found["similarities"], q.rule, sample_weights=found.get("sample_weights"),
@@ -159,7 +162,7 @@ class Router:
              "neighbours": neighbour_list(found, row, v.weights[row])} for row in range(len(v.decisions))])
 
     # ---- editing -------------------------------------------------------------------------------
-    @app.post("/v1/memory/add")
+    @app.post("/v1/memory/add", responses=EDIT_PROBLEMS)
     async def add(self, q: AddRequest, authorization: str | None = Header(None)) -> EditResponse:
         """Add images or vectors with their labels; searchable by every query that starts after the answer."""
         require_token(authorization, self.token_digest)
@@ -186,7 +189,7 @@ class Router:
         new = await self.edit(stage, "add", q.reason)
         return EditResponse(version=new.version, operation="add", count=len(vectors), ids=added[0].tolist())
 
-    @app.post("/v1/memory/remove")
+    @app.post("/v1/memory/remove", responses=EDIT_PROBLEMS)
     async def remove(self, q: RemoveRequest, authorization: str | None = Header(None)) -> EditResponse:
         """Remove vectors by id, URI or label, exactly: no query that starts after the answer returns them."""
         require_token(authorization, self.token_digest)
@@ -242,7 +245,7 @@ class Router:
     def log(self) -> LogResponse:
         return LogResponse(log=memory_log(self.memory_url))
 
-    @app.post("/v1/memory/rollback")
+    @app.post("/v1/memory/rollback", responses=EDIT_PROBLEMS)
     async def rollback(self, q: RollbackRequest, authorization: str | None = Header(None)) -> EditResponse:
         """Commit a new version holding version ``q.version``'s content (``index.edit.edits.rollback``'s
         rule: only the manifest is written, ids are never handed out twice); the shards follow it."""
@@ -268,14 +271,25 @@ class Router:
         new = await self.edit(stage, "rollback", q.reason)
         return EditResponse(version=new.version, operation="rollback", count=held[0], ids=[])
 
-    # ---- the page ----------------------------------------------------------------------------
+    # ---- the page and the API's own description -----------------------------------------------
+    @app.get("/openapi.json", include_in_schema=False)
+    def openapi(self) -> JSONResponse:
+        """The OpenAPI document of this memory: its dimension, and images only where it can embed them."""
+        return JSONResponse(served_openapi(self.manifest.dim, self.encoder is not None, self.limits))
+
+    @app.get("/docs", include_in_schema=False)
+    def docs(self, request: Request) -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url=f"{request.scope.get('root_path', '')}/openapi.json",
+                                   title="vismem API")
+
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page(self) -> HTMLResponse:
         return HTMLResponse(page_html())
 
     @app.get("/v1/thumbnail/{item_id}", response_class=Response,
-             responses={200: {"content": {"image/png": {}}, "description": "a PNG of at most 160 px a side"}})
-    async def thumbnail(self, item_id: int) -> Response:
+             responses={200: {"content": {"image/png": {}}, "description": "a PNG of at most 160 px a side"},
+                        **problems(400, 404, 422)})
+    async def thumbnail(self, item_id: Annotated[int, Path(ge=0, le=MAX_ID)]) -> Response:
         """The image of live memory item ``item_id``, read from the URI the memory holds for it."""
         version = self.manifest.version
         uris = await asyncio.gather(*(h.uri_of.remote(version, item_id) for h in self.shards), return_exceptions=True)

@@ -4,6 +4,11 @@ load, and the server follows an edit made by another writer."""
 
 import hashlib
 import json
+import os
+import re
+import shutil
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -21,6 +26,7 @@ from index.store.manifest import read_manifest
 from index.synthetic import ClusteredVectors
 from tests.index.edit.test_memory_edits import write_collection
 
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repo
 TOKEN = "s3cret-token"
 ENCODER = ("raw-pixels:4", hashlib.sha256(b"raw-pixels:4").hexdigest())     # 48-d, loadable by the Router
 
@@ -438,3 +444,23 @@ def test_ivf_served_answers_equal_the_memory_in_process(served_ivf):
         assert [[n["shard"] for n in r["neighbours"]] for r in found["results"]] == expected.shards.tolist()
         np.testing.assert_allclose([[n["similarity"] for n in r["neighbours"]] for r in found["results"]],
                                    expected.similarities, atol=1e-6)
+
+
+def test_schemathesis_with_all_checks_finds_no_failure(served_ivf):
+    """Every endpoint fuzzed from the served memory's own OpenAPI document (which names its
+    dimension): no 5xx, no undocumented status, no answer off its schema, every schema-valid
+    request accepted and every invalid one refused. Last in the module: the fuzzer edits with the token."""
+    base = served_ivf[0]
+    status, spec = call(f"{base}/openapi.json")
+    vectors = spec["components"]["schemas"]["SearchRequest"]["properties"]["vectors"]["anyOf"][0]
+    assert status == 200 and vectors["items"]["minItems"] == vectors["items"]["maxItems"] == 48
+    assert {"oneOf"} <= set(spec["components"]["schemas"]["AddRequest"]) and "anyOf" in spec["components"]["schemas"]["RemoveRequest"]
+    st = shutil.which("st", path=os.path.dirname(sys.executable))
+    assert st, "schemathesis's st not found: install the project's dev extra (make setup)"
+    run = subprocess.run([st, "run", f"{base}/openapi.json", "--url", base, "--checks", "all", "--max-examples", "12",
+                          "--seed", "1", "-H", f"Authorization: Bearer {TOKEN}", "--no-color"],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT,
+                         env={**os.environ, "SCHEMATHESIS_HOOKS": "index.serve.fuzzing", "PYTHONPATH": ROOT})
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
+    assert re.search(r"(\d+) generated, \1 passed", run.stdout), run.stdout[-3000:]
+    assert call(f"{base}/v1/info")[0] == 200                       # and the memory still answers
