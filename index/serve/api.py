@@ -20,6 +20,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from index.queries import FLOAT32_MAX
+from index.serve.metrics import RequestMetrics
 from index.voting import RULES
 
 log = logging.getLogger("vismem.index.serve")
@@ -219,6 +220,13 @@ class ClassifyResponse(Answer):
     results: list[ClassifyResult]
 
 
+class Health(BaseModel):
+    ready: bool = Field(description="true when every shard answered within the health timeout")
+    version: int = Field(description="the memory version the Router answers from")
+    shards: list[int | None] = Field(description="the version each shard holds (null: it did not answer)")
+    missing_shards: list[int]
+
+
 class Info(BaseModel):
     memory: str
     version: int
@@ -290,6 +298,7 @@ class BodyLimit:
 app = FastAPI(title="vismem", description="kNN search and classification against a visual memory",
               openapi_url=None, docs_url=None, redoc_url=None)
 app.add_middleware(BodyLimit)
+app.add_middleware(RequestMetrics)         # outermost: the 413s BodyLimit answers are counted too
 
 
 @app.exception_handler(RequestValidationError)

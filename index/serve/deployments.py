@@ -15,14 +15,16 @@ from typing import Annotated
 import numpy as np
 from fastapi import Header, HTTPException, Path, Request
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ray import serve
 
 from index.queries import QueryError, check_vectors
 from index.serve.api import (EDIT_PROBLEMS, MAX_ID, QUERY_PROBLEMS, AddRequest, ClassifyRequest, ClassifyResponse,
-                             EditResponse, Info, Limits, LogResponse, RemoveRequest, RollbackRequest, SearchRequest,
-                             SearchResponse, VersionsResponse, app, problems, served_openapi)
+                             EditResponse, Health, Info, Limits, LogResponse, RemoveRequest, RollbackRequest,
+                             SearchRequest, SearchResponse, VersionsResponse, app, problems, served_openapi)
 from index.serve.auth import require_token
+from index.serve import metrics
 from index.serve.editing import EditConflict, ShardState, commit_edit, watch_storage
 from index.serve.images import decode_images
 from index.serve.page import page_html, thumbnail_png
@@ -33,6 +35,7 @@ from index.store.manifest import list_versions, read_manifest
 from index.voting import vote
 
 log = logging.getLogger("vismem.index.serve")
+HEALTH_TIMEOUT_S = 2.0       # a shard slower than this to say its version is not ready
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
@@ -42,6 +45,10 @@ class ShardSearcher(ShardState):
 
     def __init__(self, memory_url: str, version: int, number: int, nprobe: int | None = None, mmap: bool = False):
         self.open_shard(memory_url, version, number, nprobe, mmap)
+
+    async def health(self) -> int:
+        """The version this replica answers from (the Router's /healthz asks every shard)."""
+        return self.version
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
     async def search(self, queries: list[np.ndarray], ks: list[int], nprobes: list[int | None],
@@ -85,6 +92,7 @@ class Router:
         self.token_digest, self.edit_lock = token_digest, asyncio.Lock()
         self.watching: asyncio.Task | None = None           # follows versions committed elsewhere (watch_storage)
         self.encoder, self.no_images = None, None
+        metrics.VERSION.set_function(lambda: self.manifest.version)
         try:
             self.encoder = Encoder.load(self.manifest.encoder["name"])
         except FileNotFoundError as e:       # vectors made elsewhere (e.g. synthetic): queries by vector only
@@ -137,7 +145,10 @@ class Router:
         if self.watching is None:                            # a task needs the replica's running loop
             self.watching = asyncio.create_task(watch_storage(self))
         version = self.manifest.version
+        metrics.QUERIES.inc(len(vectors))
         results, missing = await self.fan_out(vectors, q.k, q.nprobe, version)
+        for n in missing:
+            metrics.PARTIAL.labels(str(n)).inc()
         if not results:
             raise HTTPException(503, f"no shard answered within {self.timeout}s; shards {missing} failed")
         answered = [n for n in range(len(self.shards)) if n not in missing]
@@ -233,9 +244,11 @@ class Router:
     async def edit(self, stage, operation: str, reason: str | None):
         """``commit_edit`` with a persistent conflict as a 409."""
         try:
-            return await commit_edit(self, stage, operation, reason)
+            new = await commit_edit(self, stage, operation, reason)
         except EditConflict as e:
             raise HTTPException(409, str(e)) from None
+        metrics.EDITS.labels(operation).inc()
+        return new
 
     @app.get("/v1/memory/versions")
     def versions(self) -> VersionsResponse:
@@ -270,6 +283,24 @@ class Router:
 
         new = await self.edit(stage, "rollback", q.reason)
         return EditResponse(version=new.version, operation="rollback", count=held[0], ids=[])
+
+    # ---- operations ----------------------------------------------------------------------------
+    @app.get("/healthz", response_model=Health,
+             responses={503: {"model": Health, "description": "some shard did not answer"}})
+    async def healthz(self) -> JSONResponse:
+        """Ready (200) only when every shard answers within ``HEALTH_TIMEOUT_S``; else 503 naming the missing."""
+        async def one(handle):
+            return await asyncio.wait_for(handle.health.remote(), min(self.timeout, HEALTH_TIMEOUT_S))
+
+        answers = await asyncio.gather(*(one(h) for h in self.shards), return_exceptions=True)
+        held = [a if isinstance(a, int) else None for a in answers]
+        missing = [n for n, a in enumerate(held) if a is None]
+        health = Health(ready=not missing, version=self.manifest.version, shards=held, missing_shards=missing)
+        return JSONResponse(health.model_dump(), status_code=503 if missing else 200)
+
+    @app.get("/metrics", response_class=PlainTextResponse, include_in_schema=False)
+    def prometheus(self) -> Response:
+        return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
     # ---- the page and the API's own description -----------------------------------------------
     @app.get("/openapi.json", include_in_schema=False)

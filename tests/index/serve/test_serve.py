@@ -342,5 +342,13 @@ def test_failed_or_slow_shard_gives_a_partial_answer(served):
         assert answer["partial"] is True and answer["missing_shards"] == [1, 2]
         assert all(n["shard"] == 0 for r in answer["results"] for n in r["neighbours"])
         assert all(n["id"] % 3 == 0 for r in answer["results"] for n in r["neighbours"])
+        status, health = call(f"{base}/degraded/healthz")        # neither stand-in says its version
+        assert status == 503 and health == {"ready": False, "version": version, "shards": [version, None, None],
+                                             "missing_shards": [1, 2]}
+        with urllib.request.urlopen(f"{base}/degraded/metrics", timeout=30) as response:
+            text = response.read().decode()
+        assert 'vismem_partial_answers_total{shard="1"} 1.0' in text and 'vismem_partial_answers_total{shard="2"} 1.0' in text
+        assert 'vismem_partial_answers_total{shard="0"}' not in text
+        assert 'vismem_requests_total{route="/healthz",status="503"} 1.0' in text
     finally:
         serve.delete("degraded")

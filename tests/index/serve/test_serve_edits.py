@@ -446,6 +446,48 @@ def test_ivf_served_answers_equal_the_memory_in_process(served_ivf):
                                    expected.similarities, atol=1e-6)
 
 
+def metric_values(base) -> dict:
+    """``{(name, (label, value), ...): value}`` of the server's /metrics, parsed by prometheus_client."""
+    from prometheus_client.parser import text_string_to_metric_families
+    with urllib.request.urlopen(f"{base}/metrics", timeout=30) as response:
+        assert response.headers["Content-Type"].startswith("text/plain")
+        text = response.read().decode()
+    return {(sample.name, *sorted(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def test_healthz_and_metrics_count_what_was_answered(served_ivf):
+    base, url, vectors, _ = served_ivf
+    status, health = call(f"{base}/healthz")
+    version = read_manifest(url).version
+    assert status == 200 and health == {"ready": True, "version": version, "shards": [version] * 3,
+                                        "missing_shards": []}
+    before = metric_values(base)
+    assert before[("vismem_served_version",)] == version
+    nearest(base, vectors[:3])                                            # 3 query vectors, one request
+    nearest(base, vectors[3:4])
+    assert call(f"{base}/v1/search", {"vectors": [[0.0] * 48]})[0] == 422
+    status, added = call(f"{base}/v1/memory/add", {"vectors": [vectors[5].tolist()], "labels": ["counted"]}, token=TOKEN)
+    assert status == 200
+    assert call(f"{base}/v1/memory/remove", {"ids": added["ids"]}, token=TOKEN)[0] == 200
+    after = metric_values(base)
+
+    def key(name, **labels):
+        return (name, *sorted(labels.items()))
+
+    def grew(name, **labels):
+        return after.get(key(name, **labels), 0) - before.get(key(name, **labels), 0)
+
+    assert grew("vismem_requests_total", route="/v1/search", status="200") == 2
+    assert grew("vismem_requests_total", route="/v1/search", status="422") == 1
+    assert grew("vismem_query_vectors_total") == 4          # neither the refused zero vector nor the add's vector
+    assert grew("vismem_edits_total", operation="add") == 1 and grew("vismem_edits_total", operation="remove") == 1
+    assert grew("vismem_request_seconds_count", route="/v1/search") == 3
+    assert (after[key("vismem_request_seconds_bucket", route="/v1/search", le="+Inf")]
+            == after[key("vismem_request_seconds_count", route="/v1/search")])
+    assert after[key("vismem_served_version")] == version + 2
+
+
 def test_schemathesis_with_all_checks_finds_no_failure(served_ivf):
     """Every endpoint fuzzed from the served memory's own OpenAPI document (which names its
     dimension): no 5xx, no undocumented status, no answer off its schema, every schema-valid
