@@ -10,7 +10,7 @@ def add_serve_parser(sub) -> None:
                         description="Deploy the memory's shard searchers and the router with Ray Serve and answer "
                                     "HTTP until stopped. Ctrl-C (SIGINT) or SIGTERM shuts Serve and Ray down and "
                                     "exits with status 130 or 0 respectively.")
-    serve.add_argument("--memory", required=True, help="memory root URL")
+    serve.add_argument("--memory", default=None, help="memory root URL (required)")
     serve.add_argument("--host", default="127.0.0.1", help="HTTP bind address")
     serve.add_argument("--port", type=int, default=8000, help="HTTP port")
     serve.add_argument("--replicas", type=int, default=1, help="replicas per shard searcher")
@@ -23,6 +23,38 @@ def add_serve_parser(sub) -> None:
                        help="file holding the bearer token that /v1/memory/add and /v1/memory/remove need "
                             "(default: $VISMEM_TOKEN; with neither, editing over HTTP is off)")
     add_common(serve)
+    actions = serve.add_subparsers(dest="action", metavar="ACTION", required=False)
+    add_serve_bench_parser(actions)
+
+
+def add_serve_bench_parser(actions) -> None:
+    from index.bench.serve_bench import ServeBenchConfig
+    d = ServeBenchConfig()
+    bench = add_command(actions, "bench", "latency and throughput of a served memory, beside in-process and FAISS",
+                        description="Single queries (p50/p99), concurrent clients (queries/s) and batches "
+                                    "(vectors/s) over HTTP and, for an app it starts, through a Serve handle; the "
+                                    "same queries against the memory opened in this process and bare FAISS, in the "
+                                    "same run. Give the URL of a running app (its memory must be readable from "
+                                    "here), a memory to serve, or a synthetic size to build and serve.",
+                        epilog="examples:\n"
+                               "  vismem serve bench --url http://127.0.0.1:8000 --json\n"
+                               "  vismem serve bench --memory ./mem\n"
+                               "  vismem serve bench --synthetic 1000000 --workdir /tmp/sb   # 1M, d=384, 4 shards")
+    where = bench.add_mutually_exclusive_group(required=True)
+    where.add_argument("--url", help="base URL of a running app")
+    where.add_argument("--memory", dest="bench_memory", help="serve this memory in this process and measure it")
+    where.add_argument("--synthetic", type=int, metavar="N",
+                       help="build a clustered synthetic memory of N vectors (default build), serve and measure it")
+    bench.add_argument("--dim", type=int, default=d.dim, help="dimension of the synthetic memory")
+    bench.add_argument("--shards", type=int, default=d.shards, help="shards of the synthetic memory")
+    bench.add_argument("--singles", type=int, default=d.singles, help="single queries per path, one after another")
+    bench.add_argument("--clients", type=int, default=d.clients, help="concurrent clients")
+    bench.add_argument("--seconds", type=float, default=d.seconds, help="length of each concurrent run")
+    bench.add_argument("--batch", type=int, default=d.batch, help="vectors per batched request")
+    bench.add_argument("--batches", type=int, default=d.batches, help="batched requests per path")
+    add_k(bench, d.k)
+    bench.add_argument("--workdir", default=None, help="where the synthetic memory is built (default: a temporary folder)")
+    add_common(bench)
 
 
 def add_client_parsers(sub) -> None:
@@ -47,6 +79,8 @@ def cmd_serve(args) -> dict:
     from index.serve import start
     from index.serve.auth import token_digest
     check_positive(args, "port", "replicas", "shard_timeout")
+    if args.memory is None:
+        raise ValueError("--memory is required: the URL of the memory to serve (or `vismem serve bench ...`)")
     digest = token_digest(args.token_file)
     with ray_session(args.address, serve_too=True):        # on the way out, Stopped included: Serve, then Ray
         stop_on_signals("Serve and Ray shut down")
@@ -58,6 +92,20 @@ def cmd_serve(args) -> dict:
               "Ctrl-C to stop", flush=True)
         while True:
             time.sleep(3600)
+
+
+def cmd_serve_bench(args) -> dict:
+    from cluster.cli.common import record_printer
+    from cluster.runtime import ray_session
+    from index.bench.serve_bench import ServeBenchConfig, run
+    check_positive(args, "synthetic", "dim", "shards", "singles", "clients", "seconds", "batch", "batches", "k")
+    cfg = ServeBenchConfig(url=args.url, memory=args.bench_memory, synthetic=args.synthetic, dim=args.dim,
+                           shards=args.shards, singles=args.singles, clients=args.clients, seconds=args.seconds,
+                           batch=args.batch, batches=args.batches, k=args.k, workdir=args.workdir)
+    if args.url:
+        return run(cfg, record_printer(args))
+    with ray_session(args.address, serve_too=True):
+        return run(cfg, record_printer(args))
 
 
 def cmd_client(args) -> dict:

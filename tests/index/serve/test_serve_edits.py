@@ -488,6 +488,28 @@ def test_healthz_and_metrics_count_what_was_answered(served_ivf):
     assert after[key("vismem_served_version")] == version + 2
 
 
+def test_serve_bench_measures_every_path_against_a_running_app(served_ivf, capsys):
+    """``vismem serve bench --url``: single, concurrent and batched figures over HTTP beside the
+    memory opened in process and bare FAISS, with their ratios (a handle only for an app it starts)."""
+    from cluster.cli import main
+    base = served_ivf[0]
+    assert main(["serve", "bench", "--url", base, "--singles", "5", "--clients", "2", "--seconds", "0.5",
+                 "--batch", "4", "--batches", "2", "--json"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    by = {(r["what"], r.get("path")): r for r in records}
+    assert by[("memory", None)]["factory"] == "IVF16,Flat" and by[("memory", None)]["shards"] == 3
+    for path in ("http", "in_process", "bare_faiss"):
+        single = by[("single_query", path)]
+        assert 0 < single["p50_ms"] <= single["p99_ms"]
+        assert by[("batches", path)]["vectors_per_s"] > 0
+    for path in ("http", "in_process"):
+        assert by[("concurrent", path)]["clients"] == 2 and by[("concurrent", path)]["queries"] > 0
+    assert ("single_query", "handle") not in by                       # not started here: no handle
+    ratios = by[("ratios", None)]
+    assert ratios["http_p50_over_in_process"] == round(by[("single_query", "http")]["p50_ms"]
+                                                       / by[("single_query", "in_process")]["p50_ms"], 1)
+
+
 def test_schemathesis_with_all_checks_finds_no_failure(served_ivf):
     """Every endpoint fuzzed from the served memory's own OpenAPI document (which names its
     dimension): no 5xx, no undocumented status, no answer off its schema, every schema-valid

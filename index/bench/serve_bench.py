@@ -1,0 +1,208 @@
+"""``vismem serve bench``: what a query costs through the served app, beside the memory itself.
+
+Against a running app (``url``), or one this process starts over ``memory`` (or over a clustered
+synthetic memory it builds first, ``synthetic`` vectors): single queries one after another
+(p50 / p99), ``clients`` concurrent clients for ``seconds`` (queries/s, p50 / p99), and batches of
+``batch`` vectors (vectors/s), over HTTP and, when this process started the app, through a Serve
+handle to the Router (no HTTP). The same queries go to the memory opened in this process
+(``VisualMemory``) and to bare FAISS (each shard's index searched at the same nprobe, no merge),
+so every figure has its floor measured in the same run on the same (shared, noisy) machine.
+
+Queries are drawn like the synthetic memory's vectors (held-out points of the same clusters), so
+for a memory of real embeddings they are only shaped right, not distributed right; the cost of
+an IVF search depends on the lists it visits, which such queries visit as real ones would.
+
+FAISS, Ray and the modules built on them are imported where they are used: the CLI reads this
+module's defaults for ``--help``, which must not wait for them.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import requests
+
+from index.bench.index_bench import write_synthetic_embeddings
+from index.synthetic import ClusteredVectors
+
+log = logging.getLogger("vismem.index.serve_bench")
+APP = "vismem-serve-bench"
+
+
+@dataclass
+class ServeBenchConfig:
+    url: str | None = None              # a running app; else one is started over `memory`
+    memory: str | None = None
+    synthetic: int | None = None        # build a clustered synthetic memory of this many vectors first
+    dim: int = 384                      # of the synthetic memory
+    clusters: int = 32_768
+    spread: float = 0.6
+    shards: int = 4
+    singles: int = 300                  # single queries, one after another
+    clients: int = 8
+    seconds: float = 10.0               # of the concurrent run
+    batch: int = 256
+    batches: int = 8
+    k: int = 10
+    workdir: str | None = None
+    seed: int = 0
+
+
+def percentiles(seconds) -> dict:
+    ms = np.asarray(seconds) * 1000
+    return {"p50_ms": round(float(np.percentile(ms, 50)), 3), "p99_ms": round(float(np.percentile(ms, 99)), 3)}
+
+
+def timed(call, inputs) -> list[float]:
+    """The seconds each ``call(x)`` took, one after another."""
+    out = []
+    for x in inputs:
+        start = time.perf_counter()
+        call(x)
+        out.append(time.perf_counter() - start)
+    return out
+
+
+class Http:
+    """Search over HTTP with one kept-alive connection per thread (as any real client holds)."""
+
+    def __init__(self, url: str, k: int):
+        self.url, self.k, self.local = url.rstrip("/"), k, threading.local()
+
+    def search(self, vectors: np.ndarray) -> dict:
+        session = getattr(self.local, "session", None) or requests.Session()
+        self.local.session = session
+        response = session.post(f"{self.url}/v1/search", json={"vectors": vectors.tolist(), "k": self.k}, timeout=120)
+        response.raise_for_status()
+        answer = response.json()
+        if answer["partial"]:
+            raise RuntimeError(f"partial answer during the benchmark: shards {answer['missing_shards']} missing")
+        return answer
+
+
+def concurrent(search, queries: np.ndarray, clients: int, seconds: float) -> dict:
+    """``clients`` threads querying one vector at a time without pause for ``seconds``."""
+    latencies: list[list[float]] = [[] for _ in range(clients)]
+    stop = time.perf_counter() + seconds
+
+    def client(n: int) -> None:
+        rng = np.random.default_rng(n)
+        while time.perf_counter() < stop:
+            q = queries[rng.integers(len(queries))][None]
+            start = time.perf_counter()
+            search(q)
+            latencies[n].append(time.perf_counter() - start)
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
+    begun = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    every = [s for per in latencies for s in per]
+    return {"clients": clients, "queries": len(every), "qps": round(len(every) / (time.perf_counter() - begun), 1),
+            **percentiles(every)}
+
+
+def batched(search, queries: np.ndarray, batch: int, batches: int) -> dict:
+    """Vectors/s of ``batches`` requests of ``batch`` vectors each (the best of them: a shared machine)."""
+    chunks = [queries[i * batch:(i + 1) * batch] for i in range(batches)]
+    seconds = timed(search, chunks)
+    return {"batch": batch, "vectors_per_s": round(batch / min(seconds), 1),
+            "median_vectors_per_s": round(batch / float(np.median(seconds)), 1)}
+
+
+def bare_faiss(memory, k: int):
+    """One query batch against every shard's FAISS index at the memory's nprobe, no merge: the floor."""
+    from index.bench.index_bench import bare_search             # FAISS: see the module docstring
+    nprobe = memory.manifest.search_defaults(memory.nprobe).get("nprobe")
+    searches = [bare_search(part.index, k, nprobe) for shard in memory.shards for part in shard.parts]
+
+    def search(vectors: np.ndarray) -> None:
+        for one in searches:
+            one(vectors)
+    return search
+
+
+def build_synthetic(cfg: ServeBenchConfig, work: str, emit) -> str:
+    from index.build.build import build_memory                  # FAISS: see the module docstring
+    data = ClusteredVectors(cfg.dim, cfg.clusters, cfg.spread, cfg.seed)
+    start = time.perf_counter()
+    write_synthetic_embeddings(f"{work}/emb", data, cfg.synthetic, 100_000)
+    manifest = build_memory(f"{work}/emb", f"{work}/mem", cfg.shards, replace=True)
+    emit({"what": "build", "vectors": cfg.synthetic, "factory": manifest.factory, "shards": cfg.shards,
+          "recall": manifest.recall, "seconds": round(time.perf_counter() - start, 1)})
+    return f"{work}/mem"
+
+
+def start_app(memory_url: str):
+    """Serve ``memory_url`` on a free loopback port; (base URL, the Router's handle)."""
+    import socket
+
+    from index.serve import start                               # Ray Serve: see the module docstring
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}", start(memory_url, port=port, name=APP)
+
+
+def run(cfg: ServeBenchConfig, emit=print) -> dict:
+    """Measure; ``emit`` gets one dict per figure, the summary (with the ratios) is returned. When
+    the app is started here, the caller has connected Ray with Serve (``vismem serve bench`` does)."""
+    from index.memory import VisualMemory                      # FAISS: see the module docstring
+    if not (cfg.url or cfg.memory or cfg.synthetic):
+        raise ValueError("give the URL of a running app, a memory to serve, or a synthetic size to build")
+    with tempfile.TemporaryDirectory(prefix="vismem-serve-bench-") as tmp:
+        memory_url = build_synthetic(cfg, (cfg.workdir or tmp).rstrip("/"), emit) if cfg.synthetic else cfg.memory
+        url, handle = (cfg.url, None) if cfg.url else start_app(memory_url)
+        try:
+            return measure(cfg, url, handle, VisualMemory, emit)
+        finally:
+            if handle is not None:
+                from ray import serve
+                serve.delete(APP)
+
+
+def measure(cfg: ServeBenchConfig, url: str, handle, VisualMemory, emit) -> dict:
+    info = requests.get(f"{url.rstrip('/')}/v1/info", timeout=60)
+    info.raise_for_status()
+    info = info.json()
+    memory = VisualMemory.open(info["memory"])
+    n = max(cfg.singles, cfg.batch * cfg.batches)
+    queries = ClusteredVectors(info["dim"], cfg.clusters, cfg.spread, cfg.seed).queries(n)
+    queries = (queries / np.linalg.norm(queries, axis=1, keepdims=True)).astype(np.float32)
+    http, bare = Http(url, cfg.k), bare_faiss(memory, cfg.k)
+    paths = {"http": http.search, "in_process": lambda v: memory.search(v, cfg.k), "bare_faiss": bare}
+    if handle is not None:
+        from index.serve.api import SearchRequest
+        paths["handle"] = lambda v: handle.search.remote(SearchRequest(vectors=v.tolist(), k=cfg.k)).result()
+    for search in paths.values():                                 # warm every path (connections, caches)
+        for q in queries[:20]:
+            search(q[None])
+    summary = {"memory": info["memory"], "vectors": info["count"], "shards": len(info["shards"]),
+               "factory": info["factory"], "nprobe": info["search"].get("nprobe"), "recall": info["recall"], "k": cfg.k}
+    emit({"what": "memory", **summary})
+    singles = {}
+    for name, search in paths.items():
+        singles[name] = percentiles(timed(search, [q[None] for q in queries[:cfg.singles]]))
+        emit({"what": "single_query", "path": name, **singles[name]})
+    loads = {}
+    for name in ("http", "handle", "in_process"):
+        if name in paths:
+            loads[name] = concurrent(paths[name], queries, cfg.clients, cfg.seconds)
+            emit({"what": "concurrent", "path": name, **loads[name]})
+    batches = {}
+    for name, search in paths.items():
+        batches[name] = batched(search, queries, cfg.batch, cfg.batches)
+        emit({"what": "batches", "path": name, **batches[name]})
+    ratios = {"http_p50_over_in_process": round(singles["http"]["p50_ms"] / singles["in_process"]["p50_ms"], 1),
+              "in_process_p50_over_bare_faiss": round(singles["in_process"]["p50_ms"] / singles["bare_faiss"]["p50_ms"], 2),
+              "http_batched_over_in_process": round(batches["http"]["vectors_per_s"]
+                                                    / batches["in_process"]["vectors_per_s"], 3)}
+    emit({"what": "ratios", **ratios})
+    return {**summary, "single_query": singles, "concurrent": loads, "batches": batches, "ratios": ratios}
