@@ -19,7 +19,8 @@ import faiss
 import numpy as np
 
 from index.build.build import nprobe_candidates
-from index.build.recall import RunningTopk, drop_self, exact_topk, recall_at_k
+from index.build.recall import RunningTopk, drop_self, recall_at_k
+from index.exact import exact_topk
 from index.memory import VisualMemory
 from index.shard.faiss_io import reconstruct
 from index.snapshot import Snapshot

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from eval.knn import exact_search
+from index.exact import exact_search
 from index.build.build import build_memory
 from index.build.recall import recall_at_k
 from index.memory import VisualMemory
