@@ -23,7 +23,7 @@ import faiss
 import numpy as np
 
 from index.build.parallel_add import EmbeddingFile, Runner, parallel_add, plan_files, training_sample
-from index.ingest.embeddings import embedding_encoder
+from index.ingest.embeddings import check_embeddings_encoder, embedding_encoder
 from index.shard.faiss_io import serialize
 from index.shard.placement import Placement
 from index.shard.search import plain_ivf
@@ -135,7 +135,8 @@ def build_memory(embeddings_url: str, memory_url: str, shards: int = 2, factory:
     check_lists(shards, empty, factory)
     previous = current_manifest(memory_url)
     if previous is not None and not replace:
-        check_same_encoder(previous, encoder, dim, memory_url)
+        check_embeddings_encoder(previous, memory_url, encoder, dim, embeddings_url,
+                                 remedy="build into another --memory, or pass --replace to make them the current version")
     if trained is not None and (trained.d != dim or not trained.is_trained):
         raise ValueError(f"the trained index given must be a trained {dim}-d index")
 
@@ -235,13 +236,3 @@ def current_manifest(memory_url: str) -> Manifest | None:
         return read_manifest(memory_url)
     except FileNotFoundError:
         return None
-
-
-def check_same_encoder(previous: Manifest, encoder: dict, dim: int, memory_url: str) -> None:
-    """A new version must hold vectors of the same encoder as the current one (their similarities
-    mean nothing to each other otherwise), unless the user asks to replace the memory."""
-    if previous.encoder.get("sha256") != encoder.get("sha256") or previous.dim != dim:
-        raise ValueError(f"memory {memory_url} holds vectors of encoder {previous.encoder.get('name')} "
-                         f"({previous.dim}-d); these embeddings come from encoder {encoder.get('name')} ({dim}-d). "
-                         "Build into another --memory, or pass --replace to make them the current version")
-

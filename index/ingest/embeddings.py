@@ -180,11 +180,14 @@ def embedding_encoder(embeddings_url: str) -> dict:
     return {"name": job["encoder"], "sha256": job["encoder_sha256"]}
 
 
-def check_embeddings_encoder(manifest, memory_url: str, encoder: dict, dim: int, source: str) -> None:
-    """Added embeddings must come from the memory's encoder (``manifest``: the memory's current
-    Manifest) and have its dimension: similarities between two encoders' vectors mean nothing."""
+def check_embeddings_encoder(manifest, memory_url: str, encoder: dict, dim: int, source: str,
+                             remedy: str = "embed the images with the memory's encoder") -> None:
+    """Vectors joining a memory (added to it, built into its next version, or searched as its
+    queries) must come from the memory's encoder (``manifest``: the memory's current Manifest) and
+    have its dimension: similarities between two encoders' vectors mean nothing. The refusal names
+    the memory, ``source``, both encoders and both dimensions, and ends with ``remedy``."""
     if encoder.get("sha256") != manifest.encoder.get("sha256") or dim != manifest.dim:
         raise ValueError(f"memory {memory_url} holds vectors of encoder {manifest.encoder.get('name')} "
                          f"(sha256 {str(manifest.encoder.get('sha256'))[:12]}, {manifest.dim}-d); {source} holds "
                          f"vectors of encoder {encoder.get('name')} (sha256 {str(encoder.get('sha256'))[:12]}, "
-                         f"{dim}-d); embed the images with the memory's encoder")
+                         f"{dim}-d); {remedy}")

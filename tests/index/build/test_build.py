@@ -80,7 +80,8 @@ def test_another_encoder_is_refused_unless_replace(tmp_path):
     (tmp_path / "b" / "_embedding.json").write_text(json.dumps({"encoder": "runs/other", "encoder_sha256": "def"}))
     mem = str(tmp_path / "mem")
     build_memory(str(tmp_path / "a"), mem, shards=2)
-    with pytest.raises(ValueError, match=r"encoder raw-pixels:4 \(8-d\).*encoder runs/other \(16-d\).*--replace"):
+    with pytest.raises(ValueError, match=r"encoder raw-pixels:4 \(sha256 \w+, 8-d\).*"
+                                         r"encoder runs/other \(sha256 def, 16-d\).*--replace"):
         build_memory(str(tmp_path / "b"), mem, shards=2)
     assert list_versions(mem) == [1] and read_manifest(mem).dim == 8
     replaced = build_memory(str(tmp_path / "b"), mem, shards=2, replace=True)
