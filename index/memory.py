@@ -92,6 +92,10 @@ class VisualMemory:
         """Whether each of ``ids`` is a vector this version answers with."""
         return self.snapshot.live(ids)
 
+    def labels(self) -> set:
+        """The labels of the vectors this version answers with."""
+        return self.snapshot.labels()
+
     # edits -------------------------------------------------------------------------------------
     def add(self, vectors, labels, uris, source_ids=None, reason: str | None = None) -> tuple[int, np.ndarray]:
         """Add vectors (new classes welcome) as a new version; returns (version, their new ids)."""

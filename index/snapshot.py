@@ -82,6 +82,10 @@ class Snapshot:
             out |= shard.live(ids)
         return out
 
+    def labels(self) -> set:
+        """The labels of the vectors this version answers with."""
+        return set().union(*(shard.live_labels() for shard in self.shards))
+
     def matching(self, column: str, wanted: set) -> tuple[np.ndarray, set]:
         """Live ids whose ``column`` (uri or label) is in ``wanted``, and which of ``wanted`` occur."""
         found = [shard.matching(column, wanted) for shard in self.shards]

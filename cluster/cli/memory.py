@@ -224,16 +224,6 @@ def counts_text(counts: dict) -> str:
     return ", ".join(f"{k} {v}" for k, v in counts.items()) or "-"
 
 
-def live_labels(memory) -> set:
-    """The labels of the vectors ``memory`` answers with."""
-    import numpy as np
-    labels = set()
-    for shard in memory.shards:
-        for part in shard.parts:
-            labels.update(part.labels[~np.isin(part.ids, shard.deleted)])
-    return labels
-
-
 def open_memory(url: str, steps: Steps):
     from index.memory import VisualMemory
     steps(f"open {url}")
@@ -244,7 +234,7 @@ def cmd_memory_add(args) -> dict:
     import numpy as np
     with Steps("memory add", ["open", "add"]) as step:
         memory = open_memory(args.memory, step)
-        before = live_labels(memory)
+        before = memory.labels()
         step(f"read, encode and write {args.embeddings}")
         version, ids = memory.add_embeddings(args.embeddings, reason=args.reason)
     added = set()
