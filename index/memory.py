@@ -92,9 +92,9 @@ class VisualMemory:
         """Whether each of ``ids`` is a vector this version answers with."""
         return self.snapshot.live(ids)
 
-    def labels(self) -> set:
-        """The labels of the vectors this version answers with."""
-        return self.snapshot.labels()
+    def labels(self, ids=None) -> set:
+        """The labels of the vectors this version answers with (of those of ``ids`` it holds, when given)."""
+        return self.snapshot.labels(ids)
 
     # edits -------------------------------------------------------------------------------------
     def add(self, vectors, labels, uris, source_ids=None, reason: str | None = None) -> tuple[int, np.ndarray]:

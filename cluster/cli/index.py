@@ -129,11 +129,8 @@ def cmd_tune(args) -> dict:
     memory = VisualMemory.open(args.memory)
     queries = None
     if args.queries:
-        from index.ingest.embeddings import (check_embeddings_encoder, embedding_encoder, embedding_matrix,
-                                             read_embeddings)
-        queries = embedding_matrix(read_embeddings(args.queries))
-        check_embeddings_encoder(memory.manifest, memory.url, embedding_encoder(args.queries), queries.shape[1],
-                                 args.queries)
+        from index.ingest.embeddings import read_memory_embeddings
+        queries = read_memory_embeddings(memory.manifest, memory.url, args.queries)[1]
     before = memory.manifest.search.get("nprobe")
     version, result = tune(memory, args.target_recall, queries, args.held_out, args.k, args.reason)
     print(f"memory {args.memory}: version {version}, nprobe {before} -> {result['nprobe']}: recall@{result['k']} "

@@ -237,10 +237,7 @@ def cmd_memory_add(args) -> dict:
         before = memory.labels()
         step(f"read, encode and write {args.embeddings}")
         version, ids = memory.add_embeddings(args.embeddings, reason=args.reason)
-    added = set()
-    for shard in memory.shards:
-        added.update(shard.lookup(ids[shard.held(ids)])[1].tolist())
-    new = sorted((added - before) - {None}, key=str)
+    new = sorted((memory.labels(ids) - before) - {None}, key=str)
     print(f"memory {args.memory}: version {version} adds {len(ids)} vectors (ids {ids.min()}–{ids.max()}), "
           f"{len(new)} new classes{': ' + ', '.join(map(str, new[:20])) if new else ''}"
           f"{' …' if len(new) > 20 else ''}; {len(memory)} vectors now")
@@ -323,11 +320,8 @@ def read_labelled_queries(memory, url: str):
     encoder and all carry a label."""
     import numpy as np
 
-    from index.ingest.embeddings import (check_embeddings_encoder, embedding_encoder, embedding_matrix,
-                                         read_embeddings)
-    table = read_embeddings(url)
-    vectors = embedding_matrix(table)
-    check_embeddings_encoder(memory.manifest, memory.url, embedding_encoder(url), vectors.shape[1], url)
+    from index.ingest.embeddings import read_memory_embeddings
+    table, vectors = read_memory_embeddings(memory.manifest, memory.url, url)
     labels = np.array(table.column("label").to_pylist(), dtype=object)
     unlabelled = int(sum(label is None for label in labels))
     if not len(vectors) or unlabelled:

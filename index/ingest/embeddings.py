@@ -15,8 +15,9 @@ One output folder ``OUT/`` holds the embeddings of one collection by one encoder
   a record without its Parquet is redone by the next run.
 - ``errors.jsonl``: every unreadable image of every partition, rewritten at the end of each run.
 
-``embedding_encoder`` reads back the encoder a folder's vectors came from, and
-``check_embeddings_encoder`` refuses vectors of another encoder than a memory's.
+``embedding_encoder`` reads back the encoder a folder's vectors came from,
+``check_embeddings_encoder`` refuses vectors of another encoder than a memory's (the one check, for
+the build, an add and a memory's queries) and ``read_memory_embeddings`` reads a folder with it.
 """
 
 from __future__ import annotations
@@ -178,6 +179,16 @@ def embedding_encoder(embeddings_url: str) -> dict:
     with fsspec.open(embeddings_url.rstrip("/") + "/" + JOB_FILE) as f:
         job = json.load(f)
     return {"name": job["encoder"], "sha256": job["encoder_sha256"]}
+
+
+def read_memory_embeddings(manifest, memory_url: str, url: str) -> tuple[pa.Table, np.ndarray]:
+    """(table, vectors) of the embeddings at ``url``, refused unless they come from the encoder of
+    the memory at ``memory_url`` (``manifest``: its current Manifest): vectors to add to it, or
+    queries to measure or prune it with."""
+    table = read_embeddings(url)
+    vectors = embedding_matrix(table)
+    check_embeddings_encoder(manifest, memory_url, embedding_encoder(url), vectors.shape[1], url)
+    return table, vectors
 
 
 def check_embeddings_encoder(manifest, memory_url: str, encoder: dict, dim: int, source: str,
