@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
 from cluster.cli.common import (add_command, add_common, add_group, add_k, add_nprobe, check_positive, parse_ints,
@@ -89,8 +88,8 @@ def cmd_build(args) -> dict:
 
     from tqdm import tqdm
 
-    from cluster.runtime import ray_session
-    from index.build.build import PARALLEL_MIN, build_memory
+    from cluster.runtime import named_cluster, ray_session
+    from index.build.build import build_memory, runs_in_process
     from index.build.parallel_add import plan_files
     check_positive(args, "shards", "nprobe")
     options = {}                                     # only what was asked for: build_memory's defaults otherwise
@@ -107,8 +106,7 @@ def cmd_build(args) -> dict:
         bars[stage].update(done - bars[stage].n)
 
     plan = plan_files(args.embeddings)               # footers read once, here and for the build
-    if args.local or (sum(f.rows for f in plan[0]) < PARALLEL_MIN and not args.address
-                      and not os.environ.get("RAY_ADDRESS")):
+    if runs_in_process(sum(f.rows for f in plan[0]), args.local, named_cluster(args.address) is not None):
         manifest = build_memory(args.embeddings, args.memory, args.shards, args.factory, progress=progress,
                                 use_ray=False, plan=plan, **options)
     else:

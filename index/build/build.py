@@ -140,8 +140,8 @@ def build_memory(embeddings_url: str, memory_url: str, shards: int = 2, factory:
     if trained is not None and (trained.d != dim or not trained.is_trained):
         raise ValueError(f"the trained index given must be a trained {dim}-d index")
 
-    if use_ray is None and count < PARALLEL_MIN:
-        use_ray = False                        # seconds in process; Ray's task start-up would be most of it
+    if use_ray is None and runs_in_process(count):
+        use_ray = False
     runner = Runner(progress, use_ray, urls=(embeddings_url, memory_url))
     owner = trained if trained is not None else empty     # keeps the IVF view's object alive
     ivf = faiss.try_extract_index_ivf(owner)
@@ -229,6 +229,14 @@ def check_lists(shards: int, empty: faiss.Index, factory: str) -> None:
     if ivf is not None and shards > ivf.nlist:
         raise ValueError(f"{shards} shards cannot each own some of the {ivf.nlist} inverted lists of {factory}; "
                          f"use at most {ivf.nlist} shards or more lists")
+
+
+def runs_in_process(count: int, local: bool = False, cluster_named: bool = False) -> bool:
+    """The one Ray-or-not rule of a build of ``count`` vectors: in this process when asked
+    (``local``), or when it holds fewer than ``PARALLEL_MIN`` vectors and no Ray cluster is named
+    (``cluster_named``: an address was given); seconds in process, where Ray's task start-up would
+    be most of the time. Otherwise on Ray (``build_memory`` with ``use_ray=None``: when connected)."""
+    return local or (count < PARALLEL_MIN and not cluster_named)
 
 
 def current_manifest(memory_url: str) -> Manifest | None:

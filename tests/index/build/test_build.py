@@ -158,3 +158,11 @@ def test_index_bench_command_measures_recall_beside_bare_faiss(tmp_path):
     default = next(r for r in searches if r["default"])
     assert default["recall_at_10"] >= 0.93
     assert min(r["recall_at_10"] for r in searches) < 0.9            # nprobe=1 would not do
+
+
+def test_the_ray_or_not_rule():
+    """In process when asked, or below PARALLEL_MIN vectors with no cluster named; Ray otherwise."""
+    from index.build.build import PARALLEL_MIN, runs_in_process
+    assert runs_in_process(10) and runs_in_process(10 * PARALLEL_MIN, local=True)
+    assert not runs_in_process(PARALLEL_MIN) and not runs_in_process(10, cluster_named=True)
+
