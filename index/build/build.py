@@ -42,9 +42,10 @@ PLACEMENT_SAMPLE = 32_768      # sample vectors whose lists estimate the list si
 def choose_factory(n: int, dim: int) -> str:
     """Flat below ~100k vectors; IVF with 8-bit scalar codes above (HNSW coarse quantiser from 10M).
 
-    nlist ≈ 8·√N rounded to a power of two. Why SQ8 and not PQ: measured at 1M clustered vectors
-    of d=384 (``vismem index bench``), IVF-PQ64 tops out near recall@10 0.5–0.7 whatever nprobe,
-    and PQ64 re-ranked with SQ8 codes costs more bytes than SQ8 alone (README, "Recall"). A user
+    nlist ≈ 8·√N rounded to a power of two. Why SQ8 and not PQ: at 1M clustered vectors of d=384
+    (``vismem index bench``), IVF-PQ64 tops out at a low recall@10 whatever nprobe, and PQ64
+    re-ranked with SQ8 codes costs more bytes than SQ8 alone (the figures: README, "Recall", and
+    ``eval/results/index_bench_1M_*``). A user
     who needs fewer bytes per vector passes ``--factory IVF…,PQ…`` and the build reports the
     recall it measured.
     """
@@ -57,8 +58,8 @@ def choose_factory(n: int, dim: int) -> str:
 
 
 def training_size(factory: str) -> int:
-    """How many vectors an IVF factory trains on: ≥ 39·nlist, and ≥ 9,984 for 8-bit PQ (DESIGN.md
-    §3); 0 for the others (see ``NON_IVF_TRAINING``)."""
+    """How many vectors an IVF factory trains on: ≥ 39·nlist, and ≥ 9,984 for 8-bit PQ (docs/ARCHITECTURE.md
+    §5); 0 for the others (see ``NON_IVF_TRAINING``)."""
     if "IVF" not in factory:
         return 0
     nlist = int(factory.split("IVF")[1].split(",")[0].split("_")[0])

@@ -1,4 +1,4 @@
-"""The embeddings contract (DESIGN §4): what ``vismem embed`` writes and ``vismem index build`` reads.
+"""The embeddings contract (docs/ARCHITECTURE.md §3): what ``vismem embed`` writes and ``vismem index build`` reads.
 
 One output folder ``OUT/`` holds the embeddings of one collection by one encoder:
 

@@ -1,6 +1,6 @@
 """One shard of the memory, as it is stored and searched: its state and the rule of which ids are live.
 
-A shard is kept the way log-structured stores keep data (DESIGN §3): a base index, small delta
+A shard is kept the way log-structured stores keep data (docs/ARCHITECTURE.md §5): a base index, small delta
 segments that hold vectors added later, and a deletion set of removed ids. Base and segments are
 copies of the memory's one trained empty index, so their inner products are comparable; the
 deletion set is applied inside FAISS at search time (an ``IDSelector`` in the per-call search
