@@ -17,7 +17,9 @@ from typing import Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from eval.readable import readable_images
 from index.exact import exact_search
+from index.ingest.collections import list_partitions
 from index.voting import RULES, neighbour_weights, vote
 
 log = logging.getLogger("vismem.eval.knn")
@@ -72,8 +74,6 @@ def embed_labelled(url: str, encoder, batch_size: int = 512, progress: bool = Tr
     Unreadable images are skipped and logged; an image without a label is an error, since a kNN
     evaluation needs every label.
     """
-    from eval.readable import readable_images
-    from index.ingest.collections import list_partitions
 
     parts = list_partitions(url, batch_size)
     vectors, labels = [], []

@@ -1,4 +1,8 @@
-"""``vismem encoder``: train, evaluate, compare and benchmark encoders."""
+"""``vismem encoder``: train, evaluate, compare and benchmark encoders.
+
+Imports inside the commands are on purpose: ``vismem --help`` and each command import no Ray, FAISS or
+torch they do not use (see ``cluster.cli``).
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""``vismem memory``: inspect, edit, version and benchmark a memory."""
+"""``vismem memory``: inspect, edit, version and benchmark a memory.
+
+Imports inside the commands are on purpose: ``vismem --help`` and each command import no Ray, FAISS or
+torch they do not use (see ``cluster.cli``).
+"""
 
 from __future__ import annotations
 
