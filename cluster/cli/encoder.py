@@ -13,6 +13,7 @@ from cluster.cli.common import (add_command, add_common, add_device, add_group, 
 
 
 def add_encoder_parsers(sub) -> None:
+    # long on purpose: one declarative argparse block per command, read top to bottom like its --help
     from encoder.config import PRESETS, READOUTS
     from eval.knn import K_SWEEP
     from procdata.generators import GENERATORS

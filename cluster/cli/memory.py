@@ -13,6 +13,7 @@ from cluster.cli.common import add_command, add_common, add_group, add_k, check_
 
 
 def add_memory_parsers(sub) -> None:
+    # long on purpose: one declarative argparse block per command, read top to bottom like its --help
     mem = add_group(sub, "memory", "inspect and edit memories: add, remove, prune, history, rollback, clean-up")
 
     def command(name: str, help: str, description: str, examples: list[str]) -> argparse.ArgumentParser:
