@@ -4,6 +4,9 @@ FAISS memory → Ray Serve router → kNN classification of held-out real images
 Runs on the embedded defaults (local Ray on 127.0.0.1, a local folder as the object store,
 scikit-learn's bundled digits as the real images) and, unchanged, as a Ray job on a cluster with
 ``--store s3://...``.
+
+Each stage imports what it uses (torch, Ray, FAISS, Serve) inside: ``vismem demo``'s parser reads
+``DemoConfig`` from this module, and ``vismem --help`` must not pay for those imports.
 """
 
 from __future__ import annotations

@@ -18,6 +18,9 @@ In one process and without Ray or FAISS (GPU machines for this check have torch 
 Every section is timed and guarded: one that fails records its error and the next one runs, and
 the JSON file is rewritten after each, so a run cut short still leaves what it measured.
 ``--tiny`` shrinks everything so that the CPU test suite runs the whole script in seconds.
+
+Each section imports what it uses inside, so that a module missing on the machine fails that
+section alone (recorded) and not the whole check.
 """
 
 from __future__ import annotations

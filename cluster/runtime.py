@@ -18,11 +18,16 @@ from contextlib import contextmanager
 log = logging.getLogger("vismem.cluster")
 
 
+def named_cluster(address: str | None = None) -> str | None:
+    """The Ray cluster to join: ``address`` (``--address``), else RAY_ADDRESS; None for a local Ray."""
+    return address or os.environ.get("RAY_ADDRESS") or None
+
+
 def loopback_only(address: str | None = None) -> None:
     """Make a local Ray bind 127.0.0.1; a no-op when joining a cluster (``address``/RAY_ADDRESS)."""
     if address:
         os.environ["RAY_ADDRESS"] = address
-    if not os.environ.get("RAY_ADDRESS"):
+    if not named_cluster():
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
@@ -33,7 +38,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
-    address = os.environ.get("RAY_ADDRESS")
+    address = named_cluster()
     if address:
         ray.init(address=address, log_to_driver=True)
         log.info("joined the Ray cluster at %s: %s", address, ray.cluster_resources())

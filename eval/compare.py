@@ -155,7 +155,7 @@ def compare(cfg: TrainConfig, control: str, evals: list[EvalSet], out_url: str, 
 
 def plot(result: dict, url: str) -> str:
     """Top-1 on the first eval set against training steps for both runs, the baselines as lines."""
-    import matplotlib
+    import matplotlib                   # here: only a comparison that draws its plot pays for matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     first = result["curve_eval_set"]

@@ -23,7 +23,7 @@ def write_digits(root_url: str, size: int = 32, query_fraction: float = 0.25, se
     Returns ``{"memory": url, "queries": url, "counts": {...}}``. The marker file is written last,
     so an interrupted write is redone next time.
     """
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits     # here: scikit-learn only when the digits are first written
 
     root_url = root_url.rstrip("/")
     fs, root = fsspec.core.url_to_fs(root_url)

@@ -23,18 +23,22 @@ import time
 
 import numpy as np
 
+from encoder.embed import Encoder
+from eval.readable import same_size_images
+from index.build.build import build_memory
+from index.ingest.embeddings import write_vectors
+from index.memory import VisualMemory
+
 log = logging.getLogger("vismem.eval.editing")
 
 
 def embed_split(url: str, encoder, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Unit vectors and labels of every image of a same-size labelled collection."""
-    from eval.readable import same_size_images
     images, labels = same_size_images(url, limit)
     return encoder.embed(images, batch_size=1024), np.asarray(labels, dtype=object)
 
 
 def write_split(url: str, encoder, vectors: np.ndarray, labels: np.ndarray, ids: np.ndarray) -> str:
-    from index.ingest.embeddings import write_vectors
     return write_vectors(url, vectors[ids], labels[ids], [f"train#{i}" for i in ids], ids=ids, encoder=encoder.name,
                          encoder_sha256=encoder.sha256)
 
@@ -47,8 +51,6 @@ def accuracy(memory, vectors: np.ndarray, labels: np.ndarray, k: int, rule: str)
 
 def class_addition(train, test, encoder, work: str, k: int, rule: str, old: list[str]) -> dict:
     """Build from the ``old`` classes, add the rest, and compare with a build from all of them."""
-    from index.build.build import build_memory
-    from index.memory import VisualMemory
     (train_x, train_y), (test_x, test_y) = train, test
     is_old_train, is_old_test = np.isin(train_y, old), np.isin(test_y, old)
     build_memory(write_split(f"{work}/old", encoder, train_x, train_y, np.flatnonzero(is_old_train)),
@@ -83,8 +85,6 @@ def exact_same_answers(a, b, queries: np.ndarray, k: int) -> bool:
 
 def pruning(train, test, encoder, work: str, k: int, rule: str, thresholds: list[int]) -> dict:
     """Test accuracy of the whole memory, and after hard pruning (each threshold) and soft pruning."""
-    from index.build.build import build_memory
-    from index.memory import VisualMemory
     (train_x, train_y), (test_x, test_y) = train, test
     url = write_split(f"{work}/prune-all", encoder, train_x, train_y, np.arange(len(train_x)))
     runs = []
@@ -106,7 +106,6 @@ def pruning(train, test, encoder, work: str, k: int, rule: str, thresholds: list
 
 def run(cifar: str, encoder_spec: str, k: int, rule: str, thresholds: list[int], figures: list[str],
         limit: int | None = None) -> dict:
-    from encoder.embed import Encoder
     encoder = Encoder.load(encoder_spec)
     train = embed_split(f"{cifar}/train.parquet", encoder, limit)
     test = embed_split(f"{cifar}/test.parquet", encoder, limit)

@@ -5,8 +5,8 @@ papers' protocol: softmax-weighted votes (T = 0.07) for every k of a sweep from 
 at the largest k, reporting the best. ``embed_labelled`` embeds a labelled collection in any
 format ``index.ingest.collections`` reads (folder tree or Parquet, local or object storage).
 
-The exact search is FAISS's where FAISS is installed, else the same search in torch (on the GPU
-when there is one), so the evaluation runs on machines that have torch alone.
+The exact search is ``index.exact``'s (FAISS's where FAISS is installed, else the same search in
+torch), so the evaluation runs on machines that have torch alone.
 """
 
 from __future__ import annotations
@@ -15,46 +15,16 @@ import logging
 from typing import Sequence
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
+from eval.readable import readable_images
+from index.exact import exact_search
+from index.ingest.collections import list_partitions
 from index.voting import RULES, neighbour_weights, vote
 
 log = logging.getLogger("vismem.eval.knn")
 
 K_SWEEP = (1, 2, 5, 10, 20, 50, 100, 200)
-
-
-def exact_search(memory: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Cosine similarities and ids of each query's ``k`` nearest memory vectors (unit vectors),
-    best first: FAISS's brute-force ``faiss.knn`` by inner product, no index built (torch's
-    ``torch_exact_search`` where FAISS is not installed)."""
-    if memory.shape[1] != queries.shape[1]:
-        raise ValueError(f"memory vectors have dimension {memory.shape[1]} but queries {queries.shape[1]}")
-    try:
-        import faiss
-    except ImportError:
-        return torch_exact_search(memory, queries, k)
-    return faiss.knn(queries, memory, min(k, len(memory)), metric=faiss.METRIC_INNER_PRODUCT)
-
-
-def torch_exact_search(memory: np.ndarray, queries: np.ndarray, k: int,
-                       device: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """``exact_search`` as a matrix product and ``topk`` in torch, on ``device`` (default: the GPU
-    when there is one), queries in chunks so the score matrix stays under ~1 GB."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    k = min(k, len(memory))
-    base = torch.from_numpy(np.ascontiguousarray(memory, dtype=np.float32)).to(device)
-    chunk = max(1, 2 ** 28 // max(1, len(memory)))
-    sims, ids = [], []
-    for start in range(0, len(queries), chunk):
-        q = torch.from_numpy(np.ascontiguousarray(queries[start:start + chunk], dtype=np.float32)).to(device)
-        top = (q @ base.T).topk(k, dim=1)
-        sims.append(top.values.cpu().numpy())
-        ids.append(top.indices.cpu().numpy().astype(np.int64))
-    if not sims:
-        return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
-    return np.concatenate(sims), np.concatenate(ids)
 
 
 def knn_accuracy(memory: np.ndarray, memory_labels, queries: np.ndarray, query_labels, k: int = 10,
@@ -104,8 +74,6 @@ def embed_labelled(url: str, encoder, batch_size: int = 512, progress: bool = Tr
     Unreadable images are skipped and logged; an image without a label is an error, since a kNN
     evaluation needs every label.
     """
-    from eval.readable import readable_images
-    from index.ingest.collections import list_partitions
 
     parts = list_partitions(url, batch_size)
     vectors, labels = [], []

@@ -42,7 +42,7 @@ def same_size_images(url: str, limit: int | None = None, seed: int = 0) -> tuple
     """Every readable image of a collection whose images share one size (CIFAR-10, say), decoded
     once as uint8 ``[n, 3, H, W]``, with their labels; ``limit`` keeps a random subset of that many.
     For evaluations that embed one collection with several encoders."""
-    import torch
+    import torch                    # here: listing and decoding a collection needs no torch
     images, labels = [], []
     for _, items in readable_images(url):
         for _, label, image in items:

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from eval.readable import readable_images
+from index.ingest.collections import open_collection
 
 log = logging.getLogger("vismem.eval.real_control")
 
@@ -67,7 +68,6 @@ def train_on_collection(cfg, url: str, out_url: str, local: bool = False, device
                         **train_kwargs) -> str:
     """Train ``cfg``'s recipe on the real collection at ``url`` (the control run); the encoder URL.
     Through Ray Train, or with ``local`` in this process on ``device`` (encoder.local)."""
-    from index.ingest.collections import open_collection
     url = url if "://" in url else os.path.abspath(url)       # workers run elsewhere
     open_collection(url)                                        # a clear error before any training work
     cfg = dataclasses.replace(cfg, real_data=url)
@@ -76,7 +76,7 @@ def train_on_collection(cfg, url: str, out_url: str, local: bool = False, device
         return CollectionStream(url, cfg.arch.img_size, cfg.batch_size, cfg.seed, rank, world_size, device=device)
 
     if local:
-        from encoder.local import default_device, train_local
+        from encoder.local import default_device, train_local   # here: each path imports its own trainer (Ray Train's imports ray)
         return train_local(cfg, out_url, device=device, stream=stream(0, 1, device or str(default_device())),
                            **train_kwargs)
     from encoder.train import train

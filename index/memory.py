@@ -92,6 +92,10 @@ class VisualMemory:
         """Whether each of ``ids`` is a vector this version answers with."""
         return self.snapshot.live(ids)
 
+    def labels(self, ids=None) -> set:
+        """The labels of the vectors this version answers with (of those of ``ids`` it holds, when given)."""
+        return self.snapshot.labels(ids)
+
     # edits -------------------------------------------------------------------------------------
     def add(self, vectors, labels, uris, source_ids=None, reason: str | None = None) -> tuple[int, np.ndarray]:
         """Add vectors (new classes welcome) as a new version; returns (version, their new ids)."""

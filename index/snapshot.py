@@ -82,6 +82,14 @@ class Snapshot:
             out |= shard.live(ids)
         return out
 
+    def labels(self, ids=None) -> set:
+        """The labels of the vectors this version answers with (of those of ``ids`` it holds, when
+        given: a new version's labels of the ids an edit just added)."""
+        if ids is None:
+            return set().union(*(shard.live_labels() for shard in self.shards))
+        ids = np.asarray(ids, dtype=np.int64)
+        return set().union(*(shard.lookup(ids[shard.held(ids)])[1].tolist() for shard in self.shards))
+
     def matching(self, column: str, wanted: set) -> tuple[np.ndarray, set]:
         """Live ids whose ``column`` (uri or label) is in ``wanted``, and which of ``wanted`` occur."""
         found = [shard.matching(column, wanted) for shard in self.shards]

@@ -1,6 +1,6 @@
 """Storage helpers every package shares (procdata is the lowest layer, so they live here).
 
-Storage is always an fsspec URL (DESIGN §2). Three things every writer needs, each in one place:
+Storage is always an fsspec URL (docs/ARCHITECTURE.md §3). Three things every writer needs, each in one place:
 an atomic write (a reader never sees half a file), a Parquet table as bytes, and the check that an
 output location can be written without creating a bucket or a path the user did not ask for.
 """

@@ -194,3 +194,11 @@ def test_embed_shows_progress_with_images_per_second(ray_local, tmp_path, capsys
     assert main(args) == 0                                   # nothing left to embed: no bar
     captured = capsys.readouterr()
     assert "img/s" not in captured.err and json.loads(captured.out.splitlines()[-1])["computed"] == 0
+
+
+def test_the_named_cluster(monkeypatch):
+    from cluster.runtime import named_cluster
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert named_cluster() is None and named_cluster("ray://head:10001") == "ray://head:10001"
+    monkeypatch.setenv("RAY_ADDRESS", "auto")
+    assert named_cluster() == "auto" and named_cluster("ray://head:10001") == "ray://head:10001"

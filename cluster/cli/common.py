@@ -1,5 +1,9 @@
 """What every command shares: the help formatter, option helpers, value checks, one-line errors and
-the signal handling of long-running commands."""
+the signal handling of long-running commands.
+
+Imports inside the commands are on purpose: ``vismem --help`` and each command import no Ray, FAISS or
+torch they do not use (see ``cluster.cli``).
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""``vismem demo``: the main job end to end on the embedded defaults."""
+"""``vismem demo``: the main job end to end on the embedded defaults.
+
+Imports inside the commands are on purpose: ``vismem --help`` and each command import no Ray, FAISS or
+torch they do not use (see ``cluster.cli``).
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""``vismem embed``: batch-embed a collection with Ray Data (or benchmark the pipeline)."""
+"""``vismem embed``: batch-embed a collection with Ray Data (or benchmark the pipeline).
+
+Imports inside the commands are on purpose: ``vismem --help`` and each command import no Ray, FAISS or
+torch they do not use (see ``cluster.cli``).
+"""
 
 from __future__ import annotations
 

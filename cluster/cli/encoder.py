@@ -1,4 +1,8 @@
-"""``vismem encoder``: train, evaluate, compare and benchmark encoders."""
+"""``vismem encoder``: train, evaluate, compare and benchmark encoders.
+
+Imports inside the commands are on purpose: ``vismem --help`` and each command import no Ray, FAISS or
+torch they do not use (see ``cluster.cli``).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from cluster.cli.common import (add_command, add_common, add_device, add_group, 
 
 
 def add_encoder_parsers(sub) -> None:
+    # long on purpose: one declarative argparse block per command, read top to bottom like its --help
     from encoder.config import PRESETS, READOUTS
     from eval.knn import K_SWEEP
     from procdata.generators import GENERATORS

@@ -1,8 +1,11 @@
-"""``vismem index``: build, tune and benchmark a memory."""
+"""``vismem index``: build, tune and benchmark a memory.
+
+Imports inside the commands are on purpose: ``vismem --help`` and each command import no Ray, FAISS or
+torch they do not use (see ``cluster.cli``).
+"""
 
 from __future__ import annotations
 
-import os
 import sys
 
 from cluster.cli.common import (add_command, add_common, add_group, add_k, add_nprobe, check_positive, parse_ints,
@@ -89,8 +92,8 @@ def cmd_build(args) -> dict:
 
     from tqdm import tqdm
 
-    from cluster.runtime import ray_session
-    from index.build.build import PARALLEL_MIN, build_memory
+    from cluster.runtime import named_cluster, ray_session
+    from index.build.build import build_memory, runs_in_process
     from index.build.parallel_add import plan_files
     check_positive(args, "shards", "nprobe")
     options = {}                                     # only what was asked for: build_memory's defaults otherwise
@@ -107,8 +110,7 @@ def cmd_build(args) -> dict:
         bars[stage].update(done - bars[stage].n)
 
     plan = plan_files(args.embeddings)               # footers read once, here and for the build
-    if args.local or (sum(f.rows for f in plan[0]) < PARALLEL_MIN and not args.address
-                      and not os.environ.get("RAY_ADDRESS")):
+    if runs_in_process(sum(f.rows for f in plan[0]), args.local, named_cluster(args.address) is not None):
         manifest = build_memory(args.embeddings, args.memory, args.shards, args.factory, progress=progress,
                                 use_ray=False, plan=plan, **options)
     else:
@@ -129,11 +131,8 @@ def cmd_tune(args) -> dict:
     memory = VisualMemory.open(args.memory)
     queries = None
     if args.queries:
-        from index.ingest.embeddings import (check_embeddings_encoder, embedding_encoder, embedding_matrix,
-                                             read_embeddings)
-        queries = embedding_matrix(read_embeddings(args.queries))
-        check_embeddings_encoder(memory.manifest, memory.url, embedding_encoder(args.queries), queries.shape[1],
-                                 args.queries)
+        from index.ingest.embeddings import read_memory_embeddings
+        queries = read_memory_embeddings(memory.manifest, memory.url, args.queries)[1]
     before = memory.manifest.search.get("nprobe")
     version, result = tune(memory, args.target_recall, queries, args.held_out, args.k, args.reason)
     print(f"memory {args.memory}: version {version}, nprobe {before} -> {result['nprobe']}: recall@{result['k']} "

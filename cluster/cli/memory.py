@@ -1,4 +1,8 @@
-"""``vismem memory``: inspect, edit, version and benchmark a memory."""
+"""``vismem memory``: inspect, edit, version and benchmark a memory.
+
+Imports inside the commands are on purpose: ``vismem --help`` and each command import no Ray, FAISS or
+torch they do not use (see ``cluster.cli``).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from cluster.cli.common import add_command, add_common, add_group, add_k, check_
 
 
 def add_memory_parsers(sub) -> None:
+    # long on purpose: one declarative argparse block per command, read top to bottom like its --help
     mem = add_group(sub, "memory", "inspect and edit memories: add, remove, prune, history, rollback, clean-up")
 
     def command(name: str, help: str, description: str, examples: list[str]) -> argparse.ArgumentParser:
@@ -224,16 +229,6 @@ def counts_text(counts: dict) -> str:
     return ", ".join(f"{k} {v}" for k, v in counts.items()) or "-"
 
 
-def live_labels(memory) -> set:
-    """The labels of the vectors ``memory`` answers with."""
-    import numpy as np
-    labels = set()
-    for shard in memory.shards:
-        for part in shard.parts:
-            labels.update(part.labels[~np.isin(part.ids, shard.deleted)])
-    return labels
-
-
 def open_memory(url: str, steps: Steps):
     from index.memory import VisualMemory
     steps(f"open {url}")
@@ -244,13 +239,10 @@ def cmd_memory_add(args) -> dict:
     import numpy as np
     with Steps("memory add", ["open", "add"]) as step:
         memory = open_memory(args.memory, step)
-        before = live_labels(memory)
+        before = memory.labels()
         step(f"read, encode and write {args.embeddings}")
         version, ids = memory.add_embeddings(args.embeddings, reason=args.reason)
-    added = set()
-    for shard in memory.shards:
-        added.update(shard.lookup(ids[shard.held(ids)])[1].tolist())
-    new = sorted((added - before) - {None}, key=str)
+    new = sorted((memory.labels(ids) - before) - {None}, key=str)
     print(f"memory {args.memory}: version {version} adds {len(ids)} vectors (ids {ids.min()}–{ids.max()}), "
           f"{len(new)} new classes{': ' + ', '.join(map(str, new[:20])) if new else ''}"
           f"{' …' if len(new) > 20 else ''}; {len(memory)} vectors now")
@@ -333,11 +325,8 @@ def read_labelled_queries(memory, url: str):
     encoder and all carry a label."""
     import numpy as np
 
-    from index.ingest.embeddings import (check_embeddings_encoder, embedding_encoder, embedding_matrix,
-                                         read_embeddings)
-    table = read_embeddings(url)
-    vectors = embedding_matrix(table)
-    check_embeddings_encoder(memory.manifest, memory.url, embedding_encoder(url), vectors.shape[1], url)
+    from index.ingest.embeddings import read_memory_embeddings
+    table, vectors = read_memory_embeddings(memory.manifest, memory.url, url)
     labels = np.array(table.column("label").to_pylist(), dtype=object)
     unlabelled = int(sum(label is None for label in labels))
     if not len(vectors) or unlabelled:

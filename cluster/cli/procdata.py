@@ -1,4 +1,8 @@
-"""``vismem procdata``: write, preview, benchmark and measure procedural data sets."""
+"""``vismem procdata``: write, preview, benchmark and measure procedural data sets.
+
+Imports inside the commands are on purpose: ``vismem --help`` and each command import no Ray, FAISS or
+torch they do not use (see ``cluster.cli``).
+"""
 
 from __future__ import annotations
 

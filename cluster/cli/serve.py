@@ -1,4 +1,8 @@
-"""``vismem serve`` and the HTTP client commands (``vismem classify``, ``vismem query``)."""
+"""``vismem serve`` and the HTTP client commands (``vismem classify``, ``vismem query``).
+
+Imports inside the commands are on purpose: ``vismem --help`` and each command import no Ray, FAISS or
+torch they do not use (see ``cluster.cli``).
+"""
 
 from __future__ import annotations
 

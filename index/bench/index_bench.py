@@ -102,8 +102,9 @@ def run(cfg: IndexBenchConfig, emit=print, start_ray=None):
     """
     import faiss                                                # FAISS and what builds on it: see the docstring
 
-    from index.build.build import CALIBRATION_QUERIES, training_size, with_ids
+    from index.build.build import CALIBRATION_QUERIES, training_size
     from index.build.recall import recall_at_k
+    from index.exact import exact_search
     from index.memory import VisualMemory
     from index.shard.faiss_io import load_trained
     from index.store.manifest import read_manifest
@@ -125,17 +126,7 @@ def run(cfg: IndexBenchConfig, emit=print, start_ray=None):
         fs, root = fsspec.core.url_to_fs(memory_url)
         memory_bytes = sum(fs.size(f"{root}/{s.index}") for s in manifest.shards)
         for workers, build in builds.items():
-            emit({"what": "build_run", "vectors": cfg.vectors, "dim": cfg.dim, "shards": cfg.shards,
-                  "factory": manifest.factory, "workers": workers, "build_s": round(build["seconds"], 1),
-                  "stages_ended_s": build["stages_ended_s"],
-                  "vectors_per_s": round(cfg.vectors / build["seconds"]),
-                  "bare_train_add_s": round(bare_build["seconds"], 1), "wall_ratio_to_bare": round(build["seconds"] / bare_build["seconds"], 2),
-                  "bare_train_s": round(bare_build["train_s"], 1), "bare_add_s": round(bare_build["add_s"], 1),
-                  "worker_peak_rss_gb": build["worker_peak_rss_gb"],
-                  "file_vectors_gb": round(cfg.file_rows * cfg.dim * 4 / 2 ** 30, 2),
-                  "driver_peak_rss_gb": build["peak_rss_gb"], "training_sample_gb": round(sample_gb, 2),
-                  "driver_above_sample_gb": round(build["peak_rss_gb"] - sample_gb, 2),
-                  "bare_peak_rss_gb": bare_build["peak_rss_gb"]})
+            emit(build_run_record(cfg, manifest.factory, workers, build, bare_build, sample_gb))
         summary = {"what": "build", "vectors": cfg.vectors, "dim": cfg.dim, "shards": cfg.shards,
                    "factory": manifest.factory, "build_s": round(builds[max(builds)]["seconds"], 1),
                    "bytes_per_vector": round(memory_bytes / cfg.vectors, 1), "default_nprobe": manifest.search.get("nprobe"),
@@ -152,7 +143,7 @@ def run(cfg: IndexBenchConfig, emit=print, start_ray=None):
         emit(summary)
         vectors = data.rows(0, cfg.vectors)
         queries = data.queries(cfg.queries)
-        truth = faiss.knn(queries, vectors, cfg.k, metric=faiss.METRIC_INNER_PRODUCT)[1]
+        truth = exact_search(vectors, queries, cfg.k)[1]
 
         bare = load_trained(memory_url, manifest)           # the memory's trained index: the same codes
         bare.add_with_ids(vectors, np.arange(cfg.vectors))
@@ -175,16 +166,42 @@ def run(cfg: IndexBenchConfig, emit=print, start_ray=None):
                 summary.update(default_recall_at_10=record["recall_at_10"], default_qps_ratio=record["qps_ratio"])
         del bare
         for factory in cfg.also:
-            index, train_s, add_s = bare_faiss(vectors, with_ids(factory, cfg.dim))
-            seconds = train_s + add_s
-            bytes_per_vector = round(faiss.serialize_index(index).nbytes / cfg.vectors, 1)
-            for nprobe in cfg.nprobes:
-                found, qps = timed_search(bare_search(index, cfg.k, nprobe), queries, repeat=1)
-                emit({"what": "bare_factory", "factory": factory, "train_add_s": round(seconds, 1),
-                      "bytes_per_vector": bytes_per_vector, "nprobe": nprobe,
-                      "recall_at_10": round(recall_at_k(found, truth), 4), "qps": round(qps)})
-            del index
+            bare_factory_figures(cfg, factory, vectors, queries, truth, emit)
     return summary
+
+
+def build_run_record(cfg: IndexBenchConfig, factory: str, workers: int, build: dict, bare_build: dict,
+                     sample_gb: float) -> dict:
+    """The figures of one timed build (``timed_build``) beside the bare FAISS build's."""
+    return {"what": "build_run", "vectors": cfg.vectors, "dim": cfg.dim, "shards": cfg.shards,
+            "factory": factory, "workers": workers, "build_s": round(build["seconds"], 1),
+            "stages_ended_s": build["stages_ended_s"],
+            "vectors_per_s": round(cfg.vectors / build["seconds"]),
+            "bare_train_add_s": round(bare_build["seconds"], 1),
+            "wall_ratio_to_bare": round(build["seconds"] / bare_build["seconds"], 2),
+            "bare_train_s": round(bare_build["train_s"], 1), "bare_add_s": round(bare_build["add_s"], 1),
+            "worker_peak_rss_gb": build["worker_peak_rss_gb"],
+            "file_vectors_gb": round(cfg.file_rows * cfg.dim * 4 / 2 ** 30, 2),
+            "driver_peak_rss_gb": build["peak_rss_gb"], "training_sample_gb": round(sample_gb, 2),
+            "driver_above_sample_gb": round(build["peak_rss_gb"] - sample_gb, 2),
+            "bare_peak_rss_gb": bare_build["peak_rss_gb"]}
+
+
+def bare_factory_figures(cfg: IndexBenchConfig, factory: str, vectors: np.ndarray, queries: np.ndarray,
+                         truth: np.ndarray, emit) -> None:
+    """``--also``: one bare FAISS index of ``factory`` over the same vectors, recall@10 and
+    queries/s at each nprobe of the sweep."""
+    import faiss                                                # FAISS: see the module docstring
+
+    from index.build.build import with_ids
+    from index.build.recall import recall_at_k
+    index, train_s, add_s = bare_faiss(vectors, with_ids(factory, cfg.dim))
+    bytes_per_vector = round(faiss.serialize_index(index).nbytes / cfg.vectors, 1)
+    for nprobe in cfg.nprobes:
+        found, qps = timed_search(bare_search(index, cfg.k, nprobe), queries, repeat=1)
+        emit({"what": "bare_factory", "factory": factory, "train_add_s": round(train_s + add_s, 1),
+              "bytes_per_vector": bytes_per_vector, "nprobe": nprobe,
+              "recall_at_10": round(recall_at_k(found, truth), 4), "qps": round(qps)})
 
 
 def in_own_process(fn, *args) -> dict:

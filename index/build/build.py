@@ -23,7 +23,7 @@ import faiss
 import numpy as np
 
 from index.build.parallel_add import EmbeddingFile, Runner, parallel_add, plan_files, training_sample
-from index.ingest.embeddings import embedding_encoder
+from index.ingest.embeddings import check_embeddings_encoder, embedding_encoder
 from index.shard.faiss_io import serialize
 from index.shard.placement import Placement
 from index.shard.search import plain_ivf
@@ -42,9 +42,10 @@ PLACEMENT_SAMPLE = 32_768      # sample vectors whose lists estimate the list si
 def choose_factory(n: int, dim: int) -> str:
     """Flat below ~100k vectors; IVF with 8-bit scalar codes above (HNSW coarse quantiser from 10M).
 
-    nlist ≈ 8·√N rounded to a power of two. Why SQ8 and not PQ: measured at 1M clustered vectors
-    of d=384 (``vismem index bench``), IVF-PQ64 tops out near recall@10 0.5–0.7 whatever nprobe,
-    and PQ64 re-ranked with SQ8 codes costs more bytes than SQ8 alone (README, "Recall"). A user
+    nlist ≈ 8·√N rounded to a power of two. Why SQ8 and not PQ: at 1M clustered vectors of d=384
+    (``vismem index bench``), IVF-PQ64 tops out at a low recall@10 whatever nprobe, and PQ64
+    re-ranked with SQ8 codes costs more bytes than SQ8 alone (the figures: README, "Recall", and
+    ``eval/results/index_bench_1M_*``). A user
     who needs fewer bytes per vector passes ``--factory IVF…,PQ…`` and the build reports the
     recall it measured.
     """
@@ -57,8 +58,8 @@ def choose_factory(n: int, dim: int) -> str:
 
 
 def training_size(factory: str) -> int:
-    """How many vectors an IVF factory trains on: ≥ 39·nlist, and ≥ 9,984 for 8-bit PQ (DESIGN.md
-    §3); 0 for the others (see ``NON_IVF_TRAINING``)."""
+    """How many vectors an IVF factory trains on: ≥ 39·nlist, and ≥ 9,984 for 8-bit PQ (docs/ARCHITECTURE.md
+    §5); 0 for the others (see ``NON_IVF_TRAINING``)."""
     if "IVF" not in factory:
         return 0
     nlist = int(factory.split("IVF")[1].split(",")[0].split("_")[0])
@@ -135,12 +136,13 @@ def build_memory(embeddings_url: str, memory_url: str, shards: int = 2, factory:
     check_lists(shards, empty, factory)
     previous = current_manifest(memory_url)
     if previous is not None and not replace:
-        check_same_encoder(previous, encoder, dim, memory_url)
+        check_embeddings_encoder(previous, memory_url, encoder, dim, embeddings_url,
+                                 remedy="build into another --memory, or pass --replace to make them the current version")
     if trained is not None and (trained.d != dim or not trained.is_trained):
         raise ValueError(f"the trained index given must be a trained {dim}-d index")
 
-    if use_ray is None and count < PARALLEL_MIN:
-        use_ray = False                        # seconds in process; Ray's task start-up would be most of it
+    if use_ray is None and runs_in_process(count):
+        use_ray = False
     runner = Runner(progress, use_ray, urls=(embeddings_url, memory_url))
     owner = trained if trained is not None else empty     # keeps the IVF view's object alive
     ivf = faiss.try_extract_index_ivf(owner)
@@ -230,18 +232,16 @@ def check_lists(shards: int, empty: faiss.Index, factory: str) -> None:
                          f"use at most {ivf.nlist} shards or more lists")
 
 
+def runs_in_process(count: int, local: bool = False, cluster_named: bool = False) -> bool:
+    """The one Ray-or-not rule of a build of ``count`` vectors: in this process when asked
+    (``local``), or when it holds fewer than ``PARALLEL_MIN`` vectors and no Ray cluster is named
+    (``cluster_named``: an address was given); seconds in process, where Ray's task start-up would
+    be most of the time. Otherwise on Ray (``build_memory`` with ``use_ray=None``: when connected)."""
+    return local or (count < PARALLEL_MIN and not cluster_named)
+
+
 def current_manifest(memory_url: str) -> Manifest | None:
     try:
         return read_manifest(memory_url)
     except FileNotFoundError:
         return None
-
-
-def check_same_encoder(previous: Manifest, encoder: dict, dim: int, memory_url: str) -> None:
-    """A new version must hold vectors of the same encoder as the current one (their similarities
-    mean nothing to each other otherwise), unless the user asks to replace the memory."""
-    if previous.encoder.get("sha256") != encoder.get("sha256") or previous.dim != dim:
-        raise ValueError(f"memory {memory_url} holds vectors of encoder {previous.encoder.get('name')} "
-                         f"({previous.dim}-d); these embeddings come from encoder {encoder.get('name')} ({dim}-d). "
-                         "Build into another --memory, or pass --replace to make them the current version")
-

@@ -33,7 +33,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from index.build.recall import NprobeSweep, RunningTopk, drop_self, exact_topk, recall_at_k, stopped_rising
+from index.build.recall import NprobeSweep, RunningTopk, drop_self, recall_at_k, stopped_rising
+from index.exact import exact_topk
 from index.ingest.embeddings import embedding_dim, embedding_files, embedding_matrix
 from index.shard.faiss_io import deserialize, merge_codes, serialize
 from index.shard.placement import Placement, encode

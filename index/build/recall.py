@@ -1,7 +1,7 @@
 """Recall of a sharded memory against exact search: the helpers the build and ``tune`` share.
 
 A memory must answer at the recall it claims. The build (``index.build.parallel_add``) and ``vismem index
-tune`` (``index.build.tune``) measure it: held-out vectors are searched both exactly (``faiss.knn``,
+tune`` (``index.build.tune``) measure it: held-out vectors are searched both exactly (``index.exact``,
 block by block: ``exact_topk``) and through the shards as a query would be (each shard, then the
 exact merge); a memory vector used as a query has its own id dropped from both lists
 (``drop_self``), and recall@k is the share of the true k neighbours the shards return.
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 
-import faiss
 import numpy as np
 
 from index.shard.search import merge_topk, plain_ivf
@@ -33,20 +32,6 @@ def drop_self(neighbour_ids: np.ndarray, own_ids: np.ndarray, k: int) -> np.ndar
         hit = np.flatnonzero(ids == own)
         out[row] = np.delete(ids, hit[0] if len(hit) else len(ids) - 1)[:k]
     return out
-
-
-def exact_topk(queries: np.ndarray, vectors: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(similarities, ids) ``[nq, k]`` of the exact nearest of ``vectors`` (labelled ``ids``) by
-    inner product, −inf/−1 past their number: one block of a search merged block by block."""
-    sims = np.full((len(queries), k), -np.inf, dtype=np.float32)
-    found = np.full((len(queries), k), -1, dtype=np.int64)
-    if len(queries) and len(vectors):
-        kk = min(k, len(vectors))
-        sims[:, :kk], rows = faiss.knn(np.ascontiguousarray(queries, dtype=np.float32),
-                                       np.ascontiguousarray(vectors, dtype=np.float32), kk,
-                                       metric=faiss.METRIC_INNER_PRODUCT)
-        found[:, :kk] = ids[rows]
-    return sims, found
 
 
 class RunningTopk:

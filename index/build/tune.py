@@ -19,7 +19,8 @@ import faiss
 import numpy as np
 
 from index.build.build import nprobe_candidates
-from index.build.recall import RunningTopk, drop_self, exact_topk, recall_at_k
+from index.build.recall import RunningTopk, drop_self, recall_at_k
+from index.exact import exact_topk
 from index.memory import VisualMemory
 from index.shard.faiss_io import reconstruct
 from index.snapshot import Snapshot
@@ -33,7 +34,7 @@ def exact_neighbours(snapshot: Snapshot, queries: np.ndarray, k: int) -> np.ndar
     best = RunningTopk(len(queries), k)
     for shard in snapshot.shards:
         for part in shard.parts:
-            ids = part.ids[~np.isin(part.ids, shard.deleted)]
+            ids = shard.live_ids(part)
             if len(ids):
                 best.add(*exact_topk(queries, reconstruct(part.index, ids, part.mapped_from), ids, k))
     return best.ids
@@ -42,8 +43,7 @@ def exact_neighbours(snapshot: Snapshot, queries: np.ndarray, k: int) -> np.ndar
 def held_out_sample(snapshot: Snapshot, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(vectors, ids) of ``n`` random live vectors of the memory: the ids drawn first, then only
     those decoded from their codes."""
-    live = [(shard, part, part.ids[~np.isin(part.ids, shard.deleted)]) for shard in snapshot.shards
-            for part in shard.parts]
+    live = [(shard, part, shard.live_ids(part)) for shard in snapshot.shards for part in shard.parts]
     everyone = np.concatenate([ids for _, _, ids in live])
     chosen = np.random.default_rng(seed).choice(everyone, size=min(n, len(everyone)), replace=False)
     vectors, ids = [], []

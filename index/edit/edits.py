@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from index.ingest.embeddings import check_embeddings_encoder, embedding_encoder, embedding_matrix, read_embeddings
+from index.ingest.embeddings import read_memory_embeddings
 from index.queries import check_vectors
 from index.shard.placement import Placement, encode, owners
 from index.shard.state import metadata_table
@@ -52,9 +52,7 @@ def add(snapshot: Snapshot, vectors, labels, uris, source_ids=None, reason: str 
 def add_embeddings(snapshot: Snapshot, url: str, reason: str | None = None) -> tuple[Snapshot, np.ndarray]:
     """Add the output of ``vismem embed`` at ``url``, which must come from the memory's encoder;
     each vector's collection id is kept as its ``source_id``. Returns (the next snapshot, ids)."""
-    table = read_embeddings(url)
-    vectors = embedding_matrix(table)
-    check_embeddings_encoder(snapshot.manifest, snapshot.url, embedding_encoder(url), vectors.shape[1], url)
+    table, vectors = read_memory_embeddings(snapshot.manifest, snapshot.url, url)
     if len(vectors) == 0:
         raise ValueError(f"no vectors under {url}: nothing to add")
     return add(snapshot, vectors, table.column("label").to_pylist(), table.column("uri").to_pylist(),

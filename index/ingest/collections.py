@@ -1,6 +1,6 @@
 """Readers of real image collections on any fsspec URL, split into partitions for embedding.
 
-Three formats (DESIGN.md §4): a folder tree ``ROOT/<label>/<name>.<ext>``; Parquet files with an
+Three formats (docs/ARCHITECTURE.md §3): a folder tree ``ROOT/<label>/<name>.<ext>``; Parquet files with an
 ``image`` binary column (and optional ``label``, ``id``, ``uri``, ``filename``); WebDataset tars
 (uncompressed ``.tar`` shards of samples ``<key>.<jpg|png|...>`` with an optional ``<key>.cls``,
 ``.label`` or ``.json`` label; details in ``index.ingest.webdataset``). The URL names a folder or one file;

@@ -1,4 +1,4 @@
-"""The embeddings contract (DESIGN §4): what ``vismem embed`` writes and ``vismem index build`` reads.
+"""The embeddings contract (docs/ARCHITECTURE.md §3): what ``vismem embed`` writes and ``vismem index build`` reads.
 
 One output folder ``OUT/`` holds the embeddings of one collection by one encoder:
 
@@ -15,8 +15,9 @@ One output folder ``OUT/`` holds the embeddings of one collection by one encoder
   a record without its Parquet is redone by the next run.
 - ``errors.jsonl``: every unreadable image of every partition, rewritten at the end of each run.
 
-``embedding_encoder`` reads back the encoder a folder's vectors came from, and
-``check_embeddings_encoder`` refuses vectors of another encoder than a memory's.
+``embedding_encoder`` reads back the encoder a folder's vectors came from,
+``check_embeddings_encoder`` refuses vectors of another encoder than a memory's (the one check, for
+the build, an add and a memory's queries) and ``read_memory_embeddings`` reads a folder with it.
 """
 
 from __future__ import annotations
@@ -180,11 +181,24 @@ def embedding_encoder(embeddings_url: str) -> dict:
     return {"name": job["encoder"], "sha256": job["encoder_sha256"]}
 
 
-def check_embeddings_encoder(manifest, memory_url: str, encoder: dict, dim: int, source: str) -> None:
-    """Added embeddings must come from the memory's encoder (``manifest``: the memory's current
-    Manifest) and have its dimension: similarities between two encoders' vectors mean nothing."""
+def read_memory_embeddings(manifest, memory_url: str, url: str) -> tuple[pa.Table, np.ndarray]:
+    """(table, vectors) of the embeddings at ``url``, refused unless they come from the encoder of
+    the memory at ``memory_url`` (``manifest``: its current Manifest): vectors to add to it, or
+    queries to measure or prune it with."""
+    table = read_embeddings(url)
+    vectors = embedding_matrix(table)
+    check_embeddings_encoder(manifest, memory_url, embedding_encoder(url), vectors.shape[1], url)
+    return table, vectors
+
+
+def check_embeddings_encoder(manifest, memory_url: str, encoder: dict, dim: int, source: str,
+                             remedy: str = "embed the images with the memory's encoder") -> None:
+    """Vectors joining a memory (added to it, built into its next version, or searched as its
+    queries) must come from the memory's encoder (``manifest``: the memory's current Manifest) and
+    have its dimension: similarities between two encoders' vectors mean nothing. The refusal names
+    the memory, ``source``, both encoders and both dimensions, and ends with ``remedy``."""
     if encoder.get("sha256") != manifest.encoder.get("sha256") or dim != manifest.dim:
         raise ValueError(f"memory {memory_url} holds vectors of encoder {manifest.encoder.get('name')} "
                          f"(sha256 {str(manifest.encoder.get('sha256'))[:12]}, {manifest.dim}-d); {source} holds "
                          f"vectors of encoder {encoder.get('name')} (sha256 {str(encoder.get('sha256'))[:12]}, "
-                         f"{dim}-d); embed the images with the memory's encoder")
+                         f"{dim}-d); {remedy}")

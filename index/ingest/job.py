@@ -16,10 +16,10 @@ CPU tasks (``decode_batch``) feeding one actor per GPU, and Ray Data runs the st
 partition i+1 is decoded while the GPU embeds partition i. On CPUs only, each actor decodes its own
 partitions (one actor per CPU): the two steps would share the same cores anyway, and a stage of
 their own would add the decode workers' start-up and the decoded pixels' trip through the object
-store (on 2 cores, 16,384 tiny-cpu images: 0.76–0.81 of the bare encoder's images/s in steady
-state and 24–30 s for the job, against 0.82–0.98 and 15–20 s decoded in the actors). Either way
-no image or vector passes through the driver. The vectors equal ``Encoder.embed``'s on the same
-images up to the rounding of the resized pixels to uint8 (cosine above 0.999).
+store (decoding in the actors is the faster on CPUs: both layouts measured in README, "Memory at
+scale", and ``eval/results/embed_bench_*``). Either way no image or vector passes through the driver. The vectors equal
+``Encoder.embed``'s on the same images up to the rounding of the resized pixels to uint8 (the cosine bound
+is ``tests/index/ingest/test_embed_pipeline.py``'s).
 
 Running again into the same output: inputs already recorded and unchanged are skipped; new inputs
 (a collection that grew) go into new partitions numbered after the existing ones, with ids after
@@ -195,12 +195,11 @@ def encoder_pool(cluster: dict, concurrency: int | None = None, partitions: int 
     ``free / actors`` each with torch on as many threads, so each actor decodes and embeds its own
     partitions and every core is busy with one of them. CPUs only with decode tasks (what GPU
     clusters run, measured or tested on CPUs): the actors ask for a quarter of a CPU each and the
-    pool for at most a quarter of the CPUs (DESIGN §5: a pool holding every CPU starves the decode tasks and Ray Data
-    deadlocks), while torch in each actor runs ``CPU // actors`` threads (single-threaded actors
-    lose nothing to the decode tasks beside them, where two threads of one actor stall on each
-    other: 0.32 of the bare encoder's images/s against 0.6-0.9 on 2 cores); decode tasks ask for
-    half a CPU, so that two share a core and one's work hides the ~0.2 s Ray Data takes between
-    one task and the next. The two requests always differ, so Ray Data never fuses the stages.
+    pool for at most a quarter of the CPUs (docs/ARCHITECTURE.md §8: a pool holding every CPU starves
+    the decode tasks and Ray Data deadlocks), while torch in each actor runs ``CPU // actors``
+    threads (single-threaded actors lose nothing to the decode tasks beside them, where two threads
+    of one actor stall on each other: README, "Memory at scale"); decode tasks ask for half a CPU, so
+    that two share a core and one's work hides the pause Ray Data takes between one task and the next. The two requests always differ, so Ray Data never fuses the stages.
     """
     if concurrency is not None and concurrency <= 0:
         raise ValueError(f"concurrency must be positive, got {concurrency}")

@@ -1,4 +1,4 @@
-"""WebDataset tar collections (DESIGN.md §4): listing a tar's samples and reading a range of them.
+"""WebDataset tar collections (docs/ARCHITECTURE.md §3): listing a tar's samples and reading a range of them.
 
 A WebDataset shard is an uncompressed POSIX tar in which a *sample* is a run of consecutive regular
 file members sharing a *key*: the member path up to the first ``.`` of its last path component

@@ -5,8 +5,8 @@ lists ``bounds[s] ≤ list < bounds[s + 1]``, ranges the build chooses so that t
 as many vectors each (``balanced``, from the training sample's list sizes). A query's probed lists
 are then each scanned once, by one shard, as one index over all vectors would scan them: splitting
 every list across the shards instead (by id) repeats the per-list work of a scan (the query's
-residual to the centroid, the scanner's set-up) once per shard, which cost a 4-shard memory a fifth
-to a third of bare FAISS's queries/s at 1M vectors (README, "Memory at scale"). FAISS's own
+residual to the centroid, the scanner's set-up) once per shard, which cost a 4-shard memory a
+good share of bare FAISS's queries/s at 1M vectors (the figures: README, "Memory at scale"). FAISS's own
 distributed and on-disk indexes split a billion-vector IVF the same way, by list ranges.
 
 Memories without inverted lists (Flat, HNSW, wrapped indexes), and those written before placement

@@ -1,6 +1,6 @@
 """One shard of the memory, as it is stored and searched: its state and the rule of which ids are live.
 
-A shard is kept the way log-structured stores keep data (DESIGN §3): a base index, small delta
+A shard is kept the way log-structured stores keep data (docs/ARCHITECTURE.md §5): a base index, small delta
 segments that hold vectors added later, and a deletion set of removed ids. Base and segments are
 copies of the memory's one trained empty index, so their inner products are comparable; the
 deletion set is applied inside FAISS at search time (an ``IDSelector`` in the per-call search
@@ -61,6 +61,17 @@ def ids_bytes(ids: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.asarray(ids, dtype=np.int64), allow_pickle=False)
     return buf.getvalue()
+
+
+def read_ids(data: bytes) -> np.ndarray:
+    """The ids of a deletion file (``ids_bytes`` read back)."""
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def live_mask(ids: np.ndarray, deleted: np.ndarray) -> np.ndarray:
+    """The live-id rule: whether each of ``ids`` is live, that is not in the deletion set ``deleted``
+    (held by the shard or not: ``Shard.live`` asks both)."""
+    return ~np.isin(ids, deleted)
 
 
 WEIGHTS_DTYPE = np.dtype([("id", "<i8"), ("weight", "<f8")])
@@ -182,7 +193,7 @@ class Shard:
         metadata = pa.concat_tables([p.metadata for p in self.parts],
                                     promote_options="default")          # a vismem-memory/1 base lacks source_id
         metadata = metadata.filter(pc.invert(pc.is_in(metadata.column("id"), pa.array(self.deleted, pa.int64()))))
-        keep = ~np.isin(self.weights[0], self.deleted)
+        keep = live_mask(self.weights[0], self.deleted)
         weights = (self.weights[0][keep], self.weights[1][keep])
         shard = Shard(index, metadata, self.number, self.defaults)
         return shard._derive(weights=weights, weights_file=self.weights_file if keep.all() else None)
@@ -191,11 +202,19 @@ class Shard:
         """(ids, labels, vectors) of the live vectors, the vectors decoded from their codes."""
         ids, labels, vectors = [], [], []
         for part in self.parts:
-            live = ~np.isin(part.ids, self.deleted)
+            live = live_mask(part.ids, self.deleted)
             ids.append(part.ids[live])
             labels.append(part.labels[live])
             vectors.append(reconstruct(part.index, part.ids[live], part.mapped_from))
         return np.concatenate(ids), np.concatenate(labels), np.concatenate(vectors)
+
+    def live_ids(self, part: Part) -> np.ndarray:
+        """The ids of ``part`` (one of ``parts``) this shard answers with, in the part's order."""
+        return part.ids[live_mask(part.ids, self.deleted)]
+
+    def live_labels(self) -> set:
+        """The labels of the vectors this shard answers with."""
+        return set().union(*(part.labels[live_mask(part.ids, self.deleted)] for part in self.parts))
 
     def held(self, ids: np.ndarray) -> np.ndarray:
         """Whether each of ``ids`` is in some part of the shard, removed or not."""
@@ -212,7 +231,7 @@ class Shard:
             for part in self.parts:
                 values = part.uris if column == "uri" else part.labels
                 hit = np.fromiter((v in wanted for v in values), dtype=bool, count=len(values))
-                hit &= ~np.isin(part.ids, self.deleted)
+                hit &= live_mask(part.ids, self.deleted)
                 ids.append(part.ids[hit])
                 seen.update(values[hit])
         return np.concatenate(ids), seen
@@ -220,7 +239,7 @@ class Shard:
     def live(self, ids: np.ndarray) -> np.ndarray:
         """Whether each of ``ids`` is a vector this shard answers with."""
         ids = np.asarray(ids, dtype=np.int64)
-        return self.held(ids) & ~np.isin(ids, self.deleted)
+        return self.held(ids) & live_mask(ids, self.deleted)
 
     # search ------------------------------------------------------------------------------------
     def selector(self) -> faiss.IDSelector | None:
@@ -281,7 +300,7 @@ class Shard:
         sims, ids = part.index.search(queries, k + removed)
         if not removed:
             return sims, ids
-        gone = np.isin(ids, self.deleted)
+        gone = ~live_mask(ids, self.deleted)
         missing = np.float32(-np.finfo(np.float32).max)          # what FAISS reports where fewer than k exist
         sims = np.where(gone, missing, sims)
         ids = np.where(gone, -1, ids)
@@ -397,7 +416,7 @@ class Shard:
                 raise ValueError(f"shard {number} of {root_url}: {s.index} {e}") from None
         deleted = np.zeros(0, dtype=np.int64)
         if entry.deleted:
-            deleted = np.load(io.BytesIO(checked(entry.deleted, entry.deleted_sha256)), allow_pickle=False)
+            deleted = read_ids(checked(entry.deleted, entry.deleted_sha256))
         weights = NO_WEIGHTS
         if entry.weights:
             weights = read_weights(checked(entry.weights, entry.weights_sha256))

@@ -4,7 +4,6 @@ and the reason, so the log needs nothing besides the manifests."""
 
 from __future__ import annotations
 
-import io
 import json
 from datetime import datetime, timezone
 
@@ -12,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from index.shard.state import live_mask, read_ids
 from index.store import commit
 from index.store.manifest import Manifest, list_versions, read_manifest
 
@@ -45,7 +45,7 @@ def live_ids(memory_url: str, manifest: Manifest) -> np.ndarray:
         ids = np.concatenate([pq.read_table(pa.BufferReader(blobs[p]), columns=["id"]).column("id").to_numpy()
                               for p in paths])
         if entry.deleted:
-            ids = ids[~np.isin(ids, np.load(io.BytesIO(blobs[f"{root}/{entry.deleted}"]), allow_pickle=False))]
+            ids = ids[live_mask(ids, read_ids(blobs[f"{root}/{entry.deleted}"]))]
         out.append(ids)
     return np.sort(np.concatenate(out)) if out else np.zeros(0, dtype=np.int64)
 

@@ -1,4 +1,4 @@
-"""The memory's manifest (DESIGN §4): what one version of the memory holds.
+"""The memory's manifest (docs/ARCHITECTURE.md §3, §4): what one version of the memory holds.
 
 ``ROOT/v<N>/manifest.json`` lists the encoder, dimension, metric, factory string, the trained
 empty index, and the shards: each a base index, its delta segments and its deletion set, every

@@ -77,7 +77,7 @@ def test_local_bench_times_the_training_step_without_ray():
 
 
 def test_torch_search_equals_faiss():
-    from eval.knn import exact_search, torch_exact_search
+    from index.exact import exact_search, torch_exact_search
     rng = np.random.default_rng(0)
     memory = rng.standard_normal((3000, 24)).astype(np.float32)
     queries = rng.standard_normal((70, 24)).astype(np.float32)

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from eval.knn import exact_search
+from index.exact import exact_search
 from index.build.build import build_memory
 from index.build.recall import recall_at_k
 from index.memory import VisualMemory
@@ -80,7 +80,8 @@ def test_another_encoder_is_refused_unless_replace(tmp_path):
     (tmp_path / "b" / "_embedding.json").write_text(json.dumps({"encoder": "runs/other", "encoder_sha256": "def"}))
     mem = str(tmp_path / "mem")
     build_memory(str(tmp_path / "a"), mem, shards=2)
-    with pytest.raises(ValueError, match=r"encoder raw-pixels:4 \(8-d\).*encoder runs/other \(16-d\).*--replace"):
+    with pytest.raises(ValueError, match=r"encoder raw-pixels:4 \(sha256 \w+, 8-d\).*"
+                                         r"encoder runs/other \(sha256 def, 16-d\).*--replace"):
         build_memory(str(tmp_path / "b"), mem, shards=2)
     assert list_versions(mem) == [1] and read_manifest(mem).dim == 8
     replaced = build_memory(str(tmp_path / "b"), mem, shards=2, replace=True)
@@ -157,3 +158,11 @@ def test_index_bench_command_measures_recall_beside_bare_faiss(tmp_path):
     default = next(r for r in searches if r["default"])
     assert default["recall_at_10"] >= 0.93
     assert min(r["recall_at_10"] for r in searches) < 0.9            # nprobe=1 would not do
+
+
+def test_the_ray_or_not_rule():
+    """In process when asked, or below PARALLEL_MIN vectors with no cluster named; Ray otherwise."""
+    from index.build.build import PARALLEL_MIN, runs_in_process
+    assert runs_in_process(10) and runs_in_process(10 * PARALLEL_MIN, local=True)
+    assert not runs_in_process(PARALLEL_MIN) and not runs_in_process(10, cluster_named=True)
+

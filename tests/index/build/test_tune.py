@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cluster.cli import main
-from eval.knn import exact_search
+from index.exact import exact_search
 from index.build.build import build_memory
 from index.build.recall import NprobeSweep, recall_at_k
 from index.build.tune import tune

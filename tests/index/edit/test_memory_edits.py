@@ -306,3 +306,20 @@ def test_format_1_memories_are_read_and_edited_and_newer_formats_refused(small):
         json.dump(m, f)
     with pytest.raises(ValueError, match="'vismem-memory/4' manifest, which this vismem cannot read or edit"):
         VisualMemory.open(mem)
+
+
+def test_live_ids_and_labels_follow_the_deletion_set(data, tmp_path):
+    """The live-id rule, asked of the shard (``live_ids``, ``live_labels``) and of the memory
+    (``labels``), and the history's ids read from the files (``diff``), agree after a remove."""
+    vectors, labels, _ = data
+    mem = str(tmp_path / "mem")
+    build_memory(write_collection(str(tmp_path / "all"), vectors[:300], labels[:300]), mem, shards=2)
+    memory = VisualMemory.open(mem)
+    assert memory.labels() == {f"c{i}" for i in range(5)}
+    memory.remove(labels=["c3"])
+    memory.remove(ids=[0, 1])
+    assert memory.labels() == {"c0", "c1", "c2", "c4"}
+    live = np.sort(np.concatenate([shard.live_ids(part) for shard in memory.shards for part in shard.parts]))
+    assert len(live) == len(memory) == 300 - 60 - 2 and memory.live(live).all()
+    assert set().union(*(shard.live_labels() for shard in memory.shards)) == memory.labels()
+    assert memory.diff(1, 3)["removed"].tolist() == np.setdiff1d(np.arange(300), live).tolist()

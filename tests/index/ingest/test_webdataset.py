@@ -1,4 +1,4 @@
-"""WebDataset tar collections (DESIGN §4), on a local folder and on S3 (a moto server on 127.0.0.1):
+"""WebDataset tar collections (docs/ARCHITECTURE.md §3), on a local folder and on S3 (a moto server on 127.0.0.1):
 samples grouped by key with their labels, tars read in sample ranges by seeking, embedding equal to
 the same images as a folder tree, re-runs and grown collections, and every broken tar either
 refused by name at listing or accounted item by item."""
