@@ -152,7 +152,7 @@ def test_thumbnails_are_served_for_the_memorys_own_ids_only(served):
     with urllib.request.urlopen(f"{base}/v1/thumbnail/0", timeout=60) as response:
         assert response.headers["Content-Type"] == "image/png"
         assert Image.open(io.BytesIO(response.read())).size[0] > 0
-    for path, code in (("/v1/thumbnail/999999", 404), ("/v1/thumbnail/-1", 404), ("/v1/thumbnail/abc", 422),
+    for path, code in (("/v1/thumbnail/999999", 404), ("/v1/thumbnail/-1", 422), ("/v1/thumbnail/abc", 422),
                        ("/v1/thumbnail/..%2F..%2Fetc%2Fpasswd", 404), ("/v1/thumbnail/%2Fetc%2Fpasswd", 404)):
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(f"{base}{path}", timeout=60)
