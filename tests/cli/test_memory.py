@@ -217,7 +217,7 @@ def test_a_conflict_with_another_writer_is_one_line(small, capsys, monkeypatch):
 
 
 def test_every_memory_command_has_memory_json_and_examples():
-    from tests.test_cli import subcommands
+    from tests.cli.test_cli import subcommands
     from cluster.cli import parser
     actions = {name: p for name, p in subcommands(parser()) if name.startswith("memory ")}
     assert set(actions) == {f"memory {a}" for a in ("info", "add", "remove", "prune", "versions", "log", "diff",

@@ -23,7 +23,7 @@ import pytest
 
 from cluster.cli import parser
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PLACEHOLDER = re.compile(r"[A-Z][A-Z_=]*(\.\.\.)?")
 
 
