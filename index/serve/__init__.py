@@ -7,10 +7,13 @@ answer. Bad input gets a 4xx naming the problem, never a 500.
 
     api.py          the HTTP contract: typed request and response models, limits, error handlers
     images.py       base64 image files from a request, size-checked before they are decoded
-    deployments.py  ShardSearcher and Router
-    launch.py       build_app and start
+    deployments.py  ShardSearcher and Router, and build_app / start, which bind and run them
     editing.py      edits applied live by the shards that own the vectors, committed by the Router
     auth.py         the bearer token that edits need
+    metrics.py      the memory's own Prometheus metrics at /metrics
+    page/           the page at / (index.html) and the thumbnails it shows
+    client.py       a Python client of the API
+    fuzzing.py      schemathesis hooks: what a fuzzer needs that the schema cannot say
 
 HTTP API (JSON; the unversioned paths of the first three are kept as aliases):
     GET  /v1/info                 memory version, count, dim, encoder, shards
@@ -22,7 +25,6 @@ HTTP API (JSON; the unversioned paths of the first three are kept as aliases):
 """
 
 from index.serve.api import Limits
-from index.serve.deployments import Router, ShardSearcher
-from index.serve.launch import build_app, start
+from index.serve.deployments import Router, ShardSearcher, build_app, start
 
 __all__ = ["Limits", "Router", "ShardSearcher", "build_app", "start"]

@@ -1,4 +1,5 @@
-"""The two deployments: a ShardSearcher per shard, and the Router that is the HTTP ingress.
+"""The Serve app: a ShardSearcher deployment per shard, the Router that is the HTTP ingress, and
+``build_app`` / ``start``, which bind them for a memory and run them on an HTTP port.
 
 The Router turns a request into unit query vectors (``index.queries.check_vectors`` is the gate
 for vectors and embeddings alike), fans them out to every shard concurrently through
@@ -6,10 +7,16 @@ DeploymentHandles, merges the top-k exactly and votes. A shard that fails or tim
 answer ``partial`` and names the missing shards. Edits go through the Router too and are applied
 live by the shards that own the vectors (index.serve.editing); every answer names the version it
 was computed on. The Router runs as one replica: it is the memory's one writer in this server.
+
+A replica that cannot start (a shard whose file does not match its sha256, an encoder that
+changed) fails deep inside Serve, which reports only that the deployment failed; ``start`` reads
+the replica's own error from ``serve.status()`` and raises it, so the user sees which shard of
+which memory is wrong.
 """
 
 import asyncio
 import logging
+import re
 from typing import Annotated
 
 import numpy as np
@@ -18,6 +25,7 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ray import serve
+from ray.serve.schema import DeploymentStatus
 
 from index.queries import QueryError, check_vectors
 from index.serve.api import (EDIT_PROBLEMS, MAX_ID, QUERY_PROBLEMS, AddRequest, ClassifyRequest, ClassifyResponse,
@@ -28,6 +36,7 @@ from index.serve import metrics
 from index.serve.editing import EditConflict, ShardState, commit_edit, watch_storage
 from index.serve.images import decode_images
 from index.serve.page import page_html, thumbnail_png
+from index.shard.faiss_io import check_mappable
 from index.shard.placement import Placement
 from index.shard.search import merge_topk
 from index.store.history import log as memory_log
@@ -331,3 +340,52 @@ class Router:
         png = await asyncio.to_thread(thumbnail_png, item_id, uri, self.limits)
         # no-store: a removed item's image must not outlive its removal in a cache
         return Response(png, media_type="image/png", headers={"Cache-Control": "no-store"})
+
+
+def build_app(memory_url: str, version: int | None = None, nprobe: int | None = None, shard_timeout_s: float = 10.0,
+              replicas: int = 1, limits: Limits = Limits(), token_digest: str | None = None, mmap: bool = False):
+    """The Serve application for the memory at ``memory_url`` (current version by default).
+
+    ``nprobe`` is the shards' default (a request may ask for another); ``limits`` bound what one
+    request may ask; ``token_digest`` (``index.serve.auth.token_digest``) is the sha256 of the
+    bearer token that edits need (None: editing is off); ``mmap``: the shard replicas map their
+    IVF lists from the memory's local disk instead of loading them, so a shard larger than RAM
+    can answer (the replicas must run where that disk is).
+    """
+    if mmap:
+        check_mappable(memory_url)
+    manifest = read_manifest(memory_url, version)
+    shards = [ShardSearcher.options(name=f"ShardSearcher-{n}", num_replicas=replicas)
+              .bind(memory_url, manifest.version, n, nprobe, mmap) for n in range(len(manifest.shards))]
+    return Router.bind(memory_url, manifest.version, *shards, shard_timeout_s=shard_timeout_s, limits=limits,
+                       token_digest=token_digest)
+
+
+def start(memory_url: str, host: str = "127.0.0.1", port: int = 8000, name: str = "vismem", route_prefix: str = "/",
+          **kwargs):
+    """Start Serve's HTTP proxy on ``host:port`` and deploy the app; returns the Router handle.
+
+    ``kwargs`` go to ``build_app``. Raises ValueError with the failing replica's own message when
+    a deployment cannot start (and removes the half-deployed app, unless it replaced a running one).
+    """
+    serve.start(http_options={"host": host, "port": port})
+    replacing = name in serve.status().applications
+    try:
+        return serve.run(build_app(memory_url, **kwargs), name=name, route_prefix=route_prefix)
+    except RuntimeError:
+        failure = deployment_failure(name)
+        if failure is None:
+            raise
+        if not replacing:
+            serve.delete(name)
+        raise ValueError(failure) from None
+
+
+def deployment_failure(app_name: str) -> str | None:
+    """The error a failed deployment of ``app_name`` died with (its last ``...Error: message`` line)."""
+    app = serve.status().applications.get(app_name)
+    for deployment_name, deployment in (app.deployments.items() if app else ()):
+        if deployment.status == DeploymentStatus.DEPLOY_FAILED:
+            errors = re.findall(r"^\s*(?:[\w.]+\.)?\w*(?:Error|Exception): (.+)$", deployment.message, re.MULTILINE)
+            return errors[-1] if errors else f"{deployment_name} failed to start: {deployment.message}"
+    return None

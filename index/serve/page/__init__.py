@@ -1,9 +1,9 @@
 """The page at ``/`` and the thumbnails it shows.
 
-The page is one packaged file (``page/index.html``: HTML, CSS and JS with no build step) that
-speaks only the documented /v1 API. A thumbnail is the image of a memory item, read from the
-item's own URI (``index.ingest.collections.item_bytes``), which the Router looks up by id from the
-shards: the request names an id, never a path or a URL, so the endpoint can show only what the
+The page is one packaged file (``index.html``, beside this module: HTML, CSS and JS with no build
+step) that speaks only the documented /v1 API. A thumbnail is the image of a memory item, read from
+the item's own URI (``index.ingest.collections.item_bytes``), which the Router looks up by id from
+the shards: the request names an id, never a path or a URL, so the endpoint can show only what the
 memory itself names. Its size is checked from the file's header before it is decoded, as for
 uploaded images.
 """
@@ -26,7 +26,7 @@ THUMBNAIL_PX = 160           # the longer side; smaller images are sent as they 
 
 @functools.cache
 def page_html() -> str:
-    return resources.files("index.serve").joinpath("page/index.html").read_text(encoding="utf-8")
+    return resources.files("index.serve.page").joinpath("index.html").read_text(encoding="utf-8")
 
 
 def thumbnail_png(item_id: int, uri: str, limits: Limits) -> bytes:
