@@ -63,6 +63,23 @@ def procedural_stream(cfg: TrainConfig, rank: int, world: int, device: torch.dev
                                          steps_per_epoch=10_000, natural=cfg.natural_images), rank, world, str(device))
 
 
+def restore(session: Session, student, teacher, optimizer, loss_fn, device: torch.device
+            ) -> tuple[int, float, int, int | None]:
+    """Load the session's last checkpoint into the networks, optimiser and loss centre, if it has
+    one; (step, elapsed seconds, images seen, the step resumed from or None)."""
+    state = session.restore()
+    if not state:
+        return 0, 0.0, 0, None
+    student.load_state_dict(state["student"])
+    teacher.load_state_dict(state["teacher"])
+    optimizer.load_state_dict(state["optimizer"])
+    loss_fn.center.copy_(state["center"].to(device))
+    step, elapsed = state["step"], state["elapsed"]
+    if session.rank == 0:
+        log.info("resumed from step %d (%.1f min in)", step, elapsed / 60)
+    return step, elapsed, state["images_seen"], step
+
+
 def train_worker(cfg: TrainConfig, session: Session, stream=None) -> dict:
     """Set up in phases, then ``train_one_step`` until rank 0 says stop; report checkpoints on the
     way and a final report (returned too): step, loss, images/s after warm-up, data share."""
@@ -93,17 +110,7 @@ def train_worker(cfg: TrainConfig, session: Session, stream=None) -> dict:
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
 
     # ============ resume from the last checkpoint (a restarted worker group, or --resume) ============
-    step, elapsed, images_seen, resumed_from = 0, 0.0, 0, None
-    state = session.restore()
-    if state:
-        student.load_state_dict(state["student"])
-        teacher.load_state_dict(state["teacher"])
-        optimizer.load_state_dict(state["optimizer"])
-        loss_fn.center.copy_(state["center"].to(device))
-        step, elapsed, images_seen = state["step"], state["elapsed"], state["images_seen"]
-        resumed_from = step
-        if rank == 0:
-            log.info("resumed from step %d (%.1f min in)", step, elapsed / 60)
+    step, elapsed, images_seen, resumed_from = restore(session, student, teacher, optimizer, loss_fn, device)
     teacher.to(device)
     if world > 1 and device.type == "cuda":           # BatchNorm statistics over the global batch, as DINO's
         student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)       # (the same parameters)
