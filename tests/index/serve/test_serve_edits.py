@@ -502,8 +502,12 @@ def test_serve_bench_measures_every_path_against_a_running_app(served_ivf, capsy
         single = by[("single_query", path)]
         assert 0 < single["p50_ms"] <= single["p99_ms"]
         assert by[("batches", path)]["vectors_per_s"] > 0
+        batches = by[("batches", path)]           # the best batch is at least as fast as the median one
+        assert batches["batch"] == 4 and batches["vectors_per_s"] >= batches["median_vectors_per_s"] > 0
     for path in ("http", "in_process"):
         assert by[("concurrent", path)]["clients"] == 2 and by[("concurrent", path)]["queries"] > 0
+        load = by[("concurrent", path)]           # over at least the 0.5 s asked (the last queries end after it)
+        assert 0 < load["qps"] <= load["queries"] / 0.49 and 0 < load["p50_ms"] <= load["p99_ms"]
     assert ("single_query", "handle") not in by                       # not started here: no handle
     ratios = by[("ratios", None)]
     assert ratios["http_p50_over_in_process"] == round(by[("single_query", "http")]["p50_ms"]
