@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -47,6 +48,7 @@ class DemoConfig:
     report_examples: int = 12
     address: str | None = None              # Ray cluster address; None: local Ray (or RAY_ADDRESS)
     fresh: bool = False                     # retrain and re-embed even if outputs exist
+    serve: bool = False                     # keep the memory served after the table, until stopped
 
 
 class Stages:
@@ -121,8 +123,10 @@ def classify_over_http(base: str, query_uris: list[str], k: int, rule: str, batc
     return results
 
 
-def run_demo(cfg: DemoConfig, echo=print) -> dict:
-    """Run every stage; return ``{"accuracy": {...}, "report": url, ...}``."""
+def run_demo(cfg: DemoConfig, echo=print, hold=None) -> dict:
+    """Run every stage; return ``{"accuracy": {...}, "report": url, ...}``. With ``cfg.serve`` the
+    memory stays served after the table: ``hold(base_url)`` runs before Serve is shut down (by
+    default it waits for Ctrl-C or SIGTERM; ``vismem demo --serve`` turns those into an exit)."""
     import ray
 
     from cluster.runtime import init_ray, shutdown
@@ -161,12 +165,22 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
         with stages("baselines", "baselines (same kNN, same votes) and the report"):
             accuracy = {"procedural": served["accuracy"], **baselines(cfg, embeddings, served["accuracy"])}
             report = write_demo_report(cfg, store, accuracy, served, encoder_url, memory_url, provenance)
+        print_table(accuracy, cfg.k, echo)
+        echo(f"\nreport: {report}")
+        if cfg.serve:
+            echo(f"\nthe memory stays served: the page at {base}/ (search it, look at the neighbours); "
+                 "Ctrl-C to stop")
+            sys.stdout.flush()
+            (hold or wait_forever)(base)
     finally:
         shutdown(ray_too=owns_ray, serve_too=True)
-    print_table(accuracy, cfg.k, echo)
-    echo(f"\nreport: {report}")
     return {"accuracy": accuracy, "report": report, "encoder": encoder_url, "memory": memory_url,
             "stage_seconds": stages.times, "config": dataclasses.asdict(cfg)}
+
+
+def wait_forever(base: str) -> None:
+    while True:
+        time.sleep(3600)
 
 
 def write_real_images(store: str, echo=print) -> dict:

@@ -25,7 +25,8 @@ from cluster.cli.memory import (add_memory_parsers, cmd_info, cmd_memory_add, cm
                                 cmd_memory_diff, cmd_memory_log, cmd_memory_prune, cmd_memory_remove,
                                 cmd_memory_rollback, cmd_memory_vacuum, cmd_memory_versions)
 from cluster.cli.procdata import add_procdata_parsers, cmd_bench, cmd_generate, cmd_preview, cmd_stats
-from cluster.cli.serve import add_client_parsers, add_serve_parser, cmd_client, cmd_serve, cmd_serve_bench
+from cluster.cli.serve import (add_client_parsers, add_serve_parser, cmd_client, cmd_serve, cmd_serve_bench,
+                               cmd_serve_faults)
 
 __all__ = ["main", "parser"]
 
@@ -106,5 +107,5 @@ COMMANDS = {("demo", None): cmd_demo, ("procdata", "generate"): cmd_generate, ("
             ("memory", "log"): cmd_memory_log, ("memory", "diff"): cmd_memory_diff,
             ("memory", "rollback"): cmd_memory_rollback, ("memory", "compact"): cmd_memory_compact,
             ("memory", "vacuum"): cmd_memory_vacuum, ("memory", "bench"): cmd_memory_bench, ("serve", None): cmd_serve,
-            ("serve", "bench"): cmd_serve_bench,
+            ("serve", "bench"): cmd_serve_bench, ("serve", "faults"): cmd_serve_faults,
             ("classify", None): cmd_client, ("query", None): cmd_client}

@@ -6,7 +6,7 @@ torch they do not use (see ``cluster.cli``).
 
 from __future__ import annotations
 
-from cluster.cli.common import add_command, add_common, add_k, check_positive, parse_generators
+from cluster.cli.common import add_command, add_common, add_k, check_positive, parse_generators, stop_on_signals
 
 
 def add_demo_parser(sub) -> None:
@@ -37,14 +37,22 @@ def add_demo_parser(sub) -> None:
     add_k(demo, d.k)
     demo.add_argument("--port", type=int, default=d.port, help="HTTP port of the router on 127.0.0.1 (0: a free port)")
     demo.add_argument("--fresh", action="store_true", help="retrain and re-embed even if outputs exist in --store")
+    demo.add_argument("--serve", action="store_true",
+                      help="keep the memory served after the table and print the page's URL, until Ctrl-C or SIGTERM")
     add_common(demo)
 
 
 def cmd_demo(args) -> dict:
-    from cluster.demo import DemoConfig, run_demo
+    from cluster.demo import DemoConfig, run_demo, wait_forever
     check_positive(args, "max_minutes", "max_steps", "batch_size", "workers", "shards", "k")   # before Ray starts
     cfg = DemoConfig(store=args.store, max_minutes=args.max_minutes, max_steps=args.max_steps,
                      batch_size=args.batch_size, preset=args.preset,
                      workers=args.workers, generators=parse_generators(args.generators), seed=args.seed,
-                     shards=args.shards, k=args.k, port=args.port, address=args.address, fresh=args.fresh)
-    return run_demo(cfg)
+                     shards=args.shards, k=args.k, port=args.port, address=args.address, fresh=args.fresh,
+                     serve=args.serve)
+
+    def serve_until_stopped(base: str) -> None:        # after Ray is up: ray.init sets its own SIGTERM handler
+        stop_on_signals("Serve and Ray shut down")
+        wait_forever(base)
+
+    return run_demo(cfg, hold=serve_until_stopped)

@@ -23,12 +23,17 @@ def add_serve_parser(sub) -> None:
                        help="memory-map the shards' IVF lists from the memory's local disk instead of loading them: "
                             "a shard larger than RAM can answer, paged in as queries visit its lists (a memory on "
                             "a local disk only; the shard replicas must run on that machine)")
+    serve.add_argument("--colocate", action="store_true",
+                       help="hold every shard in the Router's own process: no hop between the Router and the "
+                            "shards, the lowest latency for a memory that fits one node's RAM; no shard replicas "
+                            "(--replicas) and no partial answers: the Router answers from all shards or fails")
     serve.add_argument("--token-file", default=None, metavar="PATH",
                        help="file holding the bearer token that /v1/memory/add and /v1/memory/remove need "
                             "(default: $VISMEM_TOKEN; with neither, editing over HTTP is off)")
     add_common(serve)
     actions = serve.add_subparsers(dest="action", metavar="ACTION", required=False)
     add_serve_bench_parser(actions)
+    add_serve_faults_parser(actions)
 
 
 def add_serve_bench_parser(actions) -> None:
@@ -57,8 +62,41 @@ def add_serve_bench_parser(actions) -> None:
     bench.add_argument("--batch", type=int, default=d.batch, help="vectors per batched request")
     bench.add_argument("--batches", type=int, default=d.batches, help="batched requests per path")
     add_k(bench, d.k)
-    bench.add_argument("--workdir", default=None, help="where the synthetic memory is built (default: a temporary folder)")
+    bench.add_argument("--workdir", default=None,
+                       help="where the synthetic memory is built (default: a temporary folder)")
+    bench.add_argument("--layout", choices=(*d.layouts, "both"), default="both",
+                       help="for an app started here: the shards as ShardSearcher deployments, colocated in the "
+                            "Router's process (vismem serve --colocate), or both side by side in the same run")
     add_common(bench)
+
+
+def add_serve_faults_parser(actions) -> None:
+    from index.bench.serve_faults import FaultLoadConfig
+    d = FaultLoadConfig(memory="")
+    faults = add_command(actions, "faults", "a fixed-rate query load while shard replicas are killed",
+                         description="Serve a memory, send single queries over HTTP at a fixed rate, kill a shard "
+                                     "replica part-way (ray.kill, as a lost node would) and judge every answer "
+                                     "against the memory opened here: a complete answer must be its top-k, a "
+                                     "partial one exactly the live shards' top-k. Prints the statuses, the 5xx, the "
+                                     "partial and wrong answers, and the time to recover.",
+                         epilog="examples:\n"
+                                "  vismem serve faults --memory ./mem --seconds 60 --kill-at 10\n"
+                                "  vismem serve faults --memory ./mem --replicas 2 --shard-cpus 0.1  # none partial\n"
+                                "  vismem serve faults --memory ./mem --kill all  # 503s, then whole again")
+    faults.add_argument("--memory", dest="fault_memory", required=True, metavar="URL", help="memory root URL to serve")
+    faults.add_argument("--replicas", type=int, default=d.replicas, help="replicas per shard")
+    faults.add_argument("--rate", type=float, default=d.rate, help="queries per second (open loop)")
+    faults.add_argument("--seconds", type=float, default=d.seconds, help="length of the load")
+    faults.add_argument("--kill-at", type=float, default=d.kill_at_s, help="seconds into the load to kill")
+    faults.add_argument("--kill", choices=("one", "all"), default=d.kill,
+                        help="a replica of --shard, or one replica of every shard")
+    faults.add_argument("--shard", type=int, default=d.shard, help="the shard whose replica is killed")
+    faults.add_argument("--clients", type=int, default=d.clients, help="threads sending the load")
+    faults.add_argument("--shard-timeout", type=float, default=d.shard_timeout_s,
+                        help="seconds before a shard counts as failed")
+    faults.add_argument("--shard-cpus", type=float, default=d.shard_cpus, help="Ray CPUs reserved per shard replica")
+    add_k(faults, d.k)
+    add_common(faults)
 
 
 def add_client_parsers(sub) -> None:
@@ -89,7 +127,7 @@ def cmd_serve(args) -> dict:
     with ray_session(args.address, serve_too=True):        # on the way out, Stopped included: Serve, then Ray
         stop_on_signals("Serve and Ray shut down")
         start(args.memory, host=args.host, port=args.port, replicas=args.replicas, shard_timeout_s=args.shard_timeout,
-              token_digest=digest, mmap=args.mmap)
+              token_digest=digest, mmap=args.mmap, colocate=args.colocate)
         print(f"serving {args.memory}: the page at http://{args.host}:{args.port}/ (API: POST /v1/classify, "
               f"/v1/search; GET /v1/info, /docs; editing "
               f"{'on: /v1/memory/add, /v1/memory/remove, /v1/memory/rollback' if digest else 'off (no token)'}); "
@@ -102,12 +140,26 @@ def cmd_serve_bench(args) -> dict:
     from cluster.cli.common import record_printer
     from cluster.runtime import ray_session
     from index.bench.serve_bench import ServeBenchConfig, run
+    d = ServeBenchConfig()
     check_positive(args, "synthetic", "dim", "shards", "singles", "clients", "seconds", "batch", "batches", "k")
     cfg = ServeBenchConfig(url=args.url, memory=args.bench_memory, synthetic=args.synthetic, dim=args.dim,
                            shards=args.shards, singles=args.singles, clients=args.clients, seconds=args.seconds,
-                           batch=args.batch, batches=args.batches, k=args.k, workdir=args.workdir)
+                           batch=args.batch, batches=args.batches, k=args.k, workdir=args.workdir,
+                           layouts=d.layouts if args.layout == "both" else (args.layout,))
     if args.url:
         return run(cfg, record_printer(args))
+    with ray_session(args.address, serve_too=True):
+        return run(cfg, record_printer(args))
+
+
+def cmd_serve_faults(args) -> dict:
+    from cluster.cli.common import record_printer
+    from cluster.runtime import ray_session
+    from index.bench.serve_faults import FaultLoadConfig, run
+    check_positive(args, "replicas", "rate", "seconds", "clients", "shard_timeout", "k")
+    cfg = FaultLoadConfig(args.fault_memory, replicas=args.replicas, rate=args.rate, seconds=args.seconds,
+                          kill_at_s=args.kill_at, shard=args.shard, kill=args.kill, clients=args.clients,
+                          k=args.k, shard_timeout_s=args.shard_timeout, shard_cpus=args.shard_cpus)
     with ray_session(args.address, serve_too=True):
         return run(cfg, record_printer(args))
 
@@ -125,5 +177,6 @@ def cmd_client(args) -> dict:
         head = f"{uri}: {result['decision']}" if "decision" in result else f"{uri}:"
         print(head + ("  (PARTIAL: shards %s missing)" % answer["missing_shards"] if answer["partial"] else ""))
         for n in result["neighbours"]:
-            print(f"    {n['similarity']:.3f}  {n['label']!s:12s} {n['uri']}" + (f"  w={n['weight']:.3g}" if "weight" in n else ""))
+            weight = f"  w={n['weight']:.3g}" if "weight" in n else ""
+            print(f"    {n['similarity']:.3f}  {n['label']!s:12s} {n['uri']}{weight}")
     return answer

@@ -32,6 +32,7 @@ from index.synthetic import ClusteredVectors
 
 log = logging.getLogger("vismem.index.serve_bench")
 APP = "vismem-serve-bench"
+LAYOUTS = ("shards", "colocated")     # build_app(colocate=False / True)
 
 
 @dataclass
@@ -51,6 +52,7 @@ class ServeBenchConfig:
     k: int = 10
     workdir: str | None = None
     seed: int = 0
+    layouts: tuple[str, ...] = LAYOUTS  # of an app started here: ShardSearcher deployments, or shards in the Router
 
 
 def percentiles(seconds) -> dict:
@@ -140,15 +142,18 @@ def build_synthetic(cfg: ServeBenchConfig, work: str, emit) -> str:
     return f"{work}/mem"
 
 
-def start_app(memory_url: str):
-    """Serve ``memory_url`` on a free loopback port; (base URL, the Router's handle)."""
+def start_app(memory_url: str, layouts: tuple[str, ...]) -> dict[str, tuple[str, object]]:
+    """Serve ``memory_url`` once per layout on one free loopback port (one Serve proxy, a route
+    prefix each); {layout: (base URL, the Router's handle)}."""
     import socket
 
     from index.serve import start                               # Ray Serve: see the module docstring
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}", start(memory_url, port=port, name=APP)
+    return {layout: (f"http://127.0.0.1:{port}/{layout}",
+                     start(memory_url, port=port, name=f"{APP}-{layout}", route_prefix=f"/{layout}",
+                           colocate=layout == "colocated")) for layout in layouts}
 
 
 def run(cfg: ServeBenchConfig, emit=print) -> dict:
@@ -157,18 +162,36 @@ def run(cfg: ServeBenchConfig, emit=print) -> dict:
     from index.memory import VisualMemory                      # FAISS: see the module docstring
     if not (cfg.url or cfg.memory or cfg.synthetic):
         raise ValueError("give the URL of a running app, a memory to serve, or a synthetic size to build")
+    unknown = set(cfg.layouts) - set(LAYOUTS)
+    if unknown or not cfg.layouts:
+        raise ValueError(f"layouts {sorted(unknown) or '(none)'}: give some of {', '.join(LAYOUTS)}")
     with tempfile.TemporaryDirectory(prefix="vismem-serve-bench-") as tmp:
         memory_url = build_synthetic(cfg, (cfg.workdir or tmp).rstrip("/"), emit) if cfg.synthetic else cfg.memory
-        url, handle = (cfg.url, None) if cfg.url else start_app(memory_url)
+        if cfg.url:
+            return measure(cfg, cfg.url, {"http": Http(cfg.url, cfg.k).search}, VisualMemory, emit)
+        apps = {}
         try:
-            return measure(cfg, url, handle, VisualMemory, emit)
+            apps = start_app(memory_url, cfg.layouts)
+            served = {}
+            for layout, (url, handle) in apps.items():
+                suffix = "" if layout == "shards" else f"_{layout}"
+                served[f"http{suffix}"] = Http(url, cfg.k).search
+                served[f"handle{suffix}"] = handle_search(handle, cfg.k)
+            return measure(cfg, next(iter(apps.values()))[0], served, VisualMemory, emit)
         finally:
-            if handle is not None:
-                from ray import serve
-                serve.delete(APP)
+            from ray import serve
+            for layout in apps:
+                serve.delete(f"{APP}-{layout}")
 
 
-def measure(cfg: ServeBenchConfig, url: str, handle, VisualMemory, emit) -> dict:
+def handle_search(handle, k: int):
+    from index.serve.api import SearchRequest                    # FastAPI, pydantic: see the module docstring
+    return lambda v: handle.search.remote(SearchRequest(vectors=v.tolist(), k=k)).result()
+
+
+def measure(cfg: ServeBenchConfig, url: str, served: dict, VisualMemory, emit) -> dict:
+    """Every figure for the ``served`` paths ({name: search}) and this process's floors; ``url``
+    (of one of them) names the memory."""
     info = requests.get(f"{url.rstrip('/')}/v1/info", timeout=60)
     info.raise_for_status()
     info = info.json()
@@ -176,11 +199,7 @@ def measure(cfg: ServeBenchConfig, url: str, handle, VisualMemory, emit) -> dict
     n = max(cfg.singles, cfg.batch * cfg.batches)
     queries = ClusteredVectors(info["dim"], cfg.clusters, cfg.spread, cfg.seed).queries(n)
     queries = (queries / np.linalg.norm(queries, axis=1, keepdims=True)).astype(np.float32)
-    http, bare = Http(url, cfg.k), bare_faiss(memory, cfg.k)
-    paths = {"http": http.search, "in_process": lambda v: memory.search(v, cfg.k), "bare_faiss": bare}
-    if handle is not None:
-        from index.serve.api import SearchRequest
-        paths["handle"] = lambda v: handle.search.remote(SearchRequest(vectors=v.tolist(), k=cfg.k)).result()
+    paths = {**served, "in_process": lambda v: memory.search(v, cfg.k), "bare_faiss": bare_faiss(memory, cfg.k)}
     for search in paths.values():                                 # warm every path (connections, caches)
         for q in queries[:20]:
             search(q[None])
@@ -192,17 +211,19 @@ def measure(cfg: ServeBenchConfig, url: str, handle, VisualMemory, emit) -> dict
         singles[name] = percentiles(timed(search, [q[None] for q in queries[:cfg.singles]]))
         emit({"what": "single_query", "path": name, **singles[name]})
     loads = {}
-    for name in ("http", "handle", "in_process"):
-        if name in paths:
-            loads[name] = concurrent(paths[name], queries, cfg.clients, cfg.seconds)
-            emit({"what": "concurrent", "path": name, **loads[name]})
+    for name in [*served, "in_process"]:
+        loads[name] = concurrent(paths[name], queries, cfg.clients, cfg.seconds)
+        emit({"what": "concurrent", "path": name, **loads[name]})
     batches = {}
     for name, search in paths.items():
         batches[name] = batched(search, queries, cfg.batch, cfg.batches)
         emit({"what": "batches", "path": name, **batches[name]})
-    ratios = {"http_p50_over_in_process": round(singles["http"]["p50_ms"] / singles["in_process"]["p50_ms"], 1),
-              "in_process_p50_over_bare_faiss": round(singles["in_process"]["p50_ms"] / singles["bare_faiss"]["p50_ms"], 2),
-              "http_batched_over_in_process": round(batches["http"]["vectors_per_s"]
-                                                    / batches["in_process"]["vectors_per_s"], 3)}
+    ratios = {}
+    for name in (n for n in served if n.startswith("http")):
+        ratios[f"{name}_p50_over_in_process"] = round(singles[name]["p50_ms"] / singles["in_process"]["p50_ms"], 1)
+        ratios[f"{name}_batched_over_in_process"] = round(batches[name]["vectors_per_s"]
+                                                          / batches["in_process"]["vectors_per_s"], 3)
+    ratios["in_process_p50_over_bare_faiss"] = round(singles["in_process"]["p50_ms"]
+                                                     / singles["bare_faiss"]["p50_ms"], 2)
     emit({"what": "ratios", **ratios})
     return {**summary, "single_query": singles, "concurrent": loads, "batches": batches, "ratios": ratios}

@@ -17,6 +17,7 @@ which memory is wrong.
 import asyncio
 import logging
 import re
+from types import SimpleNamespace
 from typing import Annotated
 
 import numpy as np
@@ -25,6 +26,7 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ray import serve
+from ray.exceptions import ActorDiedError, ActorUnavailableError
 from ray.serve.schema import DeploymentStatus
 
 from index.queries import QueryError, check_vectors
@@ -63,15 +65,52 @@ class ShardSearcher(ShardState):
     async def search(self, queries: list[np.ndarray], ks: list[int], nprobes: list[int | None],
                      versions: list[int]) -> list[dict]:
         await self.follow(max(versions))
-        answers: list[dict | None] = [None] * len(queries)
-        for nprobe in dict.fromkeys(nprobes):
-            calls = [i for i, p in enumerate(nprobes) if p == nprobe]
-            found = self.shard.query(np.concatenate([queries[i] for i in calls]), max(ks[i] for i in calls),
-                                     nprobe=nprobe)
-            ends = np.cumsum([len(queries[i]) for i in calls])
-            for i, end in zip(calls, ends):
-                answers[i] = {key: value[end - len(queries[i]):end, :ks[i]] for key, value in found.items()}
-        return answers
+        return search_grouped(self.shard, queries, ks, nprobes)
+
+
+class LocalShard(ShardState):
+    """A shard held in the Router's own process (``build_app(colocate=True)``): the same state,
+    edits and following as a ShardSearcher replica, without a hop to another process. Concurrent
+    queries are batched as a replica batches them; FAISS runs in a worker thread (it releases the
+    GIL), on the shard held when the batch starts: following swaps in a new Shard object and
+    never changes one a search may hold."""
+
+    def __init__(self, memory_url: str, version: int, number: int, nprobe: int | None = None, mmap: bool = False):
+        self.open_shard(memory_url, version, number, nprobe, mmap)
+        # serve.batch keeps one queue per decorated function, shared by every instance of a class
+        # (a replica holds one); the Router holds several LocalShards, so each gets its own queue.
+        self.search = serve.batch(max_batch_size=16, batch_wait_timeout_s=0)(self.search_batch)
+
+    async def health(self) -> int:
+        return self.version
+
+    async def search_batch(self, queries: list[np.ndarray], ks: list[int], nprobes: list[int | None],
+                           versions: list[int]) -> list[dict]:
+        await self.follow(max(versions))
+        return await asyncio.to_thread(search_grouped, self.shard, queries, ks, nprobes)
+
+
+class InProcess:
+    """A LocalShard called the way the Router calls a ShardSearcher's handle
+    (``await shard.method.remote(...)``), so the Router has one code path for both."""
+
+    def __init__(self, state: LocalShard):
+        self.state = state
+
+    def __getattr__(self, method: str) -> SimpleNamespace:
+        return SimpleNamespace(remote=getattr(self.state, method))
+
+
+def search_grouped(shard, queries: list[np.ndarray], ks: list[int], nprobes: list[int | None]) -> list[dict]:
+    """The answers of several calls' ``queries`` from one FAISS search per distinct nprobe."""
+    answers: list[dict | None] = [None] * len(queries)
+    for nprobe in dict.fromkeys(nprobes):
+        calls = [i for i, p in enumerate(nprobes) if p == nprobe]
+        found = shard.query(np.concatenate([queries[i] for i in calls]), max(ks[i] for i in calls), nprobe=nprobe)
+        ends = np.cumsum([len(queries[i]) for i in calls])
+        for i, end in zip(calls, ends):
+            answers[i] = {key: value[end - len(queries[i]):end, :ks[i]] for key, value in found.items()}
+    return answers
 
 
 def neighbour_list(found: dict, row: int, weights: np.ndarray | None = None) -> list[dict]:
@@ -94,9 +133,14 @@ class Router:
     """The HTTP ingress: queries in, merged neighbours and votes out (the models are in index.serve.api)."""
 
     def __init__(self, memory_url: str, version: int, *shards, shard_timeout_s: float = 10.0,
-                 limits: Limits = Limits(), token_digest: str | None = None):
+                 limits: Limits = Limits(), token_digest: str | None = None, colocate: dict | None = None):
+        """``shards``: a ShardSearcher handle per shard; none, with ``colocate`` (``nprobe`` and
+        ``mmap`` of the shards), to hold every shard in this replica (LocalShard)."""
         from encoder import Encoder                     # imports torch: only the Router's replica needs it
         self.manifest = read_manifest(memory_url, version)
+        if colocate is not None:
+            shards = tuple(InProcess(LocalShard(memory_url, self.manifest.version, n, **colocate))
+                           for n in range(len(self.manifest.shards)))
         self.memory_url, self.shards, self.timeout, self.limits = memory_url, list(shards), shard_timeout_s, limits
         self.token_digest, self.edit_lock = token_digest, asyncio.Lock()
         self.watching: asyncio.Task | None = None           # follows versions committed elsewhere (watch_storage)
@@ -139,7 +183,11 @@ class Router:
 
     async def fan_out(self, vectors: np.ndarray, k: int, nprobe: int | None, version: int) -> tuple[list, list[int]]:
         async def one(handle):
-            return await asyncio.wait_for(handle.search.remote(vectors, k, nprobe, version), self.timeout)
+            try:
+                return await asyncio.wait_for(handle.search.remote(vectors, k, nprobe, version), self.timeout)
+            except (ActorDiedError, ActorUnavailableError):    # the replica picked had died: once more, and
+                # Serve routes to another replica of the shard (or waits for the replacement of the only one)
+                return await asyncio.wait_for(handle.search.remote(vectors, k, nprobe, version), self.timeout)
 
         results = await asyncio.gather(*(one(h) for h in self.shards), return_exceptions=True)
         missing = [n for n, r in enumerate(results) if isinstance(r, BaseException)]
@@ -343,19 +391,31 @@ class Router:
 
 
 def build_app(memory_url: str, version: int | None = None, nprobe: int | None = None, shard_timeout_s: float = 10.0,
-              replicas: int = 1, limits: Limits = Limits(), token_digest: str | None = None, mmap: bool = False):
+              replicas: int = 1, limits: Limits = Limits(), token_digest: str | None = None, mmap: bool = False,
+              colocate: bool = False, shard_cpus: float = 0.25):
     """The Serve application for the memory at ``memory_url`` (current version by default).
 
     ``nprobe`` is the shards' default (a request may ask for another); ``limits`` bound what one
     request may ask; ``token_digest`` (``index.serve.auth.token_digest``) is the sha256 of the
     bearer token that edits need (None: editing is off); ``mmap``: the shard replicas map their
     IVF lists from the memory's local disk instead of loading them, so a shard larger than RAM
-    can answer (the replicas must run where that disk is).
+    can answer (the replicas must run where that disk is). ``colocate``: the Router holds every
+    shard in its own process, with no ShardSearcher deployments: no hop between the Router and
+    the shards (the fastest answer for a memory that fits one node), but no shard replicas and no
+    shard that fails alone (docs/ARCHITECTURE.md §6). ``shard_cpus``: Ray's CPU reservation of each
+    shard replica (a scheduling figure: FAISS uses the cores it finds).
     """
     if mmap:
         check_mappable(memory_url)
     manifest = read_manifest(memory_url, version)
-    shards = [ShardSearcher.options(name=f"ShardSearcher-{n}", num_replicas=replicas)
+    if colocate:
+        if replicas != 1:
+            raise ValueError(f"colocated shards have no replicas of their own (asked for {replicas}): serve "
+                             "without colocate for shard replicas")
+        return Router.bind(memory_url, manifest.version, shard_timeout_s=shard_timeout_s, limits=limits,
+                           token_digest=token_digest, colocate={"nprobe": nprobe, "mmap": mmap})
+    shards = [ShardSearcher.options(name=f"ShardSearcher-{n}", num_replicas=replicas,
+                                    ray_actor_options={"num_cpus": shard_cpus})
               .bind(memory_url, manifest.version, n, nprobe, mmap) for n in range(len(manifest.shards))]
     return Router.bind(memory_url, manifest.version, *shards, shard_timeout_s=shard_timeout_s, limits=limits,
                        token_digest=token_digest)

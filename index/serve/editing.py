@@ -36,7 +36,8 @@ from index.store import commit
 from index.store.manifest import Manifest, next_manifest, read_manifest
 
 log = logging.getLogger("vismem.index.serve")
-WATCH_S = 2.0                # how often a served memory checks its storage for versions written elsewhere
+WATCH_S = 1.0                # how often a served memory checks its storage for versions written elsewhere (the
+                             # promise is 2 s: one period plus the shards' follow)
 
 
 class ShardState:

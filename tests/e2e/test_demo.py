@@ -2,6 +2,7 @@
 workers → encoder → Ray Data embedding → 2 FAISS shards → Ray Serve → HTTP classification."""
 
 import json
+import urllib.request
 
 import pytest
 
@@ -11,8 +12,17 @@ from cluster.demo import DemoConfig, run_demo
 @pytest.mark.slow
 def test_demo_end_to_end(ray_local, tmp_path):
     store = str(tmp_path / "store")
-    cfg = DemoConfig(store=store, max_minutes=10, max_steps=150, workers=2, seed=0, shards=2, k=10)
-    result = run_demo(cfg)
+    cfg = DemoConfig(store=store, max_minutes=10, max_steps=150, workers=2, seed=0, shards=2, k=10, serve=True)
+    held = {}
+
+    def look(base):                         # what a newcomer does at the end of `vismem demo --serve`
+        from index.serve.client import Client
+        with urllib.request.urlopen(f"{base}/", timeout=30) as response:
+            held["page"] = response.read().decode()
+        with Client(base) as client:
+            held["info"] = client.info()
+    result = run_demo(cfg, hold=look)
+    assert "<html" in held["page"].lower() and len(held["info"].shards) == 2 and held["info"].count > 0
     print("accuracy:", result["accuracy"])
 
     acc = result["accuracy"]

@@ -352,3 +352,38 @@ def test_failed_or_slow_shard_gives_a_partial_answer(served):
         assert 'vismem_requests_total{route="/healthz",status="503"} 1.0' in text
     finally:
         serve.delete("degraded")
+
+
+def port_of(served) -> int:
+    return int(served[0].rsplit(":", 1)[1])          # Serve keeps the port it started on: the module's
+
+
+def test_a_killed_shard_replica_gives_exact_partial_answers_then_recovers(served):
+    """Real parts: a fixed-rate load over HTTP while a real ShardSearcher replica is killed. No
+    5xx; each answer is the memory's own top-k or, while the shard is down, says partial and is
+    exactly the live shards' top-k; Serve replaces the replica and the answers are whole again."""
+    from index.bench.serve_faults import FaultLoadConfig, run
+    memory_url = served[1]
+    summary = run(FaultLoadConfig(memory_url, rate=20, seconds=8, kill_at_s=1, shard=1, k=3, clients=4,
+                                  shard_cpus=0), emit=lambda record: None, port=port_of(served))
+    assert summary["killed"] and summary["kill_at_s"] >= 1
+    assert summary["server_errors"] == 0 and summary["wrong_answers"] == 0, json.dumps(summary)
+    assert summary["partial"] > 0 and summary["missing_seen"] == [(1,)], summary
+    assert summary["recovered_after_s"] is not None, summary          # whole answers again before the end
+
+
+def test_with_two_replicas_a_shard_a_killed_replica_costs_no_answer(served):
+    from index.bench.serve_faults import FaultLoadConfig, run
+    summary = run(FaultLoadConfig(served[1], replicas=2, rate=20, seconds=5, kill_at_s=1, k=3, clients=4,
+                                  shard_cpus=0), emit=lambda record: None, port=port_of(served))
+    assert summary["killed"] and summary["answers"] == 100
+    assert summary["statuses"] == {"200": 100} and summary["partial"] == 0 and summary["wrong_answers"] == 0, summary
+
+
+def test_with_every_shard_down_a_query_is_a_503_naming_them(served):
+    from index.bench.serve_faults import FaultLoadConfig, run
+    summary = run(FaultLoadConfig(served[1], kill="all", rate=20, seconds=4, kill_at_s=1, k=3, clients=4,
+                                  shard_cpus=0), emit=lambda record: None, port=port_of(served))
+    assert summary["server_errors"] > 0 and set(summary["statuses"]) <= {"200", "503"}, summary
+    assert summary["wrong_answers"] == 0, summary
+    assert any("no shard answered" in e and "shards [0, 1, 2] failed" in e for e in summary["errors_seen"]), summary
