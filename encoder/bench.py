@@ -5,18 +5,23 @@ procedural data; and embedding images/s. Both time the one training loop, encode
 from __future__ import annotations
 
 import dataclasses
+import io
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, Sequence
 
+import numpy as np
 import torch
+from PIL import Image
 
 from encoder.config import preset
+from procdata.bench import available_cores
 
 
 def train_throughput(preset_name: str, workers: int, steps: int = 80, use_gpu: bool | None = None) -> dict:
     """Train ``steps`` steps on ``workers`` Ray Train workers; images/s after the first 3 steps."""
-    from encoder.train import train
+    from encoder.train import train                     # Ray Train: only the Ray path needs it
     use_gpu = torch.cuda.is_available() if use_gpu is None else use_gpu
     cfg = dataclasses.replace(preset(preset_name, workers=workers, max_steps=steps, use_gpu=use_gpu,
                                      log_every=10 ** 9, checkpoint_every=10 ** 9), max_minutes=None)
@@ -33,8 +38,8 @@ def local_train_throughput(preset_name: str, steps: int = 80, device: str | None
     """Train ``steps`` steps in this process on ``device`` (default: the GPU when there is one),
     no Ray and no checkpoints written; images/s after the first 3 steps. ``overrides`` replace
     fields of the preset (e.g. ``batch_size``)."""
-    from encoder.local import LocalSession, default_device, local_config
-    from encoder.loop import train_worker
+    from encoder.local import LocalSession, default_device, local_config   # the loop's modules: only when timed
+    from encoder.loop import train_worker               # (encoder.loop imports Ray Train's session API)
     torch_device = torch.device(device) if device else default_device()
     cfg = local_config(dataclasses.replace(preset(preset_name, max_steps=steps, log_every=10 ** 9,
                                                   checkpoint_every=10 ** 9, **overrides), max_minutes=None),
@@ -49,7 +54,7 @@ def local_train_throughput(preset_name: str, steps: int = 80, device: str | None
 
 def embed_throughput(preset_name: str, images: int = 2048, batch_size: int = 256, device: str | None = None) -> dict:
     """Embedding images/s of the preset's network (random weights: speed does not depend on them)."""
-    from encoder.embed import Encoder
+    from encoder.embed import Encoder                   # timm: only the embedding benches load it
     encoder = Encoder.load(f"random-init:{preset_name}", device=device)
     size = encoder.arch.img_size
     batch = torch.randint(0, 256, (images, 3, size, size), dtype=torch.uint8)
@@ -83,7 +88,6 @@ def bench_local(presets: Sequence[str], steps: int = 80, device: str | None = No
 
 def default_worker_counts() -> list[int]:
     """1 and 2 workers, and one per core or GPU: the scaling figures."""
-    from procdata.bench import available_cores
     devices = torch.cuda.device_count() or available_cores()
     return sorted({1, min(2, devices), devices})
 
@@ -91,10 +95,7 @@ def default_worker_counts() -> list[int]:
 def jpeg_images(count: int, height: int, width: int, seed: int = 0) -> list[bytes]:
     """``count`` JPEG files (quality 90) of smooth colour fields with fine noise: decoding them costs
     what decoding photos of that size costs (the cost is in the pixel count and the entropy)."""
-    import io
 
-    import numpy as np
-    from PIL import Image
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(count):
@@ -117,7 +118,7 @@ class DecodeResize(torch.utils.data.Dataset):
         return len(self.blobs)
 
     def __getitem__(self, i: int):
-        from encoder.embed import decode_image
+        from encoder.embed import decode_image          # timm: only the embedding benches load it
         return torch.from_numpy(self.resize(decode_image(self.blobs[i])))
 
 
@@ -126,7 +127,7 @@ def pipeline_throughput(preset_name: str, images: int, source: tuple[int, int], 
     """Embedding fed by CPU decode-and-resize workers (torch DataLoader processes: the GPU check runs
     without Ray; the Ray Data pipeline runs the same two steps) against the bare forward pass on the
     same pixels, and one core's decode-and-resize rate: how many CPU cores keep one device busy."""
-    from encoder.embed import Encoder
+    from encoder.embed import Encoder                   # timm: only the embedding benches load it
     encoder = Encoder.load(f"random-init:{preset_name}", device=device)
     blobs = jpeg_images(min(images, 256), *source)
     blobs = [blobs[i % len(blobs)] for i in range(images)]
@@ -166,9 +167,9 @@ def device_decode_throughput(preset_name: str, images: int, source: tuple[int, i
     """JPEG decode on the GPU (nvJPEG through torchvision, a batch per call), resize on the GPU and
     embed, against the bare forward on the same pixels: whether an encoder actor that decodes its
     own JPEGs keeps up with its network, where CPU decode needs ~13 cores per GPU."""
-    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.io import ImageReadMode, decode_jpeg   # torchvision: this bench only
 
-    from encoder.embed import Encoder
+    from encoder.embed import Encoder                   # timm: only the embedding benches load it
     encoder = Encoder.load(f"random-init:{preset_name}", device=device)
     blobs = jpeg_images(min(images, 256), *source)
     data = [torch.frombuffer(bytearray(blobs[i % len(blobs)]), dtype=torch.uint8) for i in range(images)]
@@ -194,7 +195,6 @@ def device_decode_throughput(preset_name: str, images: int, source: tuple[int, i
     @torch.no_grad()
     def overlapped():
         """Batch i+1 decoded by a second thread on its own CUDA stream while batch i is embedded."""
-        from concurrent.futures import ThreadPoolExecutor
         stream = torch.cuda.Stream() if encoder.device.type == "cuda" else None
 
         def decode_on_side(start):

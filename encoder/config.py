@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 
 
@@ -199,7 +200,6 @@ PRESETS: dict[str, TrainConfig] = {
 def parse_settings(pairs: list[str]) -> dict:
     """``["lr=5e-4", "local_crops=6", "arch.depth=6"]`` → overrides for ``preset``, checked against
     the dataclass fields so that a typo names itself. Values are read as JSON where they parse."""
-    import json
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     arch_fields = {f.name for f in dataclasses.fields(ArchConfig)}
     out: dict = {}

@@ -19,6 +19,7 @@ from encoder.checkpoint import CONFIG, PROVENANCE, TRAIN_STATE, WEIGHTS, load_tr
 from encoder.config import TrainConfig
 from encoder.loop import check_recipe, train_worker
 from encoder.runs import RUN_NAME, check_new_or_resumable, encoder_url, export, latest_checkpoint
+from procdata.bench import available_cores
 from procdata.storage import write_atomic
 
 log = logging.getLogger("vismem.encoder.train")
@@ -82,6 +83,5 @@ def train_local(cfg: TrainConfig, out_url: str, resume: bool = False, device: st
 
 def local_config(cfg: TrainConfig, device: torch.device) -> TrainConfig:
     """``cfg`` as one worker on ``device`` runs it: every core of the machine on a CPU."""
-    from procdata.bench import available_cores
     cpus = available_cores() if device.type == "cpu" else cfg.cpus_per_worker
     return dataclasses.replace(cfg, workers=1, use_gpu=device.type == "cuda", cpus_per_worker=cpus)

@@ -157,7 +157,7 @@ def plot(result: dict, url: str) -> str:
     """Top-1 on the first eval set against training steps for both runs, the baselines as lines."""
     import matplotlib                   # here: only a comparison that draws its plot pays for matplotlib
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt     # (see above)
     first = result["curve_eval_set"]
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     for run, colour in (("procedural", "tab:blue"), ("real_control", "tab:green")):

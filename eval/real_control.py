@@ -79,5 +79,5 @@ def train_on_collection(cfg, url: str, out_url: str, local: bool = False, device
         from encoder.local import default_device, train_local   # here: each path imports its own trainer (Ray Train's imports ray)
         return train_local(cfg, out_url, device=device, stream=stream(0, 1, device or str(default_device())),
                            **train_kwargs)
-    from encoder.train import train
+    from encoder.train import train                             # Ray Train: imports ray
     return train(cfg, out_url, stream_factory=stream, **train_kwargs)

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 import fsspec
 import numpy as np
 import pyarrow as pa
+import torch
 from PIL import Image
 
 from procdata.generators import generate, get_generator
@@ -78,8 +79,8 @@ def write_shard(job: ShardJob, k: int, device: str = "cpu", batch: int = 256) ->
 
 def write_shards(job: ShardJob, workers: int | None = None, progress=None) -> dict:
     """Write every missing shard of ``job`` with a pool of Ray actors; returns the manifest."""
-    import ray
-    from ray.util import ActorPool
+    import ray                                  # Ray: only the sharded writer needs it
+    from ray.util import ActorPool              # (see above)
 
     job.check()
     fs, root = fsspec.core.url_to_fs(job.out)
@@ -104,7 +105,6 @@ class ShardWriter:
     """A Ray actor that writes whole shards (one thread per CPU actor: the pool is the parallelism)."""
 
     def __init__(self, device: str = "cpu"):
-        import torch
         if device == "cpu":
             torch.set_num_threads(1)
         self.device = device

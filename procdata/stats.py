@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from procdata.stream import ProceduralStream, StreamConfig
+
 LUMA = (0.299, 0.587, 0.114)
 HIGH_FREQUENCY = 0.25                      # cycles per pixel; Nyquist is 0.5
 
@@ -93,7 +95,6 @@ def generator_stats(name: str, images: int = 768, size: int = 32, seed: int = 0,
                     batch: int = 256) -> ImageStats:
     """Statistics of ``images`` images of generator ``name`` rendered at ``size`` as the stream
     makes them (uint8; with ``natural``, through ``render_natural`` as ``StreamConfig.natural`` does)."""
-    from procdata.stream import ProceduralStream, StreamConfig
     stream = ProceduralStream(StreamConfig((name,), seed, size, batch, natural=natural))
     rendered = [stream.images(name, list(range(start, min(images, start + batch)))) for start in range(0, images, batch)]
     return image_stats(torch.cat(rendered))
