@@ -21,7 +21,8 @@ from procdata.generators.registry import (GENERATORS, LUMA, Generator, generate,
                                           render, render_natural)
 from procdata.generators.streams import (grouped, image_normals, image_rngs, image_uniforms, per_image, pixel_grid,
                                          splitmix64, splitmix64_torch)
-from procdata.generators.dead_leaves import dead_leaves, inverse_cdf_power3, paint_small_shapes, topmost, triangle
+from procdata.generators.dead_leaves import (dead_leaves, inverse_cdf_power3, leaf_labels, leaf_shapes, triangle,
+                                             window_ladder)
 from procdata.generators.fields import shader, spectral
 from procdata.generators.fractal import fractal, ifs_system
 from procdata.generators.mixers import (DEFAULT_SOURCES, KML_SOURCES, blur3, child_seed, kml, kml_mixup, mixed_sources,
@@ -29,6 +30,6 @@ from procdata.generators.mixers import (DEFAULT_SOURCES, KML_SOURCES, blur3, chi
 
 __all__ = ["DEFAULT_SOURCES", "GENERATORS", "Generator", "KML_SOURCES", "LUMA", "blur3", "child_seed", "dead_leaves",
            "fractal", "generate", "get_generator", "grouped", "ifs_system", "image_normals", "image_rngs",
-           "image_uniforms", "inverse_cdf_power3", "kml", "kml_mixup", "mixed_sources", "mixup", "paint_small_shapes",
-           "per_image", "pixel_grid", "quantise", "register", "render", "render_natural", "shader", "spectral",
-           "splitmix64", "splitmix64_torch", "topmost", "triangle", "two_means_mask"]
+           "image_uniforms", "inverse_cdf_power3", "kml", "kml_mixup", "leaf_labels", "leaf_shapes", "mixed_sources",
+           "mixup", "per_image", "pixel_grid", "quantise", "register", "render", "render_natural", "shader", "spectral",
+           "splitmix64", "splitmix64_torch", "triangle", "two_means_mask", "window_ladder"]

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from procdata.generators import GENERATORS, generate, inverse_cdf_power3
+from procdata.generators import GENERATORS, generate, inverse_cdf_power3, leaf_labels, leaf_shapes, pixel_grid
 from procdata.stream import ProceduralStream, StreamConfig
 
 
@@ -32,6 +32,49 @@ def test_dead_leaves_radius_law():
     density = counts / np.diff(edges)
     slope = np.polyfit(np.log(centres), np.log(density), 1)[0]
     assert slope == pytest.approx(-3, abs=0.15)
+
+
+@pytest.mark.parametrize("size", [32, 64, 224])
+def test_dead_leaves_cover_the_frame_at_every_scale(size):
+    """Little flat background (48 shapes from r_min 0.03 left 56 % of pixels to it), and the
+    visible pixels shared about evenly by every octave of shape radius: occlusion at object scale
+    as well as in the small (the r⁻³ law puts the same area in every octave)."""
+    n = 256 if size < 100 else 32
+    shape, _ = leaf_shapes(0, range(n), 128, 0.05, 1.0, torch.device("cpu"))
+    labels = leaf_labels(shape, size).long()
+    assert (labels == 0).float().mean() < 0.06
+    visible = torch.cat([torch.zeros(n, 1), shape["radius"]], 1).gather(1, labels)     # radius of the shape seen
+    edges = [0.05, 0.1, 0.2, 0.4, 1.0 + 1e-6]
+    shares = [float(((visible >= lo) & (visible < hi)).float().mean()) for lo, hi in zip(edges[:-1], edges[1:])]
+    assert all(0.12 < share < 0.4 for share in shares), shares
+    assert sum(shares[1:]) > 0.6                        # most pixels lie on shapes of radius >= 0.1 of the frame
+
+
+def test_dead_leaves_labels_are_the_painters_algorithm():
+    """The windowed label painter against the plainest reference: paint every shape over the whole
+    frame, back to front, with the textbook inside tests (a disc, a rotated box, three half-planes)."""
+    import math
+    n, k, size = 6, 128, 40
+    shape, _ = leaf_shapes(5, range(n), k, 0.05, 1.0, torch.device("cpu"))
+    y, x = (t[0, 0].double() for t in pixel_grid(size, torch.device("cpu")))
+    expected = torch.zeros(n, size, size, dtype=torch.long)
+    for i in range(n):
+        for j in range(k):
+            r, a, aspect = (float(shape[key][i, j]) for key in ("radius", "angle", "aspect"))
+            dx, dy = x - float(shape["cx"][i, j]), y - float(shape["cy"][i, j])
+            kind = int(shape["kind"][i, j])
+            if kind == 0:
+                inside = dx ** 2 + dy ** 2 <= r ** 2
+            elif kind == 1:
+                inside = ((dx * math.cos(a) - dy * math.sin(a)).abs() <= r) & \
+                         ((dx * math.sin(a) + dy * math.cos(a)).abs() <= r * aspect)
+            else:
+                inside = torch.stack([dx * math.cos(a + m * 2 * math.pi / 3) + dy * math.sin(a + m * 2 * math.pi / 3)
+                                      <= r / 2 for m in range(3)]).all(0)
+            expected[i][inside] = j + 1
+    got = leaf_labels(shape, size).long().view(n, size, size)
+    assert (got != expected).float().mean() < 1e-3          # float32 against float64: a rare edge pixel apart
+    assert len(got.unique()) > 100                          # many shapes visible, not a handful
 
 
 def test_bad_arguments():

@@ -78,9 +78,9 @@ def test_preview_grid():
     assert np.asarray(grid).std() > 10
 
 
-@pytest.mark.parametrize("size", [16, 61])
+@pytest.mark.parametrize("size", [16, 61, 64])
 def test_dead_leaves_windows_paint_the_same_pixels_as_full_frames(size):
     from procdata.generators import dead_leaves
-    windowed = dead_leaves(9, range(24), size, torch.device("cpu"))
-    everywhere = dead_leaves(9, range(24), size, torch.device("cpu"), full_frame=48)   # every shape, every pixel
+    windowed = dead_leaves(9, range(48), size, torch.device("cpu"))
+    everywhere = dead_leaves(9, range(48), size, torch.device("cpu"), windows=False)   # every shape, every pixel
     assert torch.equal(windowed, everywhere)
