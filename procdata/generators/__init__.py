@@ -10,6 +10,7 @@ in, in any process, on the same device type. Generators return float intensities
     streams.py      per-image random streams and the batch helpers the generators share
     dead_leaves.py  dead_leaves
     fields.py       spectral, shader
+    expression.py   expression: random expression-tree shaders
     fractal.py      fractal
     mixers.py       kml, kml_mixup, mixup: made of other generators' images
 
@@ -24,12 +25,13 @@ from procdata.generators.streams import (grouped, image_normals, image_rngs, ima
 from procdata.generators.dead_leaves import (dead_leaves, inverse_cdf_power3, leaf_labels, leaf_shapes, triangle,
                                              window_ladder)
 from procdata.generators.fields import shader, spectral
+from procdata.generators.expression import expression
 from procdata.generators.fractal import fractal, ifs_system
 from procdata.generators.mixers import (DEFAULT_SOURCES, KML_SOURCES, blur3, child_seed, kml, kml_mixup, mixed_sources,
                                         mixup, two_means_mask)
 
 __all__ = ["DEFAULT_SOURCES", "GENERATORS", "Generator", "KML_SOURCES", "LUMA", "blur3", "child_seed", "dead_leaves",
-           "fractal", "generate", "get_generator", "grouped", "ifs_system", "image_normals", "image_rngs",
+           "expression", "fractal", "generate", "get_generator", "grouped", "ifs_system", "image_normals", "image_rngs",
            "image_uniforms", "inverse_cdf_power3", "kml", "kml_mixup", "leaf_labels", "leaf_shapes", "mixed_sources",
            "mixup", "per_image", "pixel_grid", "quantise", "register", "render", "render_natural", "shader", "spectral",
            "splitmix64", "splitmix64_torch", "triangle", "two_means_mask", "window_ladder"]

@@ -101,3 +101,41 @@ def test_stream_batches_mix_the_generators():
     for i, image in enumerate(batch):
         name = cfg.generators[(base + i) % 3]
         assert torch.equal(image, generate(name, 3, [base + i], 16)[0])
+
+
+def test_expression_trees_vary_across_images():
+    """Every image runs its own random expression tree: the programs differ in ops, leaves and
+    shape (one-child nodes drop subtrees), and so do the pictures."""
+    from procdata.generators.expression import LEAF_KINDS, NODE_OPS, expression_programs
+    programs = expression_programs(0, range(64))
+    assert programs[5] == expression_programs(0, [5])[0]                     # a function of (seed, index)
+    assert len(set(programs)) >= 60
+    leaf_counts = [sum(p.count(kind) for kind in LEAF_KINDS) for p in programs]
+    assert min(leaf_counts) <= 6 and max(leaf_counts) >= 12                 # heavily pruned trees and near-complete ones
+    text = " ".join(programs)
+    assert all(f"{op}(" in text for op in NODE_OPS if op != "left") and all(kind in text for kind in LEAF_KINDS)
+    images = generate("expression", 0, range(64), 32).float()
+    luma = (images * torch.tensor([0.299, 0.587, 0.114])[:, None, None]).sum(1).flatten(1)
+    corr = torch.corrcoef(luma).abs()
+    off_diagonal = corr[~torch.eye(64, dtype=torch.bool)]
+    assert off_diagonal.median() < 0.3 and off_diagonal.max() < 0.99
+
+
+def test_expression_values_stay_in_range():
+    from procdata.generators import expression
+    raw = expression(3, range(32), 24, torch.device("cpu"))
+    assert torch.isfinite(raw).all() and raw.min() >= -0.2 and raw.max() <= 1.2    # the palette's span
+    assert (raw.flatten(1).std(1) > 0.02).float().mean() > 0.9                  # hardly any flat image
+    shallow = expression(3, range(4), 16, torch.device("cpu"), depth=1)
+    assert shallow.shape == (4, 3, 16, 16)
+    with pytest.raises(ValueError, match="depth must be >= 1"):
+        expression(3, range(4), 16, torch.device("cpu"), depth=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+@pytest.mark.parametrize("name", ["expression", "dead_leaves", "fractal", "kml_mixup"])
+def test_gpu_renders_the_cpu_images(name):
+    """The same programs on the GPU: equal up to float rounding at the shapes' and bands' edges."""
+    cpu = generate(name, 4, range(16), 32).float()
+    gpu = generate(name, 4, range(16), 32, "cuda").cpu().float()
+    assert (cpu - gpu).abs().mean() < 2.0
