@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
+import zlib
 from typing import Sequence
+
+import numpy as np
 
 import torch
 
 from procdata.generators.registry import register
-from procdata.generators.streams import image_rngs, image_uniforms, per_image
+from procdata.generators.streams import GOLDEN, image_rngs, per_image, splitmix64, splitmix64_torch
 
 
 @register("fractal")
@@ -32,13 +35,13 @@ def fractal(seed: int, indices: Sequence[int], size: int, device: torch.device, 
     background = per_image(rngs, (3,), 0.0, 0.35)
     # each point's map at each step, by inverse CDF on a counter-based hash (per-image torch.multinomial
     # on CPU generators was a tenth of the time); never past an image's last map, whatever the rounding
-    u = image_uniforms("fractal:maps", seed, indices, points * iterations)
-    last = (prob > 0).sum(1, keepdim=True) - 1
-    below = (u[..., None] > prob.cumsum(1)[:, None, :maps_max - 1]).sum(-1)     # maps whose CDF lies below u
+    u = map_uniforms(seed, indices, points * iterations, device)
+    cdf, last = prob.cumsum(1).to(device), (prob > 0).sum(1, keepdim=True).to(device) - 1
+    below = (u[..., None] > cdf[:, None, :maps_max - 1]).sum(-1)                  # maps whose CDF lies below u
     choice = torch.minimum(below, last).view(n, iterations, points)
     # the maps as six coefficients each, gathered per point: x' = a·x + b·y + e, y' = c·x + d·y + f
     coefficients = torch.cat([A.flatten(2), b], 2).view(n * maps_max, 6).to(device)   # [n·M, 6]
-    colours, choice = colours.to(device), choice.to(device)
+    colours = colours.to(device)
     row_of_map = (choice + torch.arange(n, device=device)[:, None, None] * maps_max).transpose(0, 1).flatten(1)
     rows = torch.arange(n, device=device)[:, None]
     kept = iterations - burn_in
@@ -52,8 +55,6 @@ def fractal(seed: int, indices: Sequence[int], size: int, device: torch.device, 
         if t >= burn_in:
             pts[:, t - burn_in, :, 0], pts[:, t - burn_in, :, 1] = x, y
     pts = pts.view(n, kept * points, 2)
-    col = colours.view(n * maps_max, 3).index_select(0, (choice[:, burn_in:] + rows[..., None] * maps_max).flatten())
-    col = col.view(n, kept * points, 3)                                        # each point's colour
     # 1st and 99th percentiles, robust to stray points, from every 8th point (a sixth of the time)
     sample = pts[:, ::8]
     k = max(1, sample.shape[1] // 100)
@@ -63,14 +64,20 @@ def fractal(seed: int, indices: Sequence[int], size: int, device: torch.device, 
     centre = (hi + lo) / 2
     pix = ((pts - centre) / span * 0.9 + 0.5) * size
     inside = ((pix >= 0) & (pix < size)).all(-1)
-    flat = (pix[..., 1].long().clamp(0, size - 1) * size + pix[..., 0].long().clamp(0, size - 1))
-    flat = flat + rows * size * size
-    weight = inside.float()
-    count = torch.zeros(n * size * size, device=device).index_add_(0, flat.flatten(), weight.flatten())
-    paint = torch.zeros(n * size * size, 3, device=device).index_add_(0, flat.flatten(), (col * weight[..., None]).flatten(0, 1))
-    count, paint = count.view(n, size, size, 1), paint.view(n, size, size, 3)
-    image = torch.where(count > 0, paint / count.clamp_min(1), background.to(device)[:, None, None, :])
-    return image.permute(0, 3, 1, 2)
+    # every point lands in one (pixel, map) bin (the points outside the frame in one more, dropped):
+    # a pixel's colour is the mean colour of its points, its histogram over maps times their colours
+    cell = pix[..., 1].long().clamp_(0, size - 1).mul_(size).add_(pix[..., 0].long().clamp_(0, size - 1))
+    bins = cell.add_(rows * size * size).mul_(maps_max).add_(choice[:, burn_in:].reshape(n, -1))
+    bins = torch.where(inside, bins, n * size * size * maps_max)
+    bins = bins.flatten()
+    hist = torch.zeros(n * size * size * maps_max + 1, device=device)
+    hist = hist.index_add_(0, bins, torch.ones(1, device=device).expand(len(bins)))   # whole numbers: exact
+    hist = hist[:-1].view(n, size * size, maps_max).transpose(1, 2)           # [n, M, S·S]
+    count = hist.sum(1, keepdim=True)                                          # [n, 1, S·S]
+    paint = torch.bmm(colours.transpose(1, 2), hist)                          # [n, 3, S·S]
+    empty = (count == 0).float()
+    image = paint.mul_(count.add_(empty).reciprocal_()).addcmul_(empty, background.to(device)[:, :, None])
+    return image.view(n, 3, size, size)
 
 
 def ifs_system(g: torch.Generator, maps_max: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -101,3 +108,18 @@ def ifs_system(g: torch.Generator, maps_max: int) -> tuple[torch.Tensor, torch.T
     pad = maps_max - n_maps
     return (torch.cat([A, torch.zeros(pad, 2, 2)]), torch.cat([b, torch.zeros(pad, 2)]),
             torch.cat([prob / prob.sum(), torch.zeros(pad)]))
+
+
+def map_uniforms(seed: int, indices: Sequence[int], count: int, device: torch.device) -> torch.Tensor:
+    """``count`` uniforms per image on ``device``, ``[n, count]``, 16 bits each, four from every
+    64-bit counter-based hash of (seed, index, position): the chaos game's map choices, which
+    need many draws and little resolution (24-bit draws one per hash in numpy cost as much as
+    the rest of the fractal)."""
+    with np.errstate(over="ignore"):
+        key = splitmix64(np.uint64(zlib.crc32(b"fractal:maps")) ^ splitmix64(np.uint64(int(seed) & (2 ** 64 - 1))))
+        key = splitmix64(key ^ np.asarray(indices, dtype=np.uint64)).view(np.int64)
+    hashes = (count + 3) // 4
+    counters = torch.arange(1, hashes + 1, device=device, dtype=torch.int64).mul_(GOLDEN)
+    bits = splitmix64_torch(torch.from_numpy(key).to(device)[:, None] + counters[None])        # [n, H]
+    fields = torch.stack([(bits >> shift) & 0xFFFF for shift in (0, 16, 32, 48)], -1).flatten(1)[:, :count]
+    return fields.float().add_(0.5).div_(2 ** 16)
