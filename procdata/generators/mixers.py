@@ -12,7 +12,14 @@ from procdata.generators.registry import register, render
 from procdata.generators.streams import grouped, image_uniforms
 
 DEFAULT_SOURCES = ("shader", "dead_leaves", "spectral")
-KML_SOURCES = ("shader",)                      # the paper's best data set is "Shaders KML Mixup"
+# Every family: each KML image draws its mask guide and its two fills per image from these, so it
+# composites, say, an expression tree and spectral noise through a dead-leaves mask. The paper's
+# best set used shaders alone ("Shaders KML Mixup"); vismem's default mix then held nothing but
+# sinusoid shaders and dead leaves.
+KML_SOURCES = ("shader", "expression", "dead_leaves", "spectral", "fractal")
+# Families whose images are mostly one flat background: a KML guide (a fractal's 2-means mask is
+# its attractor's silhouette, an object-shaped occluder) but not a fill (a flat region with dust).
+GUIDE_ONLY = frozenset({"fractal"})
 
 
 def child_seed(seed: int, slot: int) -> int:
@@ -22,13 +29,17 @@ def child_seed(seed: int, slot: int) -> int:
 
 
 def mixed_sources(name: str, seed: int, indices: Sequence[int], size: int, device: torch.device,
-                  slots: int, sources: Sequence[str]) -> list[torch.Tensor]:
-    """``slots`` float source batches for a mixer; each image picks each slot's generator at random."""
+                  slots: int, sources: Sequence[str], first_slot: int = 0) -> list[torch.Tensor]:
+    """Float source batches for slots ``first_slot .. first_slot + slots − 1`` of a mixer; each
+    image picks each slot's generator from ``sources`` at random (a slot's pick and seed depend on
+    the slot's number alone, so a mixer can draw its slots from different source lists)."""
+    numbers = range(first_slot, first_slot + slots)
     if len(sources) == 1:
-        return [render(sources[0], child_seed(seed, slot), indices, size, device) for slot in range(slots)]
-    choice = (image_uniforms(name, seed, indices, slots) * len(sources)).long().clamp_max(len(sources) - 1)
+        return [render(sources[0], child_seed(seed, slot), indices, size, device) for slot in numbers]
+    choice = image_uniforms(name, seed, indices, first_slot + slots).mul_(len(sources)).long()
+    choice = choice.clamp_max_(len(sources) - 1)
     out = []
-    for slot in range(slots):
+    for slot in numbers:
         batch = torch.empty(len(indices), 3, size, size, device=device)
         for k, rows in grouped(choice[:, slot], len(sources)):
             if len(rows):
@@ -81,10 +92,13 @@ def kml(seed: int, indices: Sequence[int], size: int, device: torch.device,
     """K-means leaves: a 2-means mask of one image composites two others, ``a·m + b·(1−m)``.
 
     As in the source paper: cluster the first image's RGB at ``mask_size`` (3 iterations), blur
-    the mask 3×3, resize it to the output size and blur again. Sources default to shaders, the
-    paper's best choice ("Shaders KML"); any generators can be given.
+    the mask 3×3, resize it to the output size and blur again. Each image draws its guide's
+    generator from ``sources`` (default ``KML_SOURCES``, every family; the paper used shaders
+    alone) and each fill's from the same less ``GUIDE_ONLY``.
     """
-    guide, a, b = mixed_sources("kml", seed, indices, size, device, 3, sources)
+    fills = [name for name in sources if name not in GUIDE_ONLY] or list(sources)
+    guide, = mixed_sources("kml", seed, indices, size, device, 1, sources)
+    a, b = mixed_sources("kml", seed, indices, size, device, 2, fills, first_slot=1)
     work = min(mask_size, size)
     if work != size:
         guide = F.interpolate(guide, size=(work, work), mode="bilinear", antialias=True, align_corners=False)
@@ -96,10 +110,19 @@ def kml(seed: int, indices: Sequence[int], size: int, device: torch.device,
 
 @register("kml_mixup")
 def kml_mixup(seed: int, indices: Sequence[int], size: int, device: torch.device,
-              sources: Sequence[str] = KML_SOURCES) -> torch.Tensor:
-    """The source paper's best data ("Shaders KML Mixup"): the mean of two KML images."""
+              sources: Sequence[str] = KML_SOURCES, max_gain: float = 2.0) -> torch.Tensor:
+    """The source paper's best data ("Shaders KML Mixup"): the mean of two KML images, its
+    contrast restored. Averaging two unrelated images cancels much of their variation (per-image
+    standard deviation 0.148 against the shader's 0.258), so each mean is stretched about its own
+    mean colour to the mean standard deviation of its two parts, by at most ``max_gain`` (one
+    gain for all three channels: hue and the image's layout stay as mixed)."""
     first = kml(child_seed(seed, 101), indices, size, device, sources)
-    return first.add_(kml(child_seed(seed, 102), indices, size, device, sources)).mul_(0.5)
+    second = kml(child_seed(seed, 102), indices, size, device, sources)
+    target = (first.flatten(1).std(1) + second.flatten(1).std(1)) / 2
+    mixed = first.add_(second).mul_(0.5)
+    centre = mixed.mean((2, 3), keepdim=True)
+    gain = (target / mixed.flatten(1).std(1).clamp_min(1e-6)).clamp_(1.0, max_gain)
+    return mixed.sub_(centre).mul_(gain[:, None, None, None]).add_(centre)
 
 
 @register("mixup")

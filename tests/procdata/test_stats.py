@@ -57,12 +57,12 @@ def test_natural_rendering_puts_the_variance_in_luminance(name):
     assert natural.high_freq_power <= plain.high_freq_power + 0.02
 
 
-def test_natural_rendering_of_dead_leaves_fractal_and_expression_is_natural():
-    """Three families pass every range (expression trees draw most leaves at low frequency). Not
-    yet the others: spectral's 1/f^alpha amplitudes with alpha up to 3 fall more steeply than
-    photographs, and the shader's own high frequencies stay above 0.2 after the box filter: see the
-    perception issue."""
-    for name in ("dead_leaves", "fractal", "expression"):
+def test_natural_rendering_of_dead_leaves_fractal_expression_and_kml_mixup_is_natural():
+    """Four pass every range (expression trees draw most leaves at low frequency; kml_mixup mixes
+    every family since its sources span them). Not yet the others: spectral's 1/f^alpha amplitudes
+    with alpha up to 3 fall more steeply than photographs, and the shader's own high frequencies
+    stay above 0.2 after the box filter: see the perception issue."""
+    for name in ("dead_leaves", "fractal", "expression", "kml_mixup"):
         stats = image_stats(render_natural(name, 0, range(256), 32, supersample=2))
         assert outside_natural(stats) == {}, name
     assert set(outside_natural(image_stats(render_natural("spectral", 0, range(256), 32, supersample=2)))) == {
