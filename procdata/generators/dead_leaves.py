@@ -47,16 +47,19 @@ def leaf_shapes(seed: int, indices: Sequence[int], shapes: int, r_min: float, r_
     return shape, torch.cat([u[:, shapes * 9:, None].transpose(1, 2), s[..., 6:9]], 1)
 
 
-def leaf_labels(shape: dict[str, torch.Tensor], size: int, windows: bool = True) -> torch.Tensor:
+def leaf_labels(shape: dict[str, torch.Tensor], size: int, windows: bool = True,
+                ratio: float | None = None) -> torch.Tensor:
     """Each pixel's topmost shape, ``[n, S·S]`` (k+1 for the k-th shape painted, 0 for none).
 
     A shape covers only the pixels within its reach of its centre (its radius; for a rectangle
     the half-extent of the rotated box), so it is tested on a square window just wide enough for
-    that, moved inside the frame, not on the whole frame. Window widths come in a ladder about
-    1.25× apart; the shapes of one (width, kind) pair across the whole batch are one tensor
-    program, scattered into the label map with ``amax``. So the work is about proportional to the
-    area the shapes cover, whatever their number. Without ``windows`` every shape is tested on
-    every pixel: the same labels, slowly.
+    that, moved inside the frame, not on the whole frame. Window widths come in a ladder ``ratio``
+    apart; the shapes of one (width, kind) pair across the whole batch are one tensor program,
+    scattered into the label map with ``amax``. So the work is about proportional to the area the
+    shapes cover, whatever their number. The ladder only decides how much is tested, never the
+    labels, so by default it follows the batch: rungs 2× apart below 100k pixels (a KML slot's few
+    images: each group's fixed cost dominates), 1.5× below 500k, 1.25× above. Without
+    ``windows`` every shape is tested on every pixel: the same labels, slowly.
     """
     n, k = shape["radius"].shape
     device = shape["radius"].device
@@ -65,7 +68,10 @@ def leaf_labels(shape: dict[str, torch.Tensor], size: int, windows: bool = True)
     sin, cos = angle.sin().abs(), angle.cos().abs()
     rect = torch.maximum(cos + aspect * sin, sin + aspect * cos)           # a rotated box's half-extent / radius
     reach = radius * size * torch.where(kind == 1, rect, torch.ones_like(rect)) + 1e-3   # pixels, with float slack
-    ladder = window_ladder(size)
+    if ratio is None:       # fewer, wider rungs for small batches, where each group's fixed cost dominates
+        pixels = n * size * size
+        ratio = 2.0 if pixels < 100_000 else 1.5 if pixels < 500_000 else 1.25
+    ladder = window_ladder(size, ratio)
     if windows:     # pixel p can be covered when |p + 0.5 - c·S| <= reach: at most floor(2·reach) + 1 of them
         rung = torch.searchsorted(torch.tensor(ladder, device=device), (2 * reach).floor_().long().add_(1))
     else:
@@ -109,12 +115,12 @@ def leaf_labels(shape: dict[str, torch.Tensor], size: int, windows: bool = True)
 
 
 @functools.cache
-def window_ladder(size: int) -> tuple[int, ...]:
-    """Window widths for ``leaf_labels``, each about 1.25× the last, below the frame's."""
+def window_ladder(size: int, ratio: float = 1.25) -> tuple[int, ...]:
+    """Window widths for ``leaf_labels``, each about ``ratio`` × the last, below the frame's."""
     ladder, width = [], 1
     while width < size:
         ladder.append(width)
-        width = max(width + 1, round(width * 1.25))
+        width = max(width + 1, round(width * ratio))
     return tuple(ladder)
 
 

@@ -84,3 +84,12 @@ def test_dead_leaves_windows_paint_the_same_pixels_as_full_frames(size):
     windowed = dead_leaves(9, range(48), size, torch.device("cpu"))
     everywhere = dead_leaves(9, range(48), size, torch.device("cpu"), windows=False)   # every shape, every pixel
     assert torch.equal(windowed, everywhere)
+
+
+def test_dead_leaves_window_ladders_all_give_the_same_labels():
+    """The ladder of window widths (chosen by batch size) decides the work, never the labels."""
+    from procdata.generators import leaf_labels, leaf_shapes
+    shape, _ = leaf_shapes(2, range(12), 128, 0.05, 1.0, torch.device("cpu"))
+    exact = leaf_labels(shape, 48, windows=False)
+    for ratio in (1.1, 1.25, 1.5, 2.0, 3.0, None):
+        assert torch.equal(leaf_labels(shape, 48, ratio=ratio), exact), ratio
