@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from procdata.generators.registry import register, render
-from procdata.generators.streams import grouped, image_uniforms
+from procdata.generators.streams import image_uniforms
 
 DEFAULT_SOURCES = ("shader", "dead_leaves", "spectral")
 # Every family: each KML image draws its mask guide and its two fills per image from these, so it
@@ -29,24 +29,29 @@ def child_seed(seed: int, slot: int) -> int:
 
 
 def mixed_sources(name: str, seed: int, indices: Sequence[int], size: int, device: torch.device,
-                  slots: int, sources: Sequence[str], first_slot: int = 0) -> list[torch.Tensor]:
-    """Float source batches for slots ``first_slot .. first_slot + slots − 1`` of a mixer; each
-    image picks each slot's generator from ``sources`` at random (a slot's pick and seed depend on
-    the slot's number alone, so a mixer can draw its slots from different source lists)."""
-    numbers = range(first_slot, first_slot + slots)
-    if len(sources) == 1:
-        return [render(sources[0], child_seed(seed, slot), indices, size, device) for slot in numbers]
-    choice = image_uniforms(name, seed, indices, first_slot + slots).mul_(len(sources)).long()
-    choice = choice.clamp_max_(len(sources) - 1)
-    out = []
-    for slot in numbers:
-        batch = torch.empty(len(indices), 3, size, size, device=device)
-        for k, rows in grouped(choice[:, slot], len(sources)):
-            if len(rows):
-                batch[rows] = render(sources[k], child_seed(seed, slot), [indices[r] for r in rows.tolist()], size,
-                                     device)
-        out.append(batch)
-    return out
+                  slots: int | Sequence[Sequence[str]], sources: Sequence[str] = ()) -> list[torch.Tensor]:
+    """Float source batches for a mixer's slots: ``slots`` of them drawn from ``sources``, or one per
+    source list when ``slots`` is a list of lists. Each image picks each slot's generator from
+    the slot's list at random. Source image ``slot`` of mixer image ``i`` is image
+    ``i·slots + slot`` of its generator under ``child_seed(seed, 0)``, so each generator renders
+    once for all the slots of a batch (a call per slot and generator made a KML batch of a few
+    images two dozen small calls, fixed costs mostly)."""
+    lists = [list(sources)] * slots if isinstance(slots, int) else [list(s) for s in slots]
+    count, n = len(lists), len(indices)
+    families = list(dict.fromkeys(name for names in lists for name in names))
+    table = torch.tensor([[families.index(name) for name in names] + [0] * (len(families) - len(names))
+                          for names in lists])                               # [slots, families]: each list's ids
+    sizes = torch.tensor([len(names) for names in lists])
+    pick = (image_uniforms(name, seed, indices, count) * sizes).long().minimum(sizes - 1)   # [n, slots]
+    family = table.gather(1, pick.T).T                                         # [n, slots]: a generator id each
+    source = torch.as_tensor(list(indices), dtype=torch.int64)[:, None] * count + torch.arange(count)
+    out = torch.empty(count, n, 3, size, size, device=device)
+    for k, generator in enumerate(families):
+        row, slot = (family == k).nonzero(as_tuple=True)
+        if len(row):
+            images = render(generator, child_seed(seed, 0), source[row, slot], size, device)
+            out[slot.to(device), row.to(device)] = images
+    return list(out.unbind(0))
 
 
 def two_means_mask(images: torch.Tensor, iterations: int = 3) -> torch.Tensor:
@@ -96,9 +101,20 @@ def kml(seed: int, indices: Sequence[int], size: int, device: torch.device,
     generator from ``sources`` (default ``KML_SOURCES``, every family; the paper used shaders
     alone) and each fill's from the same less ``GUIDE_ONLY``.
     """
+    guide, a, b = mixed_sources("kml", seed, indices, size, device, kml_slots(sources))
+    return kml_composite(guide, a, b, mask_size)
+
+
+def kml_slots(sources: Sequence[str]) -> list[list[str]]:
+    """The source lists of a KML image's slots: the guide from ``sources``, the fills from the same
+    less ``GUIDE_ONLY``."""
     fills = [name for name in sources if name not in GUIDE_ONLY] or list(sources)
-    guide, = mixed_sources("kml", seed, indices, size, device, 1, sources)
-    a, b = mixed_sources("kml", seed, indices, size, device, 2, fills, first_slot=1)
+    return [list(sources), fills, fills]
+
+
+def kml_composite(guide: torch.Tensor, a: torch.Tensor, b: torch.Tensor, mask_size: int = 256) -> torch.Tensor:
+    """``a·m + b·(1−m)`` with ``m`` the blurred 2-means mask of ``guide`` (made at ``mask_size`` at most)."""
+    size = guide.shape[-1]
     work = min(mask_size, size)
     if work != size:
         guide = F.interpolate(guide, size=(work, work), mode="bilinear", antialias=True, align_corners=False)
@@ -116,8 +132,8 @@ def kml_mixup(seed: int, indices: Sequence[int], size: int, device: torch.device
     standard deviation 0.148 against the shader's 0.258), so each mean is stretched about its own
     mean colour to the mean standard deviation of its two parts, by at most ``max_gain`` (one
     gain for all three channels: hue and the image's layout stay as mixed)."""
-    first = kml(child_seed(seed, 101), indices, size, device, sources)
-    second = kml(child_seed(seed, 102), indices, size, device, sources)
+    slots = mixed_sources("kml_mixup", seed, indices, size, device, kml_slots(sources) * 2)   # both KMLs at once
+    first, second = kml_composite(*slots[:3]), kml_composite(*slots[3:])
     target = (first.flatten(1).std(1) + second.flatten(1).std(1)) / 2
     mixed = first.add_(second).mul_(0.5)
     centre = mixed.mean((2, 3), keepdim=True)

@@ -144,36 +144,37 @@ def test_gpu_renders_the_cpu_images(name):
 def test_kml_mixes_images_of_every_family():
     """Each KML image draws its mask guide from KML_SOURCES, all the families, and its two fills
     from those less GUIDE_ONLY (fractals: mostly flat background): the slots hold those
-    generators' very images, and the composite is neither source alone."""
+    generators' very images, and the composite is made of them."""
     from procdata.generators import KML_SOURCES, child_seed, image_uniforms, mixed_sources, render
-    from procdata.generators.mixers import GUIDE_ONLY
+    from procdata.generators.mixers import GUIDE_ONLY, kml_composite, kml_slots
     assert {"shader", "expression", "dead_leaves", "spectral", "fractal"} <= set(KML_SOURCES)
     fills = [name for name in KML_SOURCES if name not in GUIDE_ONLY]
-    indices, cpu = list(range(30)), torch.device("cpu")
-    slots = mixed_sources("kml", 3, indices, 16, cpu, 1, KML_SOURCES) + \
-        mixed_sources("kml", 3, indices, 16, cpu, 2, fills, first_slot=1)
+    assert kml_slots(KML_SOURCES) == [list(KML_SOURCES), fills, fills]
+    indices = list(range(5, 35))
+    slots = mixed_sources("kml", 3, indices, 16, torch.device("cpu"), kml_slots(KML_SOURCES))
     u = image_uniforms("kml", 3, indices, 3)
     picked = [[KML_SOURCES[int(u[row, 0] * len(KML_SOURCES))]] + [fills[int(u[row, s] * len(fills))] for s in (1, 2)]
               for row in range(len(indices))]
     assert {row[0] for row in picked} == set(KML_SOURCES) and {row[s] for row in picked for s in (1, 2)} == set(fills)
     for row in (0, 7, 19):
         for slot in range(3):
-            assert torch.equal(slots[slot][row], render(picked[row][slot], child_seed(3, slot), [indices[row]], 16)[0])
+            source = render(picked[row][slot], child_seed(3, 0), [indices[row] * 3 + slot], 16)[0]
+            assert torch.equal(slots[slot][row], source)
     images = render("kml", 3, indices, 16)
-    for row in range(len(indices)):
-        a, b = slots[1][row], slots[2][row]
-        assert not torch.equal(images[row], a) or torch.equal(a, b)         # a mask that splits the image
+    torch.testing.assert_close(images, kml_composite(*slots).clamp(0, 1))
     assert (images.flatten(1).std(1) > 0.03).float().mean() > 0.9
 
 
 def test_kml_mixup_keeps_the_contrast_of_its_parts():
     """The mean of two unrelated images has about 1/√2 of their contrast (0.148 against 0.258 for
     shaders); kml_mixup stretches each mean back to the contrast of its two KML parts, gain <= 2."""
-    from procdata.generators import child_seed, render
+    from procdata.generators import KML_SOURCES, mixed_sources, render
+    from procdata.generators.mixers import kml_composite, kml_slots
     indices = range(48)
     mixed = render("kml_mixup", 1, indices, 32).flatten(1).std(1)
-    parts = [render("kml", child_seed(1, slot), indices, 32).flatten(1).std(1) for slot in (101, 102)]
-    plain_mean = (render("kml", child_seed(1, 101), indices, 32) + render("kml", child_seed(1, 102), indices, 32)) / 2
-    target = (parts[0] + parts[1]) / 2
-    assert float(mixed.mean()) > 0.85 * float(target.mean()) > float(plain_mean.flatten(1).std(1).mean())
-    assert (mixed <= 2 * plain_mean.flatten(1).std(1) + 1e-4).all()
+    slots = mixed_sources("kml_mixup", 1, indices, 32, torch.device("cpu"), kml_slots(KML_SOURCES) * 2)
+    first, second = kml_composite(*slots[:3]), kml_composite(*slots[3:])
+    target = (first.flatten(1).std(1) + second.flatten(1).std(1)) / 2
+    plain_mean = ((first + second) / 2).flatten(1).std(1)
+    assert float(mixed.mean()) > 0.85 * float(target.mean()) > float(plain_mean.mean())
+    assert (mixed <= 2 * plain_mean + 1e-4).all() and (mixed >= plain_mean.clamp(max=0.5) * 0.9).all()
