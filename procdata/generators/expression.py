@@ -36,23 +36,34 @@ def expression(seed: int, indices: Sequence[int], size: int, device: torch.devic
     3 + 7·depth tensor ops whatever its size, on any device. Pixels depend on (seed, index) only.
     """
     n, leaves = len(indices), 2 ** depth
-    nodes = leaves - 1
     frame, leaf, node, colour = (part.to(device) for part in program_uniforms(seed, indices, depth))
-    leaf = leaf.reshape(n * leaves, LEAF_PARAMS)
-
     y, x = pixel_grid(size, device)
     y, x = (y.flatten(1) - 0.5) * 2, (x.flatten(1) - 0.5) * 2                 # [1, S·S] in [-1, 1]
     zoom, rot = 0.6 + 1.4 * frame[:, 0:1], frame[:, 1:2] * 2 * math.pi
     cos_z, sin_z = torch.cos(rot) * zoom, torch.sin(rot) * zoom
     u = (x * cos_z).sub_(y * sin_z).add_(frame[:, 2:3] - 0.5)                 # [n, S·S]
     v = (x * sin_z).add_(y * cos_z).add_(frame[:, 3:4] - 0.5)
+    values = leaf_fields(u, v, leaf.reshape(n * leaves, LEAF_PARAMS), max_freq).view(n, leaves, size * size)
+    value = combine_nodes(values, node)                                        # [n, S·S] in [-1, 1]
 
-    # leaves: [n·L, S·S], one row per (image, leaf)
-    image_of_leaf = torch.arange(n, device=device).repeat_interleave(leaves)
+    # palette a + b·cos(2π(c·v + d + δ_channel)): one frequency and phase, channels offset a little
+    offset = torch.cat([torch.zeros(n, 1, device=device), colour[:, 0:2] * 0.2], 1)[..., None]   # [n, 3, 1]
+    a = 0.35 + 0.3 * colour[:, 2:3, None]
+    b = (0.25 + 0.25 * colour[:, 3:4, None]) * (0.85 + 0.15 * colour[:, 6:9, None])
+    c, d = 0.3 + 0.9 * colour[:, 4:5, None], colour[:, 5:6, None]
+    image = (value[:, None] * (2 * math.pi * c)).add(2 * math.pi * (d + offset)).cos_().mul_(b).add_(a)
+    return image.view(n, 3, size, size)
+
+
+def leaf_fields(u: torch.Tensor, v: torch.Tensor, leaf: torch.Tensor, max_freq: float) -> torch.Tensor:
+    """The leaves' fields, ``[n·L, S·S]``, one row per (image, leaf), from each image's coordinates
+    ``u``, ``v`` ``[n, S·S]`` and the leaves' uniforms ``[n·L, 7]``."""
+    n, leaves = u.shape[0], leaf.shape[0] // u.shape[0]
+    image_of_leaf = torch.arange(n, device=u.device).repeat_interleave(leaves)
     kind = (leaf[:, 0] * len(LEAF_KINDS)).long().clamp_max_(len(LEAF_KINDS) - 1)
     freq = max_freq ** leaf[:, 1:2]                                            # log-uniform in [1, max_freq]
     angle, phase = leaf[:, 2:3] * math.pi, leaf[:, 3:4] * 2 * math.pi
-    values = torch.empty(n * leaves, size * size, device=device)
+    values = torch.empty(n * leaves, u.shape[1], device=u.device)
     for k, rows in grouped(kind, len(LEAF_KINDS)):
         if not len(rows):
             continue
@@ -66,10 +77,14 @@ def expression(seed: int, indices: Sequence[int], size: int, device: torch.devic
             field = (proj.mul_(f).add_(phase[rows]).sin_() if LEAF_KINDS[k] == "wave" else
                      proj.mul_(f).add_(leaf[rows, 6:7] * 2 - 1).tanh_())
         values.index_copy_(0, rows, field)
-    values = values.view(n, leaves, size * size)
+    return values
 
-    # nodes, bottom up: level l has 2^l nodes; node j of a level combines children 2j and 2j+1
-    first = nodes                                                              # one past the level's last node
+
+def combine_nodes(values: torch.Tensor, node: torch.Tensor) -> torch.Tensor:
+    """The trees' roots ``[n, S·S]`` from their leaves ``values`` ``[n, L, S·S]`` and nodes' uniforms
+    ``[n, L − 1, 3]`` (heap order), bottom up: level l has 2^l nodes, node j of a level combining
+    children 2j and 2j+1 of the level below."""
+    n, first = values.shape[0], node.shape[1]                                 # one past the level's last node
     while values.shape[1] > 1:
         width = values.shape[1] // 2
         first -= width
@@ -99,15 +114,7 @@ def expression(seed: int, indices: Sequence[int], size: int, device: torch.devic
                 result = left
             out.index_copy_(0, rows, result)
         values = out.view(n, width, -1)
-    value = values[:, 0]                                                       # [n, S·S] in [-1, 1]
-
-    # palette a + b·cos(2π(c·v + d + δ_channel)): one frequency and phase, channels offset a little
-    offset = torch.cat([torch.zeros(n, 1, device=device), colour[:, 0:2] * 0.2], 1)[..., None]   # [n, 3, 1]
-    a = 0.35 + 0.3 * colour[:, 2:3, None]
-    b = (0.25 + 0.25 * colour[:, 3:4, None]) * (0.85 + 0.15 * colour[:, 6:9, None])
-    c, d = 0.3 + 0.9 * colour[:, 4:5, None], colour[:, 5:6, None]
-    image = (value[:, None] * (2 * math.pi * c)).add(2 * math.pi * (d + offset)).cos_().mul_(b).add_(a)
-    return image.view(n, 3, size, size)
+    return values[:, 0]
 
 
 def program_uniforms(seed: int, indices: Sequence[int], depth: int
