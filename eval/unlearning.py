@@ -111,11 +111,15 @@ def embedded_vectors(memory: Snapshot, url: str, ids: np.ndarray, uris: np.ndarr
     return vectors[rows]
 
 
-def rebuilt(memory: Snapshot, work: str, embeddings: str | None = None) -> tuple[Snapshot, np.ndarray]:
-    """(a memory built from ``memory``'s live items over its trained index, the source id of each
-    of the rebuilt memory's ids). The items' vectors are their stored ones, or with ``embeddings``
-    the ones at that URL."""
+def rebuilt(memory: Snapshot, removed: np.ndarray, work: str, embeddings: str | None = None,
+            ) -> tuple[Snapshot, np.ndarray]:
+    """(a memory built from ``memory``'s live items but ``removed``, over its trained index; the
+    id in ``memory`` of each of the rebuilt memory's ids). The items' vectors are their stored
+    ones, or with ``embeddings`` the ones at that URL. Built from the memory before the edit, so
+    an edit that removes too little or too much is seen."""
     ids, labels, vectors = memory_items(memory)
+    kept = ~np.isin(ids, removed)
+    ids, labels, vectors = ids[kept], labels[kept], vectors[kept]
     uris, sources = item_metadata(memory, ids)
     if embeddings is not None:
         vectors = embedded_vectors(memory, embeddings, ids, uris, sources)
@@ -154,7 +158,7 @@ def run(cfg: UnlearningConfig, emit: Callable[[dict], None] = print) -> dict:
     emit({"step": "remove", "forget": cfg.forget, "removed": int(len(removed)), "items_before": len(memory),
           "items_after": len(edited)})
     with tempfile.TemporaryDirectory(prefix="vismem-unlearning-") as scratch:
-        reference, id_map = rebuilt(edited, (cfg.work or scratch).rstrip("/"), cfg.embeddings)
+        reference, id_map = rebuilt(memory, removed, (cfg.work or scratch).rstrip("/"), cfg.embeddings)
         emit({"step": "rebuild", "items": len(reference), "factory": reference.manifest.factory})
         checks = {}
         for name, snapshot in (("removed", edited), ("compacted", compacted)):
@@ -175,7 +179,8 @@ def run(cfg: UnlearningConfig, emit: Callable[[dict], None] = print) -> dict:
                "forgotten_labels": labels, "removed": int(len(removed)), "items_before": len(memory),
                "items_after": len(edited),
                "factory": memory.manifest.factory,
-               "rebuilt_from": cfg.embeddings or "stored vectors", "exact": all(c["exact"] for c in checks.values()), "checks": checks,
+               "rebuilt_from": cfg.embeddings or "stored vectors",
+               "exact": all(c["exact"] for c in checks.values()), "checks": checks,
                "accuracy": scores, "removed_ids": removed.tolist()}
     summary["plots"] = {"accuracy": plot(summary, cfg.out)}
     summary["report"] = write_report(cfg.out, "unlearning", summary)

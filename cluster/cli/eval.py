@@ -11,6 +11,7 @@ import argparse
 import json
 
 from cluster.cli.common import add_command, add_common, add_group, add_k, check_positive, parse_ints, record_printer
+from index.voting import RULES
 
 QUERIES_HELP = ("labelled queries: an embeddings folder as `vismem embed` writes it, from the memory's encoder "
                 "(default: a held-out split of the memory, see --holdout)")
@@ -38,7 +39,6 @@ def add_memory_options(p: argparse.ArgumentParser) -> None:
 
 def add_voting_parser(group) -> None:
     from eval.voting import ALPHAS, KS, TEMPERATURES
-    from index.voting import RULES
     p = add_command(group, "voting", "accuracy against k, softmax temperature T and rank α for every voting rule",
                     description="One search of the memory at the largest k, then index.voting's vote on the first "
                                 "k neighbours for each point: every rule against k (softmax at --temperature, rank "
@@ -71,7 +71,7 @@ def add_pruning_parser(group) -> None:
                            "  vismem eval pruning --memory mem/ --modes hard --thresholds 1,2,5 --out runs/p --json\n")
     add_memory_options(p)
     add_k(p, 10)
-    p.add_argument("--rule", default="softmax", help="voting rule of the evaluation queries")
+    p.add_argument("--rule", default="softmax", choices=RULES, help="voting rule of the evaluation queries")
     p.add_argument("--modes", default="hard,soft", help="comma-separated pruning modes: hard, soft")
     p.add_argument("--thresholds", default=",".join(map(str, THRESHOLDS)), help="hard-pruning thresholds to sweep")
     p.add_argument("--prune-k", type=int, default=10, help="neighbours counted by hard pruning")
@@ -99,7 +99,7 @@ def add_unlearning_parser(group) -> None:
     p.add_argument("--forget", default="random:0.01", metavar="class:LABEL|random:FRACTION",
                    help="what to remove: every item of a class, or a random fraction of the items")
     add_k(p, 10)
-    p.add_argument("--rule", default="softmax", help="voting rule of the accuracies")
+    p.add_argument("--rule", default="softmax", choices=RULES, help="voting rule of the accuracies")
     p.add_argument("--work", default=None, metavar="URL",
                    help="where the rebuilt memory is written (default: a temporary folder, deleted after)")
     p.add_argument("--embeddings", default=None, metavar="URL",
