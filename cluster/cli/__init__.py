@@ -1,6 +1,6 @@
 """``vismem``: the command line, thin over the Python API. One module per command group
-(``demo``, ``procdata``, ``encoder``, ``embed``, ``index``, ``memory``, ``serve``), each with its
-parsers beside its commands; ``common`` holds what they share; this module is the table of them.
+(``demo``, ``procdata``, ``encoder``, ``eval``, ``embed``, ``index``, ``memory``, ``serve``), each
+with its parsers beside its commands; ``common`` holds what they share; this module is the table of them.
 
 Every command prints progress as it goes; with ``--json`` its last line is one JSON object.
 Errors print one line naming what was wrong and exit non-zero. Nothing here imports Ray, FAISS or
@@ -20,6 +20,7 @@ from cluster.cli.common import Stopped, one_line
 from cluster.cli.demo import add_demo_parser, cmd_demo
 from cluster.cli.embed import add_embed_parser, cmd_embed
 from cluster.cli.encoder import add_encoder_parsers, cmd_compare, cmd_encoder_bench, cmd_eval_knn, cmd_train
+from cluster.cli.eval import add_eval_parsers, cmd_eval_pruning, cmd_eval_unlearning, cmd_eval_voting
 from cluster.cli.index import add_index_parsers, cmd_build, cmd_index_bench, cmd_tune
 from cluster.cli.memory import (add_memory_parsers, cmd_info, cmd_memory_add, cmd_memory_bench, cmd_memory_compact,
                                 cmd_memory_diff, cmd_memory_log, cmd_memory_prune, cmd_memory_remove,
@@ -64,6 +65,7 @@ def parser() -> argparse.ArgumentParser:
     add_demo_parser(sub)
     add_procdata_parsers(sub)
     add_encoder_parsers(sub)
+    add_eval_parsers(sub)
     add_embed_parser(sub)
     add_index_parsers(sub)
     add_memory_parsers(sub)
@@ -99,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
 COMMANDS = {("demo", None): cmd_demo, ("procdata", "generate"): cmd_generate, ("procdata", "preview"): cmd_preview,
             ("procdata", "bench"): cmd_bench, ("procdata", "stats"): cmd_stats, ("encoder", "train"): cmd_train,
             ("encoder", "eval-knn"): cmd_eval_knn, ("encoder", "bench"): cmd_encoder_bench,
-            ("encoder", "compare"): cmd_compare, ("embed", None): cmd_embed,
+            ("encoder", "compare"): cmd_compare, ("eval", "voting"): cmd_eval_voting,
+            ("eval", "pruning"): cmd_eval_pruning, ("eval", "unlearning"): cmd_eval_unlearning,
+            ("embed", None): cmd_embed,
             ("index", "build"): cmd_build, ("index", "bench"): cmd_index_bench,
             ("index", "tune"): cmd_tune, ("memory", "info"): cmd_info,
             ("memory", "add"): cmd_memory_add, ("memory", "remove"): cmd_memory_remove,

@@ -1,0 +1,207 @@
+"""``vismem eval``: the source papers' evaluations of a memory, one module of ``eval/`` each
+(``eval.voting``, ``eval.pruning``, ``eval.unlearning``), each writing OUT/NAME.json and PNG plots.
+
+Imports inside the commands are on purpose: ``vismem --help`` and each command import no Ray, FAISS or
+torch they do not use (see ``cluster.cli``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from cluster.cli.common import add_command, add_common, add_group, add_k, check_positive, parse_ints, record_printer
+from index.voting import RULES
+
+QUERIES_HELP = ("labelled queries: an embeddings folder as `vismem embed` writes it, from the memory's encoder "
+                "(default: a held-out split of the memory, see --holdout)")
+HOLDOUT_HELP = ("without --queries: this seeded random fraction of the memory's items are the queries, and the "
+                "memory answering them is the rest (default 0.1)")
+
+
+def add_eval_parsers(sub) -> None:
+    group = add_group(sub, "eval", "the papers' evaluations of a memory: voting rules, pruning, unlearning")
+    add_voting_parser(group)
+    add_pruning_parser(group)
+    add_unlearning_parser(group)
+
+
+def add_memory_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--memory", required=True, help="the memory's URL (any stored memory; it is never changed)")
+    p.add_argument("--out", required=True, help="folder URL for the report: NAME.json and PNG plots")
+    p.add_argument("--queries", default=None, metavar="URL", help=QUERIES_HELP)
+    p.add_argument("--holdout", type=float, default=None, metavar="FRACTION", help=HOLDOUT_HELP)
+    p.add_argument("--seed", type=int, default=0, help="seed of the held-out split and of random choices")
+    p.add_argument("--nprobe", type=int, default=None, metavar="N",
+                   help="IVF lists each search visits (default: the memory's; a Flat memory ignores it)")
+    add_common(p, ray=False)
+
+
+def add_voting_parser(group) -> None:
+    from eval.voting import ALPHAS, KS, TEMPERATURES
+    p = add_command(group, "voting", "accuracy against k, softmax temperature T and rank α for every voting rule",
+                    description="One search of the memory at the largest k, then index.voting's vote on the first "
+                                "k neighbours for each point: every rule against k (softmax at --temperature, rank "
+                                "at --alpha), softmax against T and rank against α at -k. Writes OUT/voting.json, "
+                                "voting_k.png, voting_temperature.png and voting_alpha.png.",
+                    epilog="examples:\n"
+                           "  vismem eval voting --memory s3://bucket/mem --queries s3://bucket/test-emb --out runs/v\n"
+                           "  vismem eval voting --memory mem/ --holdout 0.2 --ks 1,5,10,50 --out runs/v --json\n")
+    add_memory_options(p)
+    p.add_argument("--ks", default=",".join(map(str, KS)), help="comma-separated ks of the k sweep")
+    p.add_argument("--temperatures", default=",".join(map(str, TEMPERATURES)), help="softmax temperatures to sweep")
+    p.add_argument("--alphas", default=",".join(map(str, ALPHAS)), help="rank α values to sweep")
+    p.add_argument("-k", "--k", type=int, default=10, help="neighbours voting in the T and α sweeps")
+    p.add_argument("--temperature", type=float, default=0.07, help="softmax T of the k sweep")
+    p.add_argument("--alpha", type=float, default=2.0, help="rank α of the k sweep")
+    p.add_argument("--rules", default=",".join(RULES), help="comma-separated voting rules of the k sweep")
+
+
+def add_pruning_parser(group) -> None:
+    from eval.pruning import PRUNE_KS, THRESHOLDS
+    p = add_command(group, "pruning", "accuracy against the hard-pruning threshold and the soft-pruning k",
+                    description="Each point runs `vismem memory prune`'s pruning on the memory held in process "
+                                "(nothing is written): hard pruning at each --thresholds value (items that are "
+                                "wrong-label neighbours that many times or more are removed, counted over "
+                                "--prune-k neighbours), soft pruning at each --prune-ks value (0: unpruned). "
+                                "Pruning queries: the memory leave-one-out, or --prune-queries; never the "
+                                "evaluation queries. Writes OUT/pruning.json, pruning_hard.png, pruning_soft.png.",
+                    epilog="examples:\n"
+                           "  vismem eval pruning --memory s3://bucket/mem --queries s3://bucket/test-emb --out runs/p\n"
+                           "  vismem eval pruning --memory mem/ --modes hard --thresholds 1,2,5 --out runs/p --json\n")
+    add_memory_options(p)
+    add_k(p, 10)
+    p.add_argument("--rule", default="softmax", choices=RULES, help="voting rule of the evaluation queries")
+    p.add_argument("--modes", default="hard,soft", help="comma-separated pruning modes: hard, soft")
+    p.add_argument("--thresholds", default=",".join(map(str, THRESHOLDS)), help="hard-pruning thresholds to sweep")
+    p.add_argument("--prune-k", type=int, default=10, help="neighbours counted by hard pruning")
+    p.add_argument("--prune-ks", default=",".join(map(str, PRUNE_KS)), help="soft-pruning ks to sweep (0: unpruned)")
+    p.add_argument("--prune-queries", default=None, metavar="URL",
+                   help="labelled embeddings that pruning counts over (default: the memory itself, leave-one-out)")
+
+
+def add_unlearning_parser(group) -> None:
+    p = add_command(group, "unlearning", "remove a class or a random fraction; check the memory answers exactly as "
+                                         "one rebuilt without them; accuracy before and after",
+                    description="Removes (as `vismem memory remove`, then compacts as `purge` does, both in process: "
+                                "the memory is never changed) a class (--forget class:LABEL) or a seeded random "
+                                "fraction (--forget random:0.01); builds a memory of the kept items over the "
+                                "memory's trained index; checks that for every query both give the same ids, labels "
+                                "and similarities and no removed item; reports accuracy before and after on the "
+                                "forgotten class (random: the queries a removed item was a neighbour of) and the "
+                                "rest. Removing the most influential items comes with `vismem eval influence` (not "
+                                "yet). Writes OUT/unlearning.json and unlearning.png; when the answers differ it says so and exits with status 2.",
+                    epilog="examples:\n"
+                           "  vismem eval unlearning --memory s3://bucket/mem --queries s3://bucket/test-emb "
+                           "--forget class:cat --out runs/u\n"
+                           "  vismem eval unlearning --memory mem/ --forget random:0.01 --out runs/u --json\n")
+    add_memory_options(p)
+    p.add_argument("--forget", default="random:0.01", metavar="class:LABEL|random:FRACTION",
+                   help="what to remove: every item of a class, or a random fraction of the items")
+    add_k(p, 10)
+    p.add_argument("--rule", default="softmax", choices=RULES, help="voting rule of the accuracies")
+    p.add_argument("--work", default=None, metavar="URL",
+                   help="where the rebuilt memory is written (default: a temporary folder, deleted after)")
+    p.add_argument("--embeddings", default=None, metavar="URL",
+                   help="the embeddings the memory was built from: the rebuild reads the kept items' vectors there "
+                        "(default: the memory's stored vectors, exact for a Flat memory; an IVF or quantised one "
+                        "needs its embeddings, since decoded codes can fall into other lists when encoded again)")
+    p.add_argument("--tolerance", type=float, default=1e-5, help="largest similarity difference taken as equal")
+
+
+def parse_floats(text: str, option: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"{option} takes comma-separated numbers, got {text!r}") from None
+    if not values or min(values) <= 0:
+        raise ValueError(f"{option} needs positive numbers, got {text!r}")
+    return values
+
+
+def names(text: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
+def memory_fields(args) -> dict:
+    check_positive(args, "k", "nprobe")
+    return dict(memory=args.memory, out=args.out, queries=args.queries, holdout=args.holdout, seed=args.seed,
+                nprobe=args.nprobe)
+
+
+def finish(args, as_json: bool, summary: dict, lines: list[str]) -> dict:
+    """Print the summary lines; with --json the summary is the last line (main prints it)."""
+    for line in lines + [f"wrote {summary['report']} and {', '.join(summary['plots'].values())}"]:
+        print(line)
+    args.json = as_json
+    return summary
+
+
+def cmd_eval_voting(args) -> dict:
+    from eval.voting import VotingConfig, run
+    cfg = VotingConfig(**memory_fields(args), ks=tuple(parse_ints(args.ks, "--ks")),
+                       temperatures=parse_floats(args.temperatures, "--temperatures"),
+                       alphas=parse_floats(args.alphas, "--alphas"), k=args.k, temperature=args.temperature,
+                       alpha=args.alpha, rules=names(args.rules))
+    as_json = args.json
+    summary = run(cfg, record_printer(args))
+    lines = [f"{rule:10s} best top-1 {100 * r['accuracy']:5.1f}% at k={r['best_k']}"
+             for rule, r in summary["by_rule"].items()]
+    for sweep, key in (("temperature_sweep", "temperature"), ("alpha_sweep", "alpha")):
+        if summary[sweep]:
+            best = max(summary[sweep], key=lambda p: p["accuracy"])
+            lines.append(f"{key} sweep at k={cfg.k}: best {100 * best['accuracy']:.1f}% at {key}={best[key]}")
+    lines.append(f"memory {args.memory}: {summary['memory_items']} items, {summary['query_count']} queries "
+                 f"({summary['queries']})")
+    return finish(args, as_json, summary, lines)
+
+
+def cmd_eval_pruning(args) -> dict:
+    from eval.pruning import PruningConfig, run
+    check_positive(args, "prune_k")
+    try:
+        prune_ks = tuple(int(v) for v in names(args.prune_ks))
+    except ValueError:
+        raise ValueError(f"--prune-ks takes comma-separated whole numbers, got {args.prune_ks!r}") from None
+    cfg = PruningConfig(**memory_fields(args), k=args.k, rule=args.rule, modes=names(args.modes),
+                        thresholds=tuple(parse_ints(args.thresholds, "--thresholds")), prune_k=args.prune_k,
+                        prune_ks=prune_ks, prune_queries=args.prune_queries)
+    as_json = args.json
+    summary = run(cfg, record_printer(args))
+    lines = [f"unpruned: top-1 {100 * summary['unpruned']:.1f}% ({summary['memory_items']} items, "
+             f"{summary['query_count']} queries, k={cfg.k}, {cfg.rule})"]
+    for mode, best in summary["best"].items():
+        where = f"threshold {best['threshold']}" if mode == "hard" else f"prune k {best['prune_k']}"
+        lines.append(f"{mode} pruning: best top-1 {100 * best['accuracy']:.1f}% at {where} "
+                     f"({best['change_points']:+.2f} points, {best['changed']} items "
+                     f"{'removed' if mode == 'hard' else 'reweighted'})")
+    return finish(args, as_json, summary, lines)
+
+
+def cmd_eval_unlearning(args) -> dict:
+    from eval.unlearning import UnlearningConfig, run
+    if args.tolerance < 0:
+        raise ValueError(f"--tolerance must be zero or more, got {args.tolerance}")
+    cfg = UnlearningConfig(**memory_fields(args), forget=args.forget, k=args.k, rule=args.rule, work=args.work,
+                           embeddings=args.embeddings, tolerance=args.tolerance)
+    as_json = args.json
+    summary = run(cfg, record_printer(args))
+    lines = [f"removed {summary['removed']} of {summary['items_before']} items ({cfg.forget}); answers equal a "
+             f"rebuild without them: {'yes' if summary['exact'] else 'NO'} "
+             + ", ".join(f"({name}: {c['queries_differing']} of {summary['query_count']} queries differ)"
+                         for name, c in summary["checks"].items())]
+    lines += [f"{group:16s} top-1 {fmt(s['before'])} -> {fmt(s['after'])} ({s['queries']} queries)"
+              for group, s in summary["accuracy"].items()]
+    summary = {key: value for key, value in summary.items() if key != "removed_ids"}     # in the JSON file
+    finish(args, as_json, summary, lines)
+    if not summary["exact"]:
+        if as_json:
+            print(json.dumps(summary, default=str))
+        hint = "" if args.embeddings or "Flat" in summary.get("factory", "") else \
+            " (a quantised memory: give --embeddings, the vectors it was built from)"
+        raise ValueError(f"the edited memory does not answer as the rebuilt one (see the checks above){hint}")
+    return summary
+
+
+def fmt(value: float | None) -> str:
+    return "   n/a" if value is None else f"{100 * value:5.1f}%"

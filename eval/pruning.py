@@ -1,0 +1,124 @@
+"""Pruning sweeps on a memory (Geirhos et al. 2024): accuracy against the pruning parameter, for
+hard pruning (items that are wrong-label neighbours ``threshold`` times or more are removed) and
+soft pruning (every such item votes with weight 1.75 / (1 + count)).
+
+Each point is ``index.edit.prune.prune`` itself, what ``vismem memory prune`` runs, on the memory
+held in process (``eval.memory_eval.InProcess``): the source memory is never changed. Hard pruning
+is swept over ``threshold`` at one pruning k; soft pruning, which has no threshold, over the pruning
+k (how many neighbours of each pruning query are counted), where k = 0 counts nothing: the memory
+unpruned. Pruning queries are the memory itself, leave-one-out (prune's default), or
+``prune_queries``, never the evaluation queries. Writes ``OUT/pruning.json`` and
+``pruning_hard.png``, ``pruning_soft.png``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+from tqdm.auto import tqdm
+
+from eval.memory_eval import (accuracy, labelled_queries, new_figure, open_in_process, rounded, save_figure,
+                              write_report)
+from index.edit import prune as pruning
+from index.ingest.embeddings import read_memory_embeddings
+
+log = logging.getLogger("vismem.eval.pruning")
+
+THRESHOLDS = (1, 2, 3, 4, 5, 7, 10, 15, 20)
+PRUNE_KS = (0, 1, 2, 5, 10, 20)
+
+
+@dataclass
+class PruningConfig:
+    memory: str                          # any stored memory URL
+    out: str                             # folder URL for pruning.json and the plots
+    queries: str | None = None           # labelled embeddings URL; None: a held-out split of the memory
+    holdout: float | None = None
+    seed: int = 0
+    k: int = 10                          # neighbours of each evaluation query's vote
+    rule: str = "softmax"
+    modes: tuple[str, ...] = pruning.MODES
+    thresholds: tuple[int, ...] = THRESHOLDS
+    prune_k: int = 10                    # neighbours counted by hard pruning
+    prune_ks: tuple[int, ...] = PRUNE_KS  # the soft sweep; 0: unpruned
+    prune_queries: str | None = None     # labelled embeddings URL; None: leave-one-out over the memory
+    nprobe: int | None = None
+    progress: bool = True
+
+
+def check(cfg: PruningConfig) -> None:
+    for mode in cfg.modes:
+        if mode not in pruning.MODES:
+            raise ValueError(f"unknown pruning mode {mode!r}; choose from: {', '.join(pruning.MODES)}")
+    if min(cfg.thresholds, default=1) < 1 or min(cfg.prune_ks, default=0) < 0 or cfg.prune_k < 1 or cfg.k < 1:
+        raise ValueError("thresholds and the pruning k must be positive whole numbers (soft sweep ks: 0 or more)")
+
+
+def run(cfg: PruningConfig, emit: Callable[[dict], None] = print) -> dict:
+    """Both sweeps; ``emit`` gets one record per point. Returns the summary written to pruning.json."""
+    check(cfg)
+    memory, queries = labelled_queries(open_in_process(cfg.memory, cfg.nprobe), cfg.queries, cfg.holdout, cfg.seed)
+    prune_x = prune_y = None
+    if cfg.prune_queries is not None:
+        table, prune_x = read_memory_embeddings(memory.manifest, memory.url, cfg.prune_queries)
+        prune_y = table.column("label").to_pylist()
+
+    def score(snapshot) -> float:
+        return rounded(accuracy(snapshot, queries.vectors, queries.labels, cfg.k, cfg.rule))
+
+    unpruned = score(memory)
+    emit({"mode": "none", "accuracy": unpruned, "items": len(memory)})
+    points = [("hard", t) for t in cfg.thresholds if "hard" in cfg.modes]
+    points += [("soft", k) for k in cfg.prune_ks if "soft" in cfg.modes]
+    curves: dict = {mode: [] for mode in cfg.modes}
+    for mode, value in tqdm(points, desc="prune", unit="point", disable=not cfg.progress):
+        if mode == "soft" and value == 0:
+            point = {"prune_k": 0, "accuracy": unpruned, "changed": 0}
+        else:
+            threshold, k = (value, cfg.prune_k) if mode == "hard" else (pruning.THRESHOLD, value)
+            pruned, info = pruning.prune(memory, prune_x, prune_y, threshold=threshold, mode=mode, k=k)
+            point = {"threshold": threshold} if mode == "hard" else {"prune_k": k}
+            point.update(accuracy=score(pruned), changed=info.get("pruned", info.get("reweighted", 0)),
+                         flagged=info["flagged"], max_count=info["max_count"])
+        curves[mode].append(point)
+        emit({"mode": mode, **point})
+    summary = {"evaluation": "pruning", "memory": cfg.memory, "queries": queries.source, "memory_items": len(memory),
+               "query_count": int(len(queries.labels)), "pruning_queries": cfg.prune_queries or "leave-one-out",
+               "config": asdict(cfg), "unpruned": unpruned, "best": best_points(curves, unpruned),
+               "hard": curves.get("hard", []), "soft": curves.get("soft", [])}
+    summary["plots"] = plot(summary, cfg.out)
+    summary["report"] = write_report(cfg.out, "pruning", summary)
+    return summary
+
+
+def best_points(curves: dict, unpruned: float) -> dict:
+    """Per mode, the best point and its change from the unpruned accuracy (percentage points)."""
+    out = {}
+    for mode, curve in curves.items():
+        if curve:
+            best = max(curve, key=lambda p: p["accuracy"])
+            out[mode] = {**best, "change_points": round(100 * (best["accuracy"] - unpruned), 2)}
+    return out
+
+
+def plot(summary: dict, out: str) -> dict:
+    urls = {}
+    where = f"{summary['memory_items']} items, {summary['query_count']} queries, k = {summary['config']['k']}, " \
+            f"{summary['config']['rule']}"
+    for mode, key, label in (("hard", "threshold", "hard-pruning threshold (wrong-label appearances)"),
+                             ("soft", "prune_k", "soft-pruning k (neighbours counted; 0: unpruned)")):
+        curve = summary[mode]
+        if not curve:
+            continue
+        fig, ax = new_figure(f"{mode} pruning ({where})", label)
+        ax.plot([p[key] for p in curve], [100 * p["accuracy"] for p in curve], "o-", markersize=4, label=mode)
+        ax.axhline(100 * summary["unpruned"], color="grey", linestyle="--", label="unpruned")
+        if mode == "hard":
+            twin = ax.twinx()
+            twin.plot([p[key] for p in curve], [p["changed"] for p in curve], "s:", color="tab:red", markersize=3)
+            twin.set_ylabel("items removed", color="tab:red")
+        ax.legend(fontsize=8)
+        urls[mode] = save_figure(fig, out, f"pruning_{mode}")
+    return urls
