@@ -21,13 +21,12 @@ from tqdm.auto import tqdm
 
 from eval.memory_eval import (accuracy, labelled_queries, new_figure, open_in_process, rounded, save_figure,
                               write_report)
+from eval.sweeps import PRUNE_KS, THRESHOLDS
 from index.edit import prune as pruning
 from index.ingest.embeddings import read_memory_embeddings
 
 log = logging.getLogger("vismem.eval.pruning")
 
-THRESHOLDS = (1, 2, 3, 4, 5, 7, 10, 15, 20)
-PRUNE_KS = (0, 1, 2, 5, 10, 20)
 
 
 @dataclass

@@ -19,13 +19,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from eval.memory_eval import labelled_queries, new_figure, open_in_process, rounded, save_figure, write_report
+from eval.sweeps import ALPHAS, KS, TEMPERATURES
 from index.voting import RULES, vote
 
 log = logging.getLogger("vismem.eval.voting")
-
-KS = (1, 2, 3, 5, 10, 20, 30, 50, 100)
-TEMPERATURES = (0.01, 0.02, 0.05, 0.07, 0.1, 0.2, 0.5, 1.0)
-ALPHAS = (0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0)
 
 
 @dataclass

@@ -11,6 +11,7 @@ import argparse
 import json
 
 from cluster.cli.common import add_command, add_common, add_group, add_k, check_positive, parse_ints, record_printer
+from eval.sweeps import ALPHAS, KS, PRUNE_KS, TEMPERATURES, THRESHOLDS
 from index.voting import RULES
 
 QUERIES_HELP = ("labelled queries: an embeddings folder as `vismem embed` writes it, from the memory's encoder "
@@ -38,7 +39,6 @@ def add_memory_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_voting_parser(group) -> None:
-    from eval.voting import ALPHAS, KS, TEMPERATURES
     p = add_command(group, "voting", "accuracy against k, softmax temperature T and rank α for every voting rule",
                     description="One search of the memory at the largest k, then index.voting's vote on the first "
                                 "k neighbours for each point: every rule against k (softmax at --temperature, rank "
@@ -58,7 +58,6 @@ def add_voting_parser(group) -> None:
 
 
 def add_pruning_parser(group) -> None:
-    from eval.pruning import PRUNE_KS, THRESHOLDS
     p = add_command(group, "pruning", "accuracy against the hard-pruning threshold and the soft-pruning k",
                     description="Each point runs `vismem memory prune`'s pruning on the memory held in process "
                                 "(nothing is written): hard pruning at each --thresholds value (items that are "

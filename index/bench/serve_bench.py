@@ -18,6 +18,8 @@ module's defaults for ``--help``, which must not wait for them.
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
 import tempfile
 import threading
@@ -184,6 +186,32 @@ def run(cfg: ServeBenchConfig, emit=print) -> dict:
                 serve.delete(f"{APP}-{layout}")
 
 
+class RouterInProcess:
+    """The Router's own code, colocated shards, called in this process without Serve or HTTP (on an
+    event loop in a thread of its own): what the Router costs beside the memory itself, so that
+    the rest of a served query's time is Serve's (the handle, the replica, the proxy)."""
+
+    def __init__(self, memory_url: str, k: int):
+        from index.serve import Router                               # Ray Serve: see the module docstring
+        from index.store.manifest import read_manifest
+        self.k, self.loop = k, asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+        cls = Router.func_or_class                                   # the class under @serve.deployment
+        self.router = cls.__new__(cls)
+        started = cls.__init__(self.router, memory_url, read_manifest(memory_url).version,
+                               colocate={"nprobe": None, "mmap": False})
+        if inspect.isawaitable(started):                             # Serve's ingress makes __init__ async
+            asyncio.run_coroutine_threadsafe(started, self.loop).result()
+
+    def search(self, vectors: np.ndarray):
+        from index.serve.api import SearchRequest                    # FastAPI, pydantic: see the module docstring
+        request = SearchRequest(vectors=vectors.tolist(), k=self.k)
+        return asyncio.run_coroutine_threadsafe(self.router.search(request), self.loop).result()
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
 def handle_search(handle, k: int):
     from index.serve.api import SearchRequest                    # FastAPI, pydantic: see the module docstring
     return lambda v: handle.search.remote(SearchRequest(vectors=v.tolist(), k=k)).result()
@@ -199,6 +227,8 @@ def measure(cfg: ServeBenchConfig, url: str, served: dict, VisualMemory, emit) -
     n = max(cfg.singles, cfg.batch * cfg.batches)
     queries = ClusteredVectors(info["dim"], cfg.clusters, cfg.spread, cfg.seed).queries(n)
     queries = (queries / np.linalg.norm(queries, axis=1, keepdims=True)).astype(np.float32)
+    router = RouterInProcess(info["memory"], cfg.k)
+    served = {**served, "router_in_process": router.search}
     paths = {**served, "in_process": lambda v: memory.search(v, cfg.k), "bare_faiss": bare_faiss(memory, cfg.k)}
     for search in paths.values():                                 # warm every path (connections, caches)
         for q in queries[:20]:
@@ -225,5 +255,8 @@ def measure(cfg: ServeBenchConfig, url: str, served: dict, VisualMemory, emit) -
                                                           / batches["in_process"]["vectors_per_s"], 3)
     ratios["in_process_p50_over_bare_faiss"] = round(singles["in_process"]["p50_ms"]
                                                      / singles["bare_faiss"]["p50_ms"], 2)
+    ratios["router_in_process_p50_over_in_process"] = round(singles["router_in_process"]["p50_ms"]
+                                                            / singles["in_process"]["p50_ms"], 2)
     emit({"what": "ratios", **ratios})
+    router.close()
     return {**summary, "single_query": singles, "concurrent": loads, "batches": batches, "ratios": ratios}

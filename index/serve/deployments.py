@@ -27,6 +27,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError
+from ray.serve.exceptions import RayServeException
 from ray.serve.schema import DeploymentStatus
 
 from index.queries import QueryError, check_vectors
@@ -79,7 +80,11 @@ class LocalShard(ShardState):
         self.open_shard(memory_url, version, number, nprobe, mmap)
         # serve.batch keeps one queue per decorated function, shared by every instance of a class
         # (a replica holds one); the Router holds several LocalShards, so each gets its own queue.
-        self.search = serve.batch(max_batch_size=16, batch_wait_timeout_s=0)(self.search_batch)
+        try:
+            serve.get_replica_context()
+            self.search = serve.batch(max_batch_size=16, batch_wait_timeout_s=0)(self.search_batch)
+        except RayServeException:        # a Router called outside Serve (serve bench's router_in_process)
+            self.search = self.search_one
 
     async def health(self) -> int:
         return self.version
@@ -88,6 +93,9 @@ class LocalShard(ShardState):
                            versions: list[int]) -> list[dict]:
         await self.follow(max(versions))
         return await asyncio.to_thread(search_grouped, self.shard, queries, ks, nprobes)
+
+    async def search_one(self, queries: np.ndarray, k: int, nprobe: int | None, version: int) -> dict:
+        return (await self.search_batch([queries], [k], [nprobe], [version]))[0]
 
 
 class InProcess:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import hashlib
 import io
 import shutil
+import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -122,8 +124,29 @@ def test_with_the_token_the_page_removes_adds_and_rolls_back(page, served):
     sync_api.expect(cards).to_have_count(10)
     status(page)
     first = int(cards.first.get_attribute("data-id"))
-    cards.first.locator("button", has_text="remove").first.click()
-    sync_api.expect(page.locator("#status")).to_contain_text(f"removed item {first}: version {start.version + 1}")
+    seen, stop = [], threading.Event()
+
+    def load():                                       # queries without pause while the page removes
+        with Client(base) as searching:
+            while not stop.is_set():
+                started = time.monotonic()
+                answer = searching.search(images=[str(root / "query.png")], k=10)
+                seen.append((started, [n.id for n in answer.results[0].neighbours]))
+
+    loader = threading.Thread(target=load)
+    loader.start()
+    try:
+        time.sleep(0.3)
+        cards.first.locator("button", has_text="remove").first.click()
+        sync_api.expect(page.locator("#status")).to_contain_text(f"removed item {first}: version {start.version + 1}")
+        acknowledged = time.monotonic()                 # the page has shown the acknowledgement by now
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        loader.join()
+    assert first in seen[0][1]                          # the first query, before the click, found it
+    late = [ids for started, ids in seen if started > acknowledged]
+    assert late and not [ids for ids in late if first in ids], "a query started after the page's remove returned it"
     sync_api.expect(page.locator(f'#grid .card[data-id="{first}"]')).to_have_count(0)
     after = client.search(images=[str(root / "query.png")], k=30).results[0].neighbours
     assert first not in [n.id for n in after]                          # gone from the next answer

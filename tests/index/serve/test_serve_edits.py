@@ -537,13 +537,13 @@ def test_serve_bench_measures_every_path_against_a_running_app(served_ivf, capsy
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     by = {(r["what"], r.get("path")): r for r in records}
     assert by[("memory", None)]["factory"] == "IVF16,Flat" and by[("memory", None)]["shards"] == 3
-    for path in ("http", "in_process", "bare_faiss"):
+    for path in ("http", "router_in_process", "in_process", "bare_faiss"):
         single = by[("single_query", path)]
         assert 0 < single["p50_ms"] <= single["p99_ms"]
         assert by[("batches", path)]["vectors_per_s"] > 0
         batches = by[("batches", path)]           # the best batch is at least as fast as the median one
         assert batches["batch"] == 4 and batches["vectors_per_s"] >= batches["median_vectors_per_s"] > 0
-    for path in ("http", "in_process"):
+    for path in ("http", "router_in_process", "in_process"):
         assert by[("concurrent", path)]["clients"] == 2 and by[("concurrent", path)]["queries"] > 0
         load = by[("concurrent", path)]           # over at least the 0.5 s asked (the last queries end after it)
         assert 0 < load["qps"] <= load["queries"] / 0.49 and 0 < load["p50_ms"] <= load["p99_ms"]
@@ -551,6 +551,8 @@ def test_serve_bench_measures_every_path_against_a_running_app(served_ivf, capsy
     ratios = by[("ratios", None)]
     assert ratios["http_p50_over_in_process"] == round(by[("single_query", "http")]["p50_ms"]
                                                        / by[("single_query", "in_process")]["p50_ms"], 1)
+    assert ratios["router_in_process_p50_over_in_process"] == round(
+        by[("single_query", "router_in_process")]["p50_ms"] / by[("single_query", "in_process")]["p50_ms"], 2)
 
 
 def test_schemathesis_with_all_checks_finds_no_failure(served_ivf):
