@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
+import os
 import shutil
-import threading
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -25,6 +28,16 @@ TOKEN = "page-token"
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (20, 40, 230)}
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on this machine (apt-get install chromium)")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repo
+LOAD = """
+import json, time
+from index.serve.client import Client
+with Client({base!r}) as client:
+    while True:
+        started = time.time()
+        answer = client.search(images=[{image!r}], k=10)
+        print(json.dumps([started, [n.id for n in answer.results[0].neighbours]]), flush=True)
+"""
 sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed (pip install playwright)")
 
 
@@ -124,27 +137,22 @@ def test_with_the_token_the_page_removes_adds_and_rolls_back(page, served):
     sync_api.expect(cards).to_have_count(10)
     status(page)
     first = int(cards.first.get_attribute("data-id"))
-    seen, stop = [], threading.Event()
-
-    def load():                                       # queries without pause while the page removes
-        with Client(base) as searching:
-            while not stop.is_set():
-                started = time.monotonic()
-                answer = searching.search(images=[str(root / "query.png")], k=10)
-                seen.append((started, [n.id for n in answer.results[0].neighbours]))
-
-    loader = threading.Thread(target=load)
-    loader.start()
+    # queries without pause while the page removes, from another process (a thread of this one stalls
+    # Playwright's click while it runs); each line: when the query started (wall clock), the ids found
+    load = subprocess.Popen([sys.executable, "-c", LOAD.format(base=base, image=str(root / "query.png"))],
+                            stdout=subprocess.PIPE, text=True, cwd=ROOT)
     try:
-        time.sleep(0.3)
+        answering = load.stdout.readline()                 # a query before the click
+        assert answering, "the query load did not start"
         cards.first.locator("button", has_text="remove").first.click()
         sync_api.expect(page.locator("#status")).to_contain_text(f"removed item {first}: version {start.version + 1}")
-        acknowledged = time.monotonic()                 # the page has shown the acknowledgement by now
-        time.sleep(0.5)
+        acknowledged = time.time()                          # the page has shown the acknowledgement by now
+        time.sleep(1.0)
     finally:
-        stop.set()
-        loader.join()
-    assert first in seen[0][1]                          # the first query, before the click, found it
+        load.terminate()
+        rest = load.communicate(timeout=60)[0]
+    seen = [json.loads(line) for line in [answering, *rest.splitlines()]]
+    assert first in seen[0][1]                            # a query before the click found it
     late = [ids for started, ids in seen if started > acknowledged]
     assert late and not [ids for ids in late if first in ids], "a query started after the page's remove returned it"
     sync_api.expect(page.locator(f'#grid .card[data-id="{first}"]')).to_have_count(0)
