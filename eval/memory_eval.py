@@ -47,6 +47,18 @@ class InProcess(Snapshot):
 
 
 @dataclass
+class MemoryEval:
+    """What every evaluation of a stored memory is given (each config adds its own knobs)."""
+    memory: str                          # any stored memory URL
+    out: str                             # folder URL for NAME.json and the plots
+    queries: str | None = None           # labelled embeddings URL; None: a held-out split of the memory
+    holdout: float | None = None         # the held-out fraction (default HOLDOUT)
+    seed: int = 0
+    nprobe: int | None = None
+    progress: bool = True
+
+
+@dataclass
 class Queries:
     vectors: np.ndarray        # [n, dim] float32
     labels: np.ndarray         # [n] object

@@ -19,8 +19,8 @@ from typing import Callable
 
 from tqdm.auto import tqdm
 
-from eval.memory_eval import (accuracy, labelled_queries, new_figure, open_in_process, rounded, save_figure,
-                              write_report)
+from eval.memory_eval import (MemoryEval, accuracy, labelled_queries, new_figure, open_in_process, rounded,
+                              save_figure, write_report)
 from eval.sweeps import PRUNE_KS, THRESHOLDS
 from index.edit import prune as pruning
 from index.ingest.embeddings import read_memory_embeddings
@@ -28,14 +28,8 @@ from index.ingest.embeddings import read_memory_embeddings
 log = logging.getLogger("vismem.eval.pruning")
 
 
-
 @dataclass
-class PruningConfig:
-    memory: str                          # any stored memory URL
-    out: str                             # folder URL for pruning.json and the plots
-    queries: str | None = None           # labelled embeddings URL; None: a held-out split of the memory
-    holdout: float | None = None
-    seed: int = 0
+class PruningConfig(MemoryEval):
     k: int = 10                          # neighbours of each evaluation query's vote
     rule: str = "softmax"
     modes: tuple[str, ...] = pruning.MODES
@@ -43,8 +37,6 @@ class PruningConfig:
     prune_k: int = 10                    # neighbours counted by hard pruning
     prune_ks: tuple[int, ...] = PRUNE_KS  # the soft sweep; 0: unpruned
     prune_queries: str | None = None     # labelled embeddings URL; None: leave-one-out over the memory
-    nprobe: int | None = None
-    progress: bool = True
 
 
 def check(cfg: PruningConfig) -> None:

@@ -32,8 +32,8 @@ from typing import Callable
 
 import numpy as np
 
-from eval.memory_eval import (accuracy, labelled_queries, memory_items, new_figure, open_in_process, rounded,
-                              save_figure, write_report)
+from eval.memory_eval import (MemoryEval, accuracy, labelled_queries, memory_items, new_figure, open_in_process,
+                              rounded, save_figure, write_report)
 from index.build.build import build_memory
 from index.edit import edits, maintenance
 from index.ingest.embeddings import read_memory_embeddings, write_vectors
@@ -45,20 +45,13 @@ TOLERANCE = 1e-5
 
 
 @dataclass
-class UnlearningConfig:
-    memory: str                          # any stored memory URL
-    out: str                             # folder URL for unlearning.json and the plot
+class UnlearningConfig(MemoryEval):
     forget: str = "random:0.01"          # class:LABEL or random:FRACTION
-    queries: str | None = None           # labelled embeddings URL; None: a held-out split of the memory
-    holdout: float | None = None
-    seed: int = 0
     k: int = 10                          # neighbours compared, and voting
     rule: str = "softmax"
     work: str | None = None              # URL for the rebuilt memory (default: a temporary folder)
     embeddings: str | None = None        # the embeddings the memory was built from (None: its stored vectors)
     tolerance: float = TOLERANCE         # largest similarity difference counted as the same answer
-    nprobe: int | None = None
-    progress: bool = True
 
 
 def forget_ids(memory: Snapshot, forget: str, seed: int) -> tuple[np.ndarray, list[str]]:

@@ -18,7 +18,8 @@ from typing import Callable
 import numpy as np
 from tqdm.auto import tqdm
 
-from eval.memory_eval import labelled_queries, new_figure, open_in_process, rounded, save_figure, write_report
+from eval.memory_eval import (MemoryEval, labelled_queries, new_figure, open_in_process, rounded, save_figure,
+                              write_report)
 from eval.sweeps import ALPHAS, KS, TEMPERATURES
 from index.voting import RULES, vote
 
@@ -26,12 +27,7 @@ log = logging.getLogger("vismem.eval.voting")
 
 
 @dataclass
-class VotingConfig:
-    memory: str                          # any stored memory URL
-    out: str                             # folder URL for voting.json and the plots
-    queries: str | None = None           # labelled embeddings URL; None: a held-out split of the memory
-    holdout: float | None = None         # the held-out fraction (default eval.memory_eval.HOLDOUT)
-    seed: int = 0
+class VotingConfig(MemoryEval):
     ks: tuple[int, ...] = KS
     temperatures: tuple[float, ...] = TEMPERATURES
     alphas: tuple[float, ...] = ALPHAS
@@ -39,8 +35,6 @@ class VotingConfig:
     temperature: float = 0.07            # T of the k sweep's softmax rule
     alpha: float = 2.0                   # α of the k sweep's rank rule
     rules: tuple[str, ...] = RULES
-    nprobe: int | None = None
-    progress: bool = True
 
 
 def check(cfg: VotingConfig) -> None:
