@@ -30,6 +30,11 @@ def add_serve_parser(sub) -> None:
     serve.add_argument("--token-file", default=None, metavar="PATH",
                        help="file holding the bearer token that /v1/memory/add and /v1/memory/remove need "
                             "(default: $VISMEM_TOKEN; with neither, editing over HTTP is off)")
+    serve.add_argument("--config-out", default=None, metavar="PATH",
+                       help="write a Ray Serve config for this memory and these options to PATH (for `serve run "
+                            "PATH`, `serve deploy PATH` or a RayService's serveConfigV2) and exit without serving; "
+                            "the token is named, never written: --token-file's path, else $VISMEM_TOKEN, read "
+                            "where the app is built")
     add_common(serve)
     actions = serve.add_subparsers(dest="action", metavar="ACTION", required=False)
     add_serve_bench_parser(actions)
@@ -123,6 +128,8 @@ def cmd_serve(args) -> dict:
     check_positive(args, "port", "replicas", "shard_timeout")
     if args.memory is None:
         raise ValueError("--memory is required: the URL of the memory to serve (or `vismem serve bench ...`)")
+    if args.config_out:
+        return write_config(args)
     digest = token_digest(args.token_file)
     with ray_session(args.address, serve_too=True):        # on the way out, Stopped included: Serve, then Ray
         stop_on_signals("Serve and Ray shut down")
@@ -134,6 +141,21 @@ def cmd_serve(args) -> dict:
               "Ctrl-C to stop", flush=True)
         while True:
             time.sleep(3600)
+
+
+def write_config(args) -> dict:
+    from cluster.serve_app import ServeArgs                        # the builder: FAISS, FastAPI
+    from cluster.serve_config import serve_config, write_serve_config
+    from index.store.manifest import read_manifest
+    token = {"token_file": args.token_file} if args.token_file else {"token_env": "VISMEM_TOKEN"}
+    served = ServeArgs(memory=args.memory, replicas=args.replicas, shard_timeout_s=args.shard_timeout,
+                       mmap=args.mmap, colocate=args.colocate, **token)
+    config = serve_config(served, len(read_manifest(args.memory).shards), host=args.host, port=args.port)
+    write_serve_config(args.config_out, config)
+    print(f"wrote {args.config_out}: serve {args.memory} with `serve run {args.config_out}` or `serve deploy "
+          f"{args.config_out}` (HTTP on {args.host}:{args.port}; editing token from "
+          f"{args.token_file or '$VISMEM_TOKEN'} where the app is built)", flush=True)
+    return {"config": args.config_out, "serve_config": config}
 
 
 def cmd_serve_bench(args) -> dict:

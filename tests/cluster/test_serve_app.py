@@ -66,7 +66,8 @@ def test_the_token_is_read_where_the_app_is_built_and_only_its_digest_bound(memo
     monkeypatch.setenv("EDIT_TOKEN", " s3cret\n")
     assert router_kwargs(app_builder({"memory": memory, "token_env": "EDIT_TOKEN"}))["token_digest"] == digest
     (tmp_path / "token").write_text("s3cret\n")
-    assert router_kwargs(app_builder({"memory": memory, "token_file": str(tmp_path / "token")}))["token_digest"] == digest
+    token_file = {"memory": memory, "token_file": str(tmp_path / "token")}
+    assert router_kwargs(app_builder(token_file))["token_digest"] == digest
     monkeypatch.delenv("EDIT_TOKEN")
     assert router_kwargs(app_builder({"memory": memory, "token_env": "EDIT_TOKEN"}))["token_digest"] is None
     assert router_kwargs(app_builder({"memory": memory}))["token_digest"] is None
