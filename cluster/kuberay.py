@@ -153,6 +153,19 @@ def check_rayservice(manifest: dict, build: bool = True) -> None:
     check_serve_config(yaml.safe_load(manifest["spec"]["serveConfigV2"]), build=build)
 
 
+class BlockDumper(yaml.SafeDumper):
+    """Writes multi-line strings (serveConfigV2) as ``|`` blocks, as KubeRay's own samples do."""
+
+
+BlockDumper.add_representer(str, lambda dumper, text: dumper.represent_scalar(
+    "tag:yaml.org,2002:str", text, style="|" if "\n" in text else None))
+
+
+def dump(manifest: dict) -> str:
+    """The manifest as YAML for ``kubectl apply -f``."""
+    return yaml.dump(manifest, Dumper=BlockDumper, sort_keys=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m cluster.kuberay --config serve.yaml --image IMAGE [--name N] [--out rayservice.yaml]``:
     the RayService serving a Serve config that ``vismem serve --config-out`` wrote, checked first."""
@@ -174,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}")
         return 2
-    text = yaml.safe_dump(manifest, sort_keys=False)
+    text = dump(manifest)
     if args.out:
         with open(args.out, "w") as f:
             f.write(text)

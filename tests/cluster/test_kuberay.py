@@ -108,3 +108,10 @@ def test_the_command_renders_a_checked_manifest_from_a_written_config(memory, tm
     assert manifest["metadata"]["name"] == "mem-a"
     assert yaml.safe_load(manifest["spec"]["serveConfigV2"])["applications"][0]["args"]["memory"] == memory
     assert main(["--config", str(tmp_path / "serve.yaml"), "--image", "x", "--name", "A" * 50]) == 2
+
+
+def test_the_written_manifest_reads_back_the_same_with_the_config_as_a_block(config):
+    from cluster.kuberay import dump
+    manifest = rayservice(config)
+    text = dump(manifest)
+    assert "serveConfigV2: |" in text and yaml.safe_load(text) == manifest
