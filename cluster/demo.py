@@ -16,7 +16,6 @@ import dataclasses
 import json
 import logging
 import os
-import socket
 import sys
 import time
 import urllib.error
@@ -74,12 +73,6 @@ class Stages:
                     stages.echo(f"      done in {time.time() - self.t:.1f}s")
 
         return Stage()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def post(url: str, body: dict, timeout: float = 120) -> dict:
@@ -157,6 +150,7 @@ def run_demo(cfg: DemoConfig, echo=print, hold=None) -> dict:
         with stages("build", f"build the memory: {cfg.shards} FAISS shards + manifest"):
             memory_url = build_demo_memory(cfg, store, embeddings["procedural", "memory"], echo)
 
+        from index.serve import free_port            # Ray Serve: only from the serve stage on
         base = f"http://127.0.0.1:{cfg.port or free_port()}"
         with stages("serve", f"serve the memory (Ray Serve router + {cfg.shards} shard searchers on {base}) and classify "
                     f"the held-out images through it"):

@@ -11,9 +11,7 @@ finds it (``token_file``, or the environment variable ``token_env``, e.g. from a
 secret); only its sha256 reaches the Router, as with ``vismem serve``.
 """
 
-import hashlib
 import logging
-import os
 from dataclasses import fields
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -69,13 +67,10 @@ class ServeArgs(BaseModel):
             return token_digest(self.token_file)
         if self.token_env is None:
             return None
-        token = os.environ.get(self.token_env)
-        if token is None:
+        digest = token_digest(env=self.token_env)
+        if digest is None:
             log.warning("$%s is not set where the app is built: editing over HTTP is off", self.token_env)
-            return None
-        if not token.strip():
-            raise ValueError(f"the editing token in ${self.token_env} is empty")
-        return hashlib.sha256(token.strip().encode()).hexdigest()
+        return digest
 
 
 def app_builder(args: ServeArgs):

@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import secrets
-import socket
 import tempfile
 import threading
 import time
@@ -96,11 +95,9 @@ def http_figures(cfg: MemoryBenchConfig, memory_url: str, data: ClusteredVectors
     acknowledgement returned that id."""
     from ray import serve                           # Ray Serve: see the module docstring
 
-    from index.serve import start as start_serving
+    from index.serve import free_port, start as start_serving
     token = secrets.token_hex(16)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     half = cfg.http_removes // 2
     alone, loaded = live[:half], live[half:cfg.http_removes]
     start_serving(memory_url, port=port, name="vismem-memory-bench",

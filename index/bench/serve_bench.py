@@ -147,12 +147,8 @@ def build_synthetic(cfg: ServeBenchConfig, work: str, emit) -> str:
 def start_app(memory_url: str, layouts: tuple[str, ...]) -> dict[str, tuple[str, object]]:
     """Serve ``memory_url`` once per layout on one free loopback port (one Serve proxy, a route
     prefix each); {layout: (base URL, the Router's handle)}."""
-    import socket
-
-    from index.serve import start                               # Ray Serve: see the module docstring
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from index.serve import free_port, start                    # Ray Serve: see the module docstring
+    port = free_port()
     return {layout: (f"http://127.0.0.1:{port}/{layout}",
                      start(memory_url, port=port, name=f"{APP}-{layout}", route_prefix=f"/{layout}",
                            colocate=layout == "colocated")) for layout in layouts}

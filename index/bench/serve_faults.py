@@ -58,15 +58,14 @@ class Answer:
     detail: str = ""                     # the error's words, for an answer that is not a 200
 
 
-def replica_names(app: str, shard: int | None = None) -> list[str]:
-    """The actor names of the live ShardSearcher replicas of ``app`` (of one ``shard``, when given)."""
+def replica_names(app: str, shard: int) -> list[str]:
+    """The actor names of the live replicas of ``app``'s ShardSearcher of ``shard``."""
     import ray
     from ray.util.state import list_actors
-    prefix = f"SERVE_REPLICA::{app}#ShardSearcher-{'' if shard is None else shard}"
+    prefix = f"SERVE_REPLICA::{app}#ShardSearcher-{shard}#"          # the "#" keeps shard 1 from matching 10
     actors = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")],
                          limit=10_000)
-    return sorted(a.name for a in actors if a.name and a.name.startswith(prefix)
-                  and (shard is None or a.name[len(prefix)] == "#"))
+    return sorted(a.name for a in actors if a.name and a.name.startswith(prefix))
 
 
 def kill_replicas(app: str, shards: list[int]) -> list[str]:
@@ -168,13 +167,8 @@ def recovery(answers: list[Answer], kill_s: float | None) -> dict:
 def serve_memory(cfg: FaultLoadConfig, port: int | None) -> str:
     """Serve ``cfg.memory`` as app ``APP`` on loopback ``port`` (a free one when None; where Serve
     already runs, the port it runs on, which it keeps); the app's base URL."""
-    import socket
-
-    from index.serve import start
-    if port is None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+    from index.serve import free_port, start                    # Ray Serve: see the module docstring
+    port = free_port() if port is None else port
     start(cfg.memory, port=port, name=APP, route_prefix=f"/{APP}", replicas=cfg.replicas,
           shard_timeout_s=cfg.shard_timeout_s, shard_cpus=cfg.shard_cpus)
     return f"http://127.0.0.1:{port}/{APP}"

@@ -18,9 +18,10 @@ from fastapi import HTTPException
 TOKEN_ENV = "VISMEM_TOKEN"
 
 
-def token_digest(token_file: str | None = None) -> str | None:
-    """The sha256 of the editing token (from ``token_file``, else ``$VISMEM_TOKEN``), or None
-    where there is none. An empty token is an error: it would let anyone edit."""
+def token_digest(token_file: str | None = None, env: str = TOKEN_ENV) -> str | None:
+    """The sha256 of the editing token (from ``token_file``, else the environment variable ``env``,
+    ``$VISMEM_TOKEN`` by default), or None where there is none. An empty token is an error: it
+    would let anyone edit."""
     if token_file:
         try:
             with open(token_file) as f:
@@ -29,7 +30,7 @@ def token_digest(token_file: str | None = None) -> str | None:
             raise ValueError(f"cannot read the token file {token_file}: {e.strerror}") from None
         source = token_file
     else:
-        token, source = os.environ.get(TOKEN_ENV), f"${TOKEN_ENV}"
+        token, source = os.environ.get(env), f"${env}"
         if token is None:
             return None
         token = token.strip()

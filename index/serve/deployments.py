@@ -17,6 +17,7 @@ which memory is wrong.
 import asyncio
 import logging
 import re
+import socket
 from types import SimpleNamespace
 from typing import Annotated
 
@@ -58,10 +59,6 @@ class ShardSearcher(ShardState):
     def __init__(self, memory_url: str, version: int, number: int, nprobe: int | None = None, mmap: bool = False):
         self.open_shard(memory_url, version, number, nprobe, mmap)
 
-    async def health(self) -> int:
-        """The version this replica answers from (the Router's /healthz asks every shard)."""
-        return self.version
-
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
     async def search(self, queries: list[np.ndarray], ks: list[int], nprobes: list[int | None],
                      versions: list[int]) -> list[dict]:
@@ -86,9 +83,6 @@ class LocalShard(ShardState):
         except RayServeException:        # a Router called outside Serve (serve bench's router_in_process)
             self.search = self.search_one
 
-    async def health(self) -> int:
-        return self.version
-
     async def search_batch(self, queries: list[np.ndarray], ks: list[int], nprobes: list[int | None],
                            versions: list[int]) -> list[dict]:
         await self.follow(max(versions))
@@ -98,7 +92,7 @@ class LocalShard(ShardState):
         return (await self.search_batch([queries], [k], [nprobe], [version]))[0]
 
 
-class InProcess:
+class LocalHandle:
     """A LocalShard called the way the Router calls a ShardSearcher's handle
     (``await shard.method.remote(...)``), so the Router has one code path for both."""
 
@@ -147,7 +141,7 @@ class Router:
         from encoder import Encoder                     # imports torch: only the Router's replica needs it
         self.manifest = read_manifest(memory_url, version)
         if colocate is not None:
-            shards = tuple(InProcess(LocalShard(memory_url, self.manifest.version, n, **colocate))
+            shards = tuple(LocalHandle(LocalShard(memory_url, self.manifest.version, n, **colocate))
                            for n in range(len(self.manifest.shards)))
         self.memory_url, self.shards, self.timeout, self.limits = memory_url, list(shards), shard_timeout_s, limits
         self.token_digest, self.edit_lock = token_digest, asyncio.Lock()
@@ -427,6 +421,13 @@ def build_app(memory_url: str, version: int | None = None, nprobe: int | None = 
               .bind(memory_url, manifest.version, n, nprobe, mmap) for n in range(len(manifest.shards))]
     return Router.bind(memory_url, manifest.version, *shards, shard_timeout_s=shard_timeout_s, limits=limits,
                        token_digest=token_digest)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for an app started on loopback (Serve's proxy binds it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def start(memory_url: str, host: str = "127.0.0.1", port: int = 8000, name: str = "vismem", route_prefix: str = "/",

@@ -54,6 +54,10 @@ class ShardState:
                                 mmap=mmap)
         self.staged: dict[int, tuple[Shard, object]] = {}
 
+    async def health(self) -> int:
+        """The version this shard answers from (the Router's /healthz asks every shard)."""
+        return self.version
+
     async def follow(self, version: int) -> int:
         """Answer from ``version`` from now on if it is newer than the one held; returns the version
         held. Async like every method that touches the shard, so that they run one at a time on the
