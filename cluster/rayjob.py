@@ -20,6 +20,8 @@ entrypoint as ``vismem`` commands the CLI's parser accepts.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import shlex
 import sys
@@ -100,31 +102,38 @@ def embed_build_job(collection: str, encoder: str, embeddings: str, memory: str,
     return rayjob(name, f"{embed} && {build}", code, gpus, cpu_workers, **kw)
 
 
-def commands(entrypoint: str) -> list[list[str]]:
-    """The commands of a shell line of commands joined by ``&&`` (the only operator vismem's jobs use)."""
-    words = shlex.split(entrypoint)
-    out, current = [], []
-    for word in words + ["&&"]:
-        if word == "&&":
-            out.append(current)
-            current = []
+def commands(line: str) -> list[list[str]]:
+    """The commands of a shell line, split at ``&&``, ``||`` and ``;`` (redirections and pipes stay
+    in the words of the command they follow)."""
+    lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    out = [[]]
+    for word in lexer:
+        if word in ("&&", "||", ";"):
+            out.append([])
         else:
-            current.append(word)
-    return out
+            out[-1].append(word)
+    return [argv for argv in out if argv]
 
 
-def vismem_problems(line: str, where: str) -> list[str]:
-    """Each command of ``line`` must be ``vismem`` with arguments the CLI's own parser accepts."""
+def vismem_problems(line: str, where: str, only_vismem: bool = True) -> list[str]:
+    """Each command of ``line`` must be ``vismem`` (``only_vismem``; else those that are) with
+    arguments the CLI's own parser accepts; what it refuses is named with argparse's own words."""
     from cluster.cli import parser          # the CLI's parser: only where a command line is checked
     problems = []
     for argv in commands(line):
-        if not argv or argv[0] != "vismem":
-            problems.append(f"{where}: {shlex.join(argv)!r} is not a vismem command")
+        if argv[0] != "vismem":
+            if only_vismem:
+                problems.append(f"{where}: {shlex.join(argv)!r} is not a vismem command")
             continue
+        said = io.StringIO()
         try:
-            parser().parse_args(argv[1:])
-        except SystemExit:                  # argparse has printed what it refused
-            problems.append(f"{where}: vismem refuses {shlex.join(argv)!r}")
+            with contextlib.redirect_stderr(said), contextlib.redirect_stdout(io.StringIO()):
+                parser().parse_args(argv[1:])
+        except SystemExit as e:             # argparse exits: 0 after --help, 2 after an error
+            if e.code:
+                problems.append(f"{where}: vismem refuses {shlex.join(argv)!r}: "
+                                f"{said.getvalue().strip().splitlines()[-1]}")
     return problems
 
 
