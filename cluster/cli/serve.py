@@ -6,6 +6,8 @@ torch they do not use (see ``cluster.cli``).
 
 from __future__ import annotations
 
+import argparse
+
 from cluster.cli.common import add_command, add_common, add_k, add_nprobe, check_positive, stop_on_signals
 
 
@@ -40,10 +42,25 @@ def add_serve_parser(sub) -> None:
                             "PATH`, `serve deploy PATH` or a RayService's serveConfigV2) and exit without serving; "
                             "the token is named, never written: --token-file's path, else $VISMEM_TOKEN, read "
                             "where the app is built")
+    serve.add_argument("--autoscale", default=None, metavar="MIN:MAX", type=replica_range,
+                       help="with --config-out: Serve autoscales each shard's searchers between MIN and MAX "
+                            "replicas (starting at --replicas, clamped), by the requests in flight per replica "
+                            "(default: the fixed --replicas)")
     add_common(serve)
     actions = serve.add_subparsers(dest="action", metavar="ACTION", required=False)
     add_serve_bench_parser(actions)
     add_serve_faults_parser(actions)
+
+
+def replica_range(text: str) -> tuple[int, int]:
+    """``MIN:MAX`` replicas, 0 ≤ MIN ≤ MAX, MAX ≥ 1 (argparse prints the error with the option)."""
+    low, sep, high = text.partition(":")
+    if not sep or not low.strip().isdigit() or not high.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not MIN:MAX, e.g. 1:4")
+    low, high = int(low), int(high)
+    if low > high or high < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: need 0 <= MIN <= MAX and MAX >= 1")
+    return low, high
 
 
 def add_serve_bench_parser(actions) -> None:
@@ -143,6 +160,9 @@ def cmd_serve(args) -> dict:
                          "under that environment instead: serve them with the default proxy ingress")
     if args.config_out:
         return write_config(args)
+    if args.autoscale:
+        raise ValueError("--autoscale goes with --config-out (Serve autoscaling from a config file); "
+                         "`vismem serve` itself serves --replicas fixed replicas")
     digest = token_digest(args.token_file)
     if args.ingress == "direct":
         os.environ.update(direct_ingress_env(args.port))           # before Ray starts: its processes read it
@@ -165,7 +185,8 @@ def write_config(args) -> dict:
     token = {"token_file": args.token_file} if args.token_file else {"token_env": "VISMEM_TOKEN"}
     served = ServeArgs(memory=args.memory, replicas=args.replicas, shard_timeout_s=args.shard_timeout,
                        mmap=args.mmap, colocate=args.colocate, **token)
-    config = serve_config(served, len(read_manifest(args.memory).shards), host=args.host, port=args.port)
+    config = serve_config(served, len(read_manifest(args.memory).shards), host=args.host, port=args.port,
+                          autoscale=args.autoscale)
     write_serve_config(args.config_out, config)
     print(f"wrote {args.config_out}: serve {args.memory} with `serve run {args.config_out}` or `serve deploy "
           f"{args.config_out}` (HTTP on {args.host}:{args.port}; editing token from "
