@@ -25,6 +25,7 @@ import copy
 import functools
 import os
 import re
+import sys
 
 import yaml
 
@@ -254,14 +255,20 @@ def main(argv: list[str] | None = None) -> int:
         config = yaml.safe_load(f)
     manifest = rayservice(config, name=args.name, image=args.image, token_secret=args.token_secret,
                           storage_secret=args.storage_secret)
+    return write_checked(manifest, check_rayservice, args.out)
+
+
+def write_checked(manifest: dict, check, out: str | None, header: str = "") -> int:
+    """``check`` the manifest, then write ``header`` and its YAML to ``out`` (standard output when
+    None); a manifest that fails its check is not written, and the error goes to standard error."""
     try:
-        check_rayservice(manifest)
+        check(manifest)
     except ValueError as e:
-        print(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    text = dump(manifest)
-    if args.out:
-        with open(args.out, "w") as f:
+    text = header + dump(manifest)
+    if out:
+        with open(out, "w") as f:
             f.write(text)
     else:
         print(text, end="")

@@ -28,7 +28,8 @@ import sys
 
 import yaml
 
-from cluster.kuberay import RAY_VERSION, dump, head_group, manifest_problems, secret_env, worker_group
+from cluster.kuberay import (RAY_VERSION, head_group, manifest_problems, secret_env, worker_group,
+                             write_checked)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE = f"rayproject/ray:{RAY_VERSION}-py311"             # the head and CPU workers: Python 3.11, Ray as locked
@@ -198,21 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     manifest = (train_job(args.out, preset=args.preset, max_minutes=args.max_minutes, **kw) if args.job == "train"
                 else embed_build_job(args.collection, args.encoder, args.embeddings, args.memory,
                                      shards=args.shards, **kw))
-    try:
-        check_rayjob(manifest)
-    except ValueError as e:
-        print(f"error: {e}")
-        return 2
     given = list(argv if argv is not None else sys.argv[1:])
     if "--out-file" in given:                              # the header names what made the manifest, not where
         del given[given.index("--out-file"):given.index("--out-file") + 2]
-    text = f"# {RENDERED_BY}{shlex.join(given)}\n{dump(manifest)}"
-    if args.out_file:
-        with open(args.out_file, "w") as f:
-            f.write(text)
-    else:
-        print(text, end="")
-    return 0
+    return write_checked(manifest, check_rayjob, args.out_file, header=f"# {RENDERED_BY}{shlex.join(given)}\n")
 
 
 if __name__ == "__main__":
