@@ -11,6 +11,7 @@ import shutil
 import numpy as np
 import pytest
 
+import eval.pruning
 import eval.unlearning
 from cluster.cli import main
 from eval.knn import knn_sweep
@@ -22,6 +23,7 @@ from eval.unlearning import run as run_unlearning
 from eval.voting import VotingConfig
 from eval.voting import run as run_voting
 from index.build.build import build_memory
+from index.edit import prune as prune_module
 from index.exact import exact_search
 from index.ingest.embeddings import write_vectors
 from index.memory import VisualMemory
@@ -121,6 +123,23 @@ def test_pruning_sweeps_equal_committed_pruning_and_leave_the_memory_alone(data,
                                                                                                   abs=1e-4)
     for name in ("pruning_hard", "pruning_soft"):
         assert (tmp_path / "p" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("outside", [False, True])
+def test_one_shared_search_gives_every_points_counts(data, monkeypatch, outside):
+    memory = open_in_process(data["mem"])
+    x, y = (data["query_vectors"], list(data["query_labels"])) if outside else (None, None)
+    calls = []
+    real = eval.pruning.pruning.query_batches
+    monkeypatch.setattr(eval.pruning.pruning, "query_batches", lambda *a: calls.append(a[-1]) or real(*a))
+    shared = eval.pruning.SharedNeighbours(memory, x, y, 20, progress=False)
+    assert calls == [20]                                               # searched once, at the largest k
+    for k in (1, 3, 10, 20):
+        ids, counts, _ = prune_module.wrong_label_counts(memory, x, y, k)     # prune's own count, searched at k
+        found, found_counts = shared.counts(k)
+        assert np.array_equal(found, ids) and np.array_equal(found_counts, counts), k
+    with pytest.raises(ValueError, match="outside the shared search"):
+        shared.counts(21)
 
 
 def test_unlearning_a_class_is_exact_and_forgets_it(data, tmp_path):
