@@ -1,5 +1,6 @@
-"""``vismem eval``: the source papers' evaluations of a memory, one module of ``eval/`` each
-(``eval.voting``, ``eval.pruning``, ``eval.unlearning``), each writing OUT/NAME.json and PNG plots.
+"""``vismem eval``: the source papers' evaluations, one module of ``eval/`` each (of a memory:
+``eval.voting``, ``eval.pruning``, ``eval.unlearning``; of an encoder: ``eval.similarity``,
+``eval.segmentation``), each writing OUT/NAME.json and PNG plots.
 
 Imports inside the commands are on purpose: ``vismem --help`` and each command import no Ray, FAISS or
 torch they do not use (see ``cluster.cli``).
@@ -11,7 +12,7 @@ import argparse
 import json
 
 from cluster.cli.common import add_command, add_common, add_group, add_k, check_positive, parse_ints, record_printer
-from eval.sweeps import ALPHAS, KS, PRUNE_KS, TEMPERATURES, THRESHOLDS
+from eval.sweeps import ALPHAS, KINDS, KS, PRUNE_KS, TEMPERATURES, THRESHOLDS
 from index.voting import RULES
 
 QUERIES_HELP = ("labelled queries: an embeddings folder as `vismem embed` writes it, from the memory's encoder "
@@ -21,10 +22,12 @@ HOLDOUT_HELP = ("without --queries: this seeded random fraction of the memory's 
 
 
 def add_eval_parsers(sub) -> None:
-    group = add_group(sub, "eval", "the papers' evaluations of a memory: voting rules, pruning, unlearning")
+    group = add_group(sub, "eval", "the papers' evaluations: of a memory (voting rules, pruning, unlearning) and of "
+                                   "an encoder (2AFC similarity, segmentation)")
     add_voting_parser(group)
     add_pruning_parser(group)
     add_unlearning_parser(group)
+    add_similarity_parser(group)
 
 
 def add_memory_options(p: argparse.ArgumentParser) -> None:
@@ -106,6 +109,45 @@ def add_unlearning_parser(group) -> None:
                         "(default: the memory's stored vectors, exact for a Flat memory; an IVF or quantised one "
                         "needs its embeddings, since decoded codes can fall into other lists when encoded again)")
     p.add_argument("--tolerance", type=float, default=1e-5, help="largest similarity difference taken as equal")
+
+
+ENCODER_HELP = ("an encoder to evaluate, as `vismem encoder eval-knn --encoder` takes it: a checkpoint URL, "
+                "random-init:PRESET[:SEED] or raw-pixels:SIZE; repeat it to compare several in one run")
+
+
+def add_similarity_parser(group) -> None:
+    p = add_command(group, "similarity", "2AFC agreement with human similarity judgements (NIGHTS, or synthetic)",
+                    description="For each triplet (reference, distortion A, distortion B, the share of judges who "
+                                "found B closer) every method picks the distortion more similar to the reference: "
+                                "an encoder by the cosine of embeddings, psnr and ssim by the pixels. Agreement is "
+                                "DreamSim's 2AFC score (the judges' share for the pick, 1/2 on a tie). Triplets: "
+                                "--nights ROOT (data.csv with ref/ and distort/, as NIGHTS unpacks; DreamSim's "
+                                "filter: --split test, --min-votes 6), or --synthetic URL: any collection of "
+                                "same-size images, each distorted twice by one kind at two strengths, where the "
+                                "weaker is the right answer. JSON key: agreement ({method: fraction}). Writes "
+                                "OUT/similarity.json and similarity.png.",
+                    epilog="examples:\n"
+                           "  vismem eval similarity --synthetic cifar10/test.parquet --limit 2000 --encoder "
+                           "raw-pixels:32 --encoder random-init:tiny-cpu --out runs/s\n"
+                           "  vismem eval similarity --nights s3://bucket/nights --encoder runs/a/encoder --out runs/s "
+                           "--json\n")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--nights", metavar="URL", help="a NIGHTS root: data.csv, ref/, distort/")
+    source.add_argument("--synthetic", metavar="URL",
+                        help="a collection (folder tree or Parquet) of same-size images to make triplets from")
+    p.add_argument("--out", required=True, help="folder URL for the report: similarity.json and similarity.png")
+    p.add_argument("--encoder", action="append", default=None, help=ENCODER_HELP + " (default: raw-pixels:32)")
+    p.add_argument("--baselines", default="psnr,ssim", help="comma-separated pixel baselines: psnr, ssim ('' none)")
+    p.add_argument("--kinds", default=",".join(KINDS), help="synthetic distortions, comma-separated")
+    p.add_argument("--limit", type=int, default=1000,
+                   help="synthetic: images used (a seeded random subset); NIGHTS: the first N triplets (0: all)")
+    p.add_argument("--size", type=int, default=64, help="NIGHTS: images are resized to SIZE px on reading")
+    p.add_argument("--split", default="test", help="NIGHTS: the split column's value to keep ('' keeps all)")
+    p.add_argument("--min-votes", type=int, default=6, help="NIGHTS: keep triplets with this many votes or more")
+    p.add_argument("--batch-size", type=int, default=256, help="triplets per batch")
+    p.add_argument("--seed", type=int, default=0, help="seed of the subset and the distortions")
+    p.add_argument("--device", default=None, help="where encoders run, e.g. cuda or cpu (default: the GPU if any)")
+    add_common(p, ray=False)
 
 
 def parse_floats(text: str, option: str) -> tuple[float, ...]:
@@ -204,3 +246,25 @@ def cmd_eval_unlearning(args) -> dict:
 
 def fmt(value: float | None) -> str:
     return "   n/a" if value is None else f"{100 * value:5.1f}%"
+
+
+def cmd_eval_similarity(args) -> dict:
+    from eval.similarity import SimilarityConfig, run
+    check_positive(args, "size", "batch_size")
+    if args.limit < 0:
+        raise ValueError(f"--limit must be 0 (all) or more, got {args.limit}")
+    cfg = SimilarityConfig(out=args.out, nights=args.nights, synthetic=args.synthetic,
+                           encoders=tuple(args.encoder or ("raw-pixels:32",)), baselines=names(args.baselines),
+                           kinds=names(args.kinds), limit=args.limit or None, size=args.size,
+                           split=args.split or None, min_votes=args.min_votes, batch_size=args.batch_size,
+                           seed=args.seed, device=args.device)
+    as_json = args.json
+    summary = run(cfg, record_printer(args))
+    lines = [f"{method:28s} agreement {100 * value:5.1f}%" for method, value in summary["agreement"].items()]
+    lines.append(f"{summary['triplet_count']} triplets ({summary['triplets']}); the judges' own ceiling "
+                 f"{100 * summary['human_ceiling']:.1f}%")
+    return finish(args, as_json, summary, lines)
+
+
+EVAL_COMMANDS = {("eval", "voting"): cmd_eval_voting, ("eval", "pruning"): cmd_eval_pruning,
+                 ("eval", "unlearning"): cmd_eval_unlearning, ("eval", "similarity"): cmd_eval_similarity}
