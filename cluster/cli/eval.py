@@ -28,6 +28,7 @@ def add_eval_parsers(sub) -> None:
     add_pruning_parser(group)
     add_unlearning_parser(group)
     add_similarity_parser(group)
+    add_segmentation_parser(group)
 
 
 def add_memory_options(p: argparse.ArgumentParser) -> None:
@@ -150,6 +151,40 @@ def add_similarity_parser(group) -> None:
     add_common(p, ray=False)
 
 
+def add_segmentation_parser(group) -> None:
+    p = add_command(group, "segmentation", "zero-shot segmentation from patch tokens: per-image PCA R² and "
+                                           "patch-kNN label transfer (mIoU, pixel and foreground accuracy)",
+                    description="Reads annotated images, (image, mask PNG) pairs: a folder ROOT/images/NAME.* with "
+                                "ROOT/masks/NAME.png, or Parquet with image and mask columns, on any fsspec URL; "
+                                "a mask pixel is its class index (0 background, 255 ignore), the class names are "
+                                "in --classes or classes.txt beside the images. For each --encoder: R² of the "
+                                "held-out images' patch tokens on their own first --components principal "
+                                "components explained by the mask's segments (background dropped), and each "
+                                "held-out patch labelled by the softmax vote of its -k most similar --memory "
+                                "patches, scored at the encoder's input resolution. JSON keys: r2, miou, "
+                                "pixel_accuracy, foreground_accuracy ({encoder: value}). Writes "
+                                "OUT/segmentation.json, segmentation.png and segmentation_examples.png.",
+                    epilog="examples:\n"
+                           "  vismem eval segmentation --memory s3://bucket/seg/train --queries s3://bucket/seg/val "
+                           "--encoder runs/a/encoder --encoder random-init:tiny-cpu --out runs/seg\n"
+                           "  vismem eval segmentation --memory scenes/mem --queries scenes/q --encoder "
+                           "raw-pixels:32 --out runs/seg --json\n")
+    p.add_argument("--memory", required=True, help="annotated images the patch labels are transferred from")
+    p.add_argument("--queries", required=True, help="held-out annotated images: R² and the transfer are scored here")
+    p.add_argument("--out", required=True, help="folder URL for the report: segmentation.json and PNG plots")
+    p.add_argument("--encoder", action="append", default=None, help=ENCODER_HELP + " (default: raw-pixels:32)")
+    p.add_argument("--classes", default=None, metavar="URL",
+                   help="class names, one a line, line i naming class i (default: classes.txt beside the images)")
+    add_k(p, 10)
+    p.add_argument("--temperature", type=float, default=0.07, help="softmax T of the patch vote")
+    p.add_argument("--components", type=int, default=3, help="per-image PCA components of R² (0: the raw tokens)")
+    p.add_argument("--memory-limit", type=int, default=0, help="use the first N memory images (0: all)")
+    p.add_argument("--query-limit", type=int, default=0, help="use the first N held-out images (0: all)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per encoder batch")
+    p.add_argument("--device", default=None, help="where encoders run, e.g. cuda or cpu (default: the GPU if any)")
+    add_common(p, ray=False)
+
+
 def parse_floats(text: str, option: str) -> tuple[float, ...]:
     try:
         values = tuple(float(v) for v in text.split(",") if v.strip())
@@ -266,5 +301,30 @@ def cmd_eval_similarity(args) -> dict:
     return finish(args, as_json, summary, lines)
 
 
+def cmd_eval_segmentation(args) -> dict:
+    from eval.segmentation import SegmentationConfig, run
+    check_positive(args, "k", "batch_size", "temperature")
+    if min(args.components, args.memory_limit, args.query_limit) < 0:
+        raise ValueError("--components, --memory-limit and --query-limit must be 0 or more")
+    cfg = SegmentationConfig(memory=args.memory, queries=args.queries, out=args.out,
+                             encoders=tuple(args.encoder or ("raw-pixels:32",)), classes=args.classes, k=args.k,
+                             temperature=args.temperature, components=args.components,
+                             memory_limit=args.memory_limit or None, query_limit=args.query_limit or None,
+                             batch_size=args.batch_size, device=args.device)
+    as_json = args.json
+    summary = run(cfg, record_printer(args))
+    lines = [f"{spec:28s} R² {fmt_plain(r['r2'])}  mIoU {fmt_plain(r['miou'])}  pixel acc. "
+             f"{fmt_plain(r['pixel_accuracy'])}  foreground acc. {fmt_plain(r['foreground_accuracy'])}"
+             for spec, r in summary["encoders"].items()]
+    lines.append(f"{summary['memory_images']} memory images, {summary['query_images']} held-out, classes: "
+                 f"{', '.join(summary['classes'])}")
+    return finish(args, as_json, summary, lines)
+
+
+def fmt_plain(value: float | None) -> str:
+    return "  n/a" if value is None else f"{value:.3f}"
+
+
 EVAL_COMMANDS = {("eval", "voting"): cmd_eval_voting, ("eval", "pruning"): cmd_eval_pruning,
-                 ("eval", "unlearning"): cmd_eval_unlearning, ("eval", "similarity"): cmd_eval_similarity}
+                 ("eval", "unlearning"): cmd_eval_unlearning, ("eval", "similarity"): cmd_eval_similarity,
+                 ("eval", "segmentation"): cmd_eval_segmentation}
