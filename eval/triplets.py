@@ -15,6 +15,10 @@ Two sources:
   test needs no download and the right answer is known. Each strength draws its own noise field
   and square position, so the pair is not nested (the stronger does not contain the weaker): a
   method must judge how much of the image changed, not spot one difference.
+  Kind ``class`` uses the labels instead: A and B are two other images of the collection, one of
+  the reference's class and one of another class, and the same-class one is the answer (a
+  semantic judgement: the pixel baselines are near chance on it, so it is the part that ranks
+  encoders, where the four distortions only check that a method sees them).
 """
 
 from __future__ import annotations
@@ -139,29 +143,46 @@ def distort(x: torch.Tensor, kind: str, level: float, noise: torch.Tensor, box: 
 def synthetic_triplets(url: str, kinds: tuple[str, ...] = KINDS, limit: int | None = 1000, seed: int = 0,
                        progress: bool = True) -> Triplets:
     """Triplets from the images of the collection at ``url`` (``limit`` of them, seeded): each gets
-    one of ``kinds`` at two distinct strengths of ``LEVELS``, in random order; p_b is 1 where B is
-    the weaker one."""
+    one of ``kinds``, a distortion at two distinct strengths of ``LEVELS`` or ``class`` (see the
+    module docstring), in random order; p_b is 1 where B is the closer one."""
     for kind in kinds:
-        if kind not in LEVELS:
+        if kind not in LEVELS and kind != "class":
             raise ValueError(f"unknown distortion {kind!r}; choose from: {', '.join(KINDS)}")
-    images, _ = same_size_images(url, limit, seed)
+    images, labels = same_size_images(url, limit, seed)
+    labels = np.asarray(labels, dtype=object)
+    if "class" in kinds and (any(label is None for label in labels) or len(set(labels)) < 2):
+        raise ValueError(f"{url}: the 'class' triplets need labelled images of at least two classes "
+                         f"(leave 'class' out of the kinds for an unlabelled collection)")
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
     a, b, p_b, chosen = [], [], np.zeros(len(images)), []
     for n in tqdm(range(len(images)), desc="distort", unit="img", disable=not progress):
         kind = kinds[rng.integers(len(kinds))]
-        weak, strong = sorted(rng.choice(len(LEVELS[kind]), 2, replace=False))
-        x = images[n].double() / 255
-        pair = [to_uint8(distort(x, kind, LEVELS[kind][level], torch.randn(x.shape, generator=gen,
-                                                                           dtype=torch.float64),
-                                 tuple(rng.uniform(0.3, 0.7, 2)))) for level in (weak, strong)]
-        if rng.random() < 0.5:               # B is the weaker one
+        same = np.flatnonzero(labels == labels[n]) if kind == "class" else None
+        if kind == "class" and len(same) < 2:
+            kind = next((k for k in kinds if k != "class"), None)
+            if kind is None:
+                raise ValueError(f"{url}: class {labels[n]!r} has one image; 'class' triplets need two a class")
+        if kind == "class":
+            pair = [images[rng.choice(same[same != n])], images[rng.choice(np.flatnonzero(labels != labels[n]))]]
+        else:
+            pair = distorted_pair(images[n], kind, rng, gen)
+        if rng.random() < 0.5:               # B is the closer one
             pair.reverse()
             p_b[n] = 1.0
         a.append(pair[0])
         b.append(pair[1])
         chosen.append(kind)
     return Triplets(images, torch.stack(a), torch.stack(b), p_b, f"synthetic:{url}", chosen)
+
+
+def distorted_pair(image: torch.Tensor, kind: str, rng: np.random.Generator, gen: torch.Generator) -> list:
+    """[the weaker, the stronger] of two random strengths of ``kind`` applied to ``image`` (uint8)."""
+    weak, strong = sorted(rng.choice(len(LEVELS[kind]), 2, replace=False))
+    x = image.double() / 255
+    return [to_uint8(distort(x, kind, LEVELS[kind][level], torch.randn(x.shape, generator=gen,
+                                                                           dtype=torch.float64),
+                                 tuple(rng.uniform(0.3, 0.7, 2)))) for level in (weak, strong)]
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:

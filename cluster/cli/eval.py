@@ -22,13 +22,14 @@ HOLDOUT_HELP = ("without --queries: this seeded random fraction of the memory's 
 
 
 def add_eval_parsers(sub) -> None:
-    group = add_group(sub, "eval", "the papers' evaluations: of a memory (voting rules, pruning, unlearning) and of "
-                                   "an encoder (2AFC similarity, segmentation)")
+    group = add_group(sub, "eval", "the papers' evaluations: of a memory (voting rules, pruning, unlearning, "
+                                   "influence) and of an encoder (2AFC similarity, segmentation)")
     add_voting_parser(group)
     add_pruning_parser(group)
     add_unlearning_parser(group)
     add_similarity_parser(group)
     add_segmentation_parser(group)
+    add_influence_parser(group)
 
 
 def add_memory_options(p: argparse.ArgumentParser) -> None:
@@ -92,8 +93,8 @@ def add_unlearning_parser(group) -> None:
                                 "memory's trained index; checks that for every query both give the same ids, labels "
                                 "and similarities and no removed item; reports accuracy before and after on the "
                                 "forgotten class (random: the queries a removed item was a neighbour of) and the "
-                                "rest. Removing the most influential items comes with `vismem eval influence` (not "
-                                "yet). Writes OUT/unlearning.json and unlearning.png; when the answers differ it says so and exits with status 2.",
+                                "rest. (Removing the most influential items, listed by `vismem eval influence`, is "
+                                "not wired here yet.) Writes OUT/unlearning.json and unlearning.png; when the answers differ it says so and exits with status 2.",
                     epilog="examples:\n"
                            "  vismem eval unlearning --memory s3://bucket/mem --queries s3://bucket/test-emb "
                            "--forget class:cat --out runs/u\n"
@@ -116,6 +117,26 @@ ENCODER_HELP = ("an encoder to evaluate, as `vismem encoder eval-knn --encoder` 
                 "random-init:PRESET[:SEED] or raw-pixels:SIZE; repeat it to compare several in one run")
 
 
+def add_influence_parser(group) -> None:
+    p = add_command(group, "influence", "identifiable memory items: those whose removal flips some query's decision",
+                    description="An item is identifiable when removing it (so the (k+1)-th neighbour enters) "
+                                "changes some query's decision. Exact from one search at k+1: for each query and "
+                                "each of its k neighbours, the vote without that neighbour. Also the count "
+                                "against k for --ks from the same search. JSON keys: identifiable (a count), "
+                                "identifiable_fraction (of the memory's items); OUT/influence.json lists every "
+                                "identifiable id with its URI and how many queries it flips. Writes "
+                                "OUT/influence.json and influence.png.",
+                    epilog="examples:\n"
+                           "  vismem eval influence --memory s3://bucket/mem --queries s3://bucket/test-emb --out runs/i\n"
+                           "  vismem eval influence --memory mem/ --holdout 0.1 -k 20 --out runs/i --json\n")
+    add_memory_options(p)
+    add_k(p, 20)
+    p.add_argument("--rule", default="softmax", choices=RULES, help="voting rule of the decisions")
+    p.add_argument("--temperature", type=float, default=0.07, help="softmax T")
+    p.add_argument("--alpha", type=float, default=2.0, help="rank α")
+    p.add_argument("--ks", default="1,5,10,20,50", help="comma-separated ks of the plotted sweep")
+
+
 def add_similarity_parser(group) -> None:
     p = add_command(group, "similarity", "2AFC agreement with human similarity judgements (NIGHTS, or synthetic)",
                     description="For each triplet (reference, distortion A, distortion B, the share of judges who "
@@ -125,7 +146,9 @@ def add_similarity_parser(group) -> None:
                                 "--nights ROOT (data.csv with ref/ and distort/, as NIGHTS unpacks; DreamSim's "
                                 "filter: --split test, --min-votes 6), or --synthetic URL: any collection of "
                                 "same-size images, each distorted twice by one kind at two strengths, where the "
-                                "weaker is the right answer. JSON key: agreement ({method: fraction}). Writes "
+                                "weaker is the right answer, or (kind 'class', from the labels) shown beside "
+                                "another image of its class and one of another class, where the same class is the "
+                                "right answer: the semantic part that ranks encoders. JSON key: agreement ({method: fraction}). Writes "
                                 "OUT/similarity.json and similarity.png.",
                     epilog="examples:\n"
                            "  vismem eval similarity --synthetic cifar10/test.parquet --limit 2000 --encoder "
@@ -325,6 +348,22 @@ def fmt_plain(value: float | None) -> str:
     return "  n/a" if value is None else f"{value:.3f}"
 
 
+def cmd_eval_influence(args) -> dict:
+    from eval.influence import InfluenceConfig, run
+    check_positive(args, "temperature", "alpha")
+    cfg = InfluenceConfig(**memory_fields(args), k=args.k, rule=args.rule, temperature=args.temperature,
+                          alpha=args.alpha, ks=tuple(parse_ints(args.ks, "--ks")))
+    as_json = args.json
+    summary = run(cfg, record_printer(args))
+    lines = [f"k={p['k']:<4d} identifiable {p['identifiable']:7d} ({100 * p['identifiable_fraction']:.3f}% of the "
+             f"memory), {p['queries_flippable']} queries flippable, top-1 {fmt(p['accuracy'])}" for p in summary["sweep"]]
+    lines.append(f"at k={summary['k']} ({summary['rule']}): {summary['identifiable']} of {summary['memory_items']} "
+                 f"items identifiable ({100 * summary['identifiable_fraction']:.3f}%), over {summary['query_count']} "
+                 f"queries ({summary['queries']})")
+    summary = {key: value for key, value in summary.items() if key != "identifiable_items"}     # in the JSON file
+    return finish(args, as_json, summary, lines)
+
+
 EVAL_COMMANDS = {("eval", "voting"): cmd_eval_voting, ("eval", "pruning"): cmd_eval_pruning,
                  ("eval", "unlearning"): cmd_eval_unlearning, ("eval", "similarity"): cmd_eval_similarity,
-                 ("eval", "segmentation"): cmd_eval_segmentation}
+                 ("eval", "segmentation"): cmd_eval_segmentation, ("eval", "influence"): cmd_eval_influence}

@@ -15,6 +15,7 @@ from PIL import Image
 
 from cluster.cli import main
 from eval.image_metrics import gaussian_window, psnr, ssim
+from eval.readable import same_size_images
 from eval.similarity import SimilarityConfig, agreement, run
 from eval.triplets import read_nights, synthetic_triplets
 from procdata.generators.registry import generate
@@ -108,6 +109,18 @@ def test_synthetic_triplets_have_the_weaker_distortion_as_the_answer(scenes):
         synthetic_triplets(scenes, ("swirl",), progress=False)
 
 
+def test_class_triplets_put_an_image_of_the_references_class_against_another(scenes):
+    triplets = synthetic_triplets(scenes, ("class",), limit=None, seed=1, progress=False)
+    images, labels = same_size_images(scenes)
+    label_of = {bytes(image.numpy()): label for image, label in zip(images, labels)}
+    assert len(label_of) == 60 and set(triplets.kinds) == {"class"}
+    for n in range(len(triplets)):
+        closer, other = (triplets.b[n], triplets.a[n]) if triplets.p_b[n] == 1 else (triplets.a[n], triplets.b[n])
+        own = label_of[bytes(triplets.ref[n].numpy())]
+        assert label_of[bytes(closer.numpy())] == own != label_of[bytes(other.numpy())]
+        assert not torch.equal(closer, triplets.ref[n])
+
+
 def test_the_command_compares_encoders_and_baselines(scenes, tmp_path, capsys):
     assert main(["eval", "similarity", "--synthetic", scenes, "--limit", "30", "--encoder", "raw-pixels:16",
                  "--encoder", "random-init:tiny-cpu", "--out", str(tmp_path), "--json"]) == 0
@@ -115,7 +128,7 @@ def test_the_command_compares_encoders_and_baselines(scenes, tmp_path, capsys):
     summary = json.loads(lines[-1])
     assert set(summary["agreement"]) == {"psnr", "ssim", "raw-pixels:16", "random-init:tiny-cpu"}
     assert all(0.5 < v <= 1 for v in summary["agreement"].values())
-    assert set(summary["by_kind"]["psnr"]) <= {"noise", "blur", "contrast", "occlusion"}
+    assert set(summary["by_kind"]["psnr"]) <= {"noise", "blur", "contrast", "occlusion", "class"}
     assert json.loads(lines[0])["method"] == "psnr" and summary["triplet_count"] == 30
     assert open(summary["plots"]["agreement"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert json.load(open(tmp_path / "similarity.json"))["agreement"] == summary["agreement"]
