@@ -52,19 +52,16 @@ def decide(found, columns: np.ndarray | slice, cfg: InfluenceConfig) -> np.ndarr
 
 
 def flips(found, k: int, cfg: InfluenceConfig) -> tuple[np.ndarray, np.ndarray]:
-    """(decisions at k [n], flipped [n, k]: removing neighbour j of query i changes its decision)."""
+    """(decisions at k [n], flipped [n, k]: removing neighbour j of query i changes its decision).
+    Without neighbour j the vote is on the other k - 1 and the (k+1)-th, where the search has one."""
     n, available = found.ids.shape
     k = min(k, available)
     base = decide(found, slice(0, k), cfg)
+    width = min(k + 1, available)
     flipped = np.zeros((n, k), dtype=bool)
-    if available <= k:                               # no (k+1)-th neighbour: a removal leaves k - 1
-        for j in range(k):
-            keep = np.array([c for c in range(k) if c != j])
-            flipped[:, j] = decide(found, np.broadcast_to(keep, (n, k - 1)), cfg) != base
-        return base, flipped & (found.ids[:, :k] >= 0)
     for j in range(k):
-        keep = np.array([c for c in range(k + 1) if c != j])
-        flipped[:, j] = decide(found, np.broadcast_to(keep, (n, k)), cfg) != base
+        keep = np.array([c for c in range(width) if c != j])
+        flipped[:, j] = decide(found, np.broadcast_to(keep, (n, len(keep))), cfg) != base
     return base, flipped & (found.ids[:, :k] >= 0)
 
 

@@ -112,6 +112,7 @@ def run(cfg: SimilarityConfig, emit: Callable[[dict], None] = print) -> dict:
     summary = {"evaluation": "similarity", "triplets": triplets.source, "triplet_count": len(triplets),
                "agreement": scores, "best": {"method": best, "agreement": scores[best]},
                "by_kind": by_kind or None, "config": asdict(cfg),
+               "kind_counts": {k: int((kinds == k).sum()) for k in cfg.kinds} if kinds is not None else None,
                "human_ceiling": rounded(float(np.maximum(triplets.p_b, 1 - triplets.p_b).mean()))}
     summary["plots"] = {"agreement": plot(summary, cfg.out)}
     summary["report"] = write_report(cfg.out, "similarity", summary)
