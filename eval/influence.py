@@ -10,8 +10,8 @@ each of its k neighbours ``index.voting.vote`` decides without it, with the samp
 as ``VisualMemory.classify`` votes. A sweep over k comes from the same search at the largest
 k + 1. Queries are labelled embeddings or a held-out split of the memory (``eval.memory_eval``);
 labels are not needed for the flips, only for the accuracy reported beside them. Writes
-``OUT/influence.json`` (every identifiable id with its URI and the queries it flips) and
-``influence.png``.
+``OUT/influence.json`` (every identifiable id with its URI, how many queries it flips and the
+first five of them) and ``influence.png``.
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def run(cfg: InfluenceConfig, emit: Callable[[dict], None] = print) -> dict:
         if k == min(cfg.k, len(memory)):
             headline = (point, items)
     point, items = headline
-    listed = [{"id": item, "uri": uri, "flips": len(qs), "queries": qs[:20]}
+    listed = [{"id": item, "uri": uri, "flips": len(qs), "queries": qs[:5]}
               for item, (uri, qs) in sorted(items.items(), key=lambda kv: (-len(kv[1][1]), kv[0]))]
     summary = {"evaluation": "influence", "memory": cfg.memory, "queries": queries.source,
                "memory_items": len(memory), "query_count": int(len(truth)), "k": point["k"], "rule": cfg.rule,

@@ -210,8 +210,9 @@ def plot_scores(summary: dict, out: str) -> str:
         values = [summary[m][spec] if summary[m][spec] is not None else np.nan for m in METRICS]
         ax.bar(np.arange(len(METRICS)) + (e - (len(encoders) - 1) / 2) * width, values, width, label=spec)
     ax.set_xticks(np.arange(len(METRICS)), ["PCA R²", "mIoU", "pixel acc.", "foreground acc."])
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=7)
+    ax.set_ylim(0, 1.25)
+    ax.set_yticks(np.linspace(0, 1, 6))
+    ax.legend(fontsize=7, loc="upper center", ncol=2)
     return save_figure(fig, out, "segmentation")
 
 

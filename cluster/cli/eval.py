@@ -163,8 +163,9 @@ def add_similarity_parser(group) -> None:
     p.add_argument("--encoder", action="append", default=None, help=ENCODER_HELP + " (default: raw-pixels:32)")
     p.add_argument("--baselines", default="psnr,ssim", help="comma-separated pixel baselines: psnr, ssim ('' none)")
     p.add_argument("--kinds", default=",".join(KINDS), help="synthetic distortions, comma-separated")
-    p.add_argument("--limit", type=int, default=1000,
-                   help="synthetic: images used (a seeded random subset); NIGHTS: the first N triplets (0: all)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="synthetic: images used, a seeded random subset (default 1000); NIGHTS: the first N "
+                        "triplets (default: all); 0: all")
     p.add_argument("--size", type=int, default=64, help="NIGHTS: images are resized to SIZE px on reading")
     p.add_argument("--split", default="test", help="NIGHTS: the split column's value to keep ('' keeps all)")
     p.add_argument("--min-votes", type=int, default=6, help="NIGHTS: keep triplets with this many votes or more")
@@ -309,11 +310,12 @@ def fmt(value: float | None) -> str:
 def cmd_eval_similarity(args) -> dict:
     from eval.similarity import SimilarityConfig, run
     check_positive(args, "size", "batch_size")
-    if args.limit < 0:
+    if args.limit is not None and args.limit < 0:
         raise ValueError(f"--limit must be 0 (all) or more, got {args.limit}")
+    limit = (1000 if args.synthetic else None) if args.limit is None else args.limit or None
     cfg = SimilarityConfig(out=args.out, nights=args.nights, synthetic=args.synthetic,
                            encoders=tuple(args.encoder or ("raw-pixels:32",)), baselines=names(args.baselines),
-                           kinds=names(args.kinds), limit=args.limit or None, size=args.size,
+                           kinds=names(args.kinds), limit=limit, size=args.size,
                            split=args.split or None, min_votes=args.min_votes, batch_size=args.batch_size,
                            seed=args.seed, device=args.device)
     as_json = args.json
