@@ -3,11 +3,13 @@ serve.yaml``, ``serve deploy serve.yaml`` and a KubeRay RayService's ``serveConf
 
 The config names ``cluster.serve_app:app_builder`` with the memory's ``ServeArgs`` and one entry per
 deployment the app has (the Router, and a ``ShardSearcher-N`` per shard unless colocated) with
-their health checks, so an operator tunes them in the file. It is checked before it is written:
-with Serve's own ``ServeDeploySchema``; for unknown keys, which Serve's models drop silently (a
-misspelt ``num_replica:`` would pass and do nothing), by ``unknown_keys`` against the models'
-fields; and by building the app from the config's import path and args (no cluster needed) to see
-that every deployment it names exists.
+their health checks and, if asked, Serve autoscaling of each shard's searchers between a minimum
+and a maximum of replicas, so an operator tunes them in the file. It is checked before it is
+written: with Serve's own ``ServeDeploySchema``; for unknown keys, which Serve's models drop
+silently (a misspelt ``num_replica:`` would pass and do nothing), by ``unknown_keys`` against the
+models' fields; by building the app from the config's import path and args (no cluster needed) to
+see that every deployment it names exists; and by laying the config's deployment options over the
+built app's with Serve's own ``override_deployment_info``, as Serve's controller does on deploy.
 
 Ray and the builder (FAISS, FastAPI) are imported inside the functions on purpose: the CLI imports
 this module for ``--config-out`` only.
@@ -24,15 +26,33 @@ import yaml
 
 IMPORT_PATH = "cluster.serve_app:app_builder"
 HEALTH_CHECK = {"health_check_period_s": 10.0, "health_check_timeout_s": 30.0}
+# Each query is one request to every shard; a replica batches 16 of them per FAISS search.
+AUTOSCALING = {"target_ongoing_requests": 16, "upscale_delay_s": 30.0, "downscale_delay_s": 300.0}
+
+
+def shard_entry(n: int, args, autoscale: tuple[int, int] | None) -> dict:
+    """The config's entry for ShardSearcher-``n``: health checks, and Serve autoscaling between
+    ``autoscale`` (min, max) replicas starting at ``args.replicas`` (clamped), or None: the code's
+    fixed ``args.replicas``."""
+    entry = {"name": f"ShardSearcher-{n}", **HEALTH_CHECK}
+    if autoscale:
+        low, high = autoscale
+        entry.update(num_replicas="auto", autoscaling_config={     # "auto": Serve's defaults under these
+            "min_replicas": low, "initial_replicas": min(max(args.replicas, low), high), "max_replicas": high,
+            **AUTOSCALING})
+    return entry
 
 
 def serve_config(args, shards: int, name: str = "vismem", route_prefix: str = "/", host: str = "0.0.0.0",
-                 port: int = 8000) -> dict:
+                 port: int = 8000, autoscale: tuple[int, int] | None = None) -> dict:
     """The Serve config (a dict) serving ``args`` (``cluster.serve_app.ServeArgs``) of a memory of
-    ``shards`` shards: HTTP on ``host:port``, the app at ``route_prefix``."""
+    ``shards`` shards: HTTP on ``host:port``, the app at ``route_prefix``; ``autoscale``: (min, max)
+    replicas of each shard's searchers, autoscaled by Serve."""
+    if autoscale and args.colocate:
+        raise ValueError("autoscale: colocated shards have no replicas of their own to scale")
     deployments = [{"name": "Router", "num_replicas": 1, **HEALTH_CHECK}]     # one Router: the memory's one writer
     if not args.colocate:
-        deployments += [{"name": f"ShardSearcher-{n}", **HEALTH_CHECK} for n in range(shards)]
+        deployments += [shard_entry(n, args, autoscale) for n in range(shards)]
     return {"proxy_location": "EveryNode",
             "http_options": {"host": host, "port": port},
             "applications": [{"name": name, "route_prefix": route_prefix, "import_path": IMPORT_PATH,
@@ -106,10 +126,26 @@ def build_from(application: dict, token: bool = True):
     return call_user_app_builder_with_args_if_necessary(builder, args)
 
 
+def deployed(application: dict, app) -> dict:
+    """{name: DeploymentInfo} of the built ``app`` with the config ``application``'s deployment
+    options laid over the code's by Serve's own ``override_deployment_info``, as its controller does."""
+    from ray.serve._private.application_state import override_deployment_info   # Ray: lazy
+    from ray.serve._private.config import ReplicaConfig                          # Ray: lazy
+    from ray.serve._private.deployment_info import DeploymentInfo                # Ray: lazy
+    from ray.serve.schema import ServeApplicationSchema                          # Ray: lazy
+    infos = {d.name: DeploymentInfo(         # the replica configs as the controller receives them: serialized
+        deployment_config=d._deployment_config, start_time_ms=0, deployer_job_id="offline",
+        replica_config=ReplicaConfig.from_proto_bytes(d._replica_config.to_proto_bytes(),
+                                                      d._deployment_config.needs_pickle()))
+        for d in app.deployments}
+    return override_deployment_info(infos, ServeApplicationSchema.model_validate(application))
+
+
 def check_serve_config(config: dict, build: bool = True):
     """``config`` as Serve's ``ServeDeploySchema``; ValueError naming every unknown key, bad arg, and
     (``build``: the app built from each application's import path and args, here, without the
-    token) every deployment the config names that the app does not have."""
+    token) every deployment the config names that the app does not have, or whose options Serve
+    cannot lay over the code's."""
     from ray.serve._private.build_app import build_app as serve_build    # Ray: lazy
     from ray.serve.schema import ServeDeploySchema                       # Ray: lazy
 
@@ -126,6 +162,11 @@ def check_serve_config(config: dict, build: bool = True):
             problems += [f"applications[{n}] ({application['name']}) names deployment {d['name']!r}, which its "
                          f"app does not have (it has {sorted(built)})"
                          for d in application.get("deployments", []) if d["name"] not in built]
+            if not problems:
+                try:
+                    deployed(application, app)
+                except (ValueError, TypeError) as e:             # pydantic's ValidationError is a ValueError
+                    problems.append(f"applications[{n}] ({application['name']}): {e}")
     if problems:
         raise ValueError("Serve config: " + "; ".join(problems))
     return schema

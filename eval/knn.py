@@ -18,13 +18,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from eval.readable import readable_images
+from eval.sweeps import K_SWEEP
 from index.exact import exact_search
 from index.ingest.collections import list_partitions
 from index.voting import RULES, neighbour_weights, vote
 
 log = logging.getLogger("vismem.eval.knn")
-
-K_SWEEP = (1, 2, 5, 10, 20, 50, 100, 200)
 
 
 def knn_accuracy(memory: np.ndarray, memory_labels, queries: np.ndarray, query_labels, k: int = 10,

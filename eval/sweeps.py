@@ -1,6 +1,8 @@
-"""The default grids of the evaluations' sweeps and choices (``eval.voting``, ``eval.pruning``,
-``eval.triplets``), in a module of their own so that ``vismem eval --help`` shows them without
-importing FAISS or torch."""
+"""The default grids of the evaluations' sweeps and choices (``eval.knn``, ``eval.voting``,
+``eval.pruning``, ``eval.triplets``), in a module of their own so that ``vismem --help`` shows them
+without importing FAISS or torch."""
+
+K_SWEEP = (1, 2, 5, 10, 20, 50, 100, 200)                      # eval-knn: the ks of one kNN sweep
 
 KS = (1, 2, 3, 5, 10, 20, 30, 50, 100)                          # neighbours that vote
 TEMPERATURES = (0.01, 0.02, 0.05, 0.07, 0.1, 0.2, 0.5, 1.0)     # softmax T

@@ -12,7 +12,7 @@ from cluster.cli.common import add_command, add_common, add_k, check_positive, p
 def add_demo_parser(sub) -> None:
     from cluster.demo import DemoConfig
     from encoder.config import PRESETS
-    from procdata.generators import GENERATORS
+    from procdata.catalog import GENERATOR_NAMES as GENERATORS   # names only: no torch for --help
     d = DemoConfig()
     demo = add_command(
         sub, "demo", "run the main job end to end on the embedded defaults",

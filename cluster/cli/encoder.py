@@ -15,8 +15,8 @@ from cluster.cli.common import (add_command, add_common, add_device, add_group, 
 def add_encoder_parsers(sub) -> None:
     # long on purpose: one declarative argparse block per command, read top to bottom like its --help
     from encoder.config import PRESETS, READOUTS
-    from eval.knn import K_SWEEP
-    from procdata.generators import GENERATORS
+    from eval.sweeps import K_SWEEP
+    from procdata.catalog import GENERATOR_NAMES as GENERATORS   # names only: no torch for --help
     enc = add_group(sub, "encoder", "train, evaluate and benchmark encoders")
     train = add_command(enc, "train", "DINO on procedural data in Ray Train (resumes from the last checkpoint)",
                         epilog="examples:\n"

@@ -14,7 +14,7 @@ from cluster.cli.common import (add_command, add_common, add_device, add_group, 
 
 
 def add_procdata_parsers(sub) -> None:
-    from procdata.generators import GENERATORS
+    from procdata.catalog import GENERATOR_NAMES as GENERATORS   # names only: no torch for --help
     proc = add_group(sub, "procdata", "procedural images: write shards, preview, benchmark")
     gen = add_command(proc, "generate", "write a procedural data set as Parquet shards with Ray actors (resumable)",
                       epilog="examples:\n"

@@ -6,6 +6,8 @@ torch they do not use (see ``cluster.cli``).
 
 from __future__ import annotations
 
+import argparse
+
 from cluster.cli.common import add_command, add_common, add_k, add_nprobe, check_positive, stop_on_signals
 
 
@@ -27,6 +29,11 @@ def add_serve_parser(sub) -> None:
                        help="hold every shard in the Router's own process: no hop between the Router and the "
                             "shards, the lowest latency for a memory that fits one node's RAM; no shard replicas "
                             "(--replicas) and no partial answers: the Router answers from all shards or fails")
+    serve.add_argument("--ingress", choices=("proxy", "direct"), default="proxy",
+                       help="proxy (default): Serve's HTTP proxy takes each request and hands it to the Router; "
+                            "direct: the Router's replica answers HTTP on --port itself, one hop fewer (README "
+                            "\"Serving\" has the figures), through Ray 2.60's experimental direct ingress: for the "
+                            "local Ray vismem starts, not with --address or --config-out")
     serve.add_argument("--token-file", default=None, metavar="PATH",
                        help="file holding the bearer token that /v1/memory/add and /v1/memory/remove need "
                             "(default: $VISMEM_TOKEN; with neither, editing over HTTP is off)")
@@ -35,10 +42,25 @@ def add_serve_parser(sub) -> None:
                             "PATH`, `serve deploy PATH` or a RayService's serveConfigV2) and exit without serving; "
                             "the token is named, never written: --token-file's path, else $VISMEM_TOKEN, read "
                             "where the app is built")
+    serve.add_argument("--autoscale", default=None, metavar="MIN:MAX", type=replica_range,
+                       help="with --config-out: Serve autoscales each shard's searchers between MIN and MAX "
+                            "replicas (starting at --replicas, clamped), by the requests in flight per replica "
+                            "(default: the fixed --replicas)")
     add_common(serve)
     actions = serve.add_subparsers(dest="action", metavar="ACTION", required=False)
     add_serve_bench_parser(actions)
     add_serve_faults_parser(actions)
+
+
+def replica_range(text: str) -> tuple[int, int]:
+    """``MIN:MAX`` replicas, 0 ≤ MIN ≤ MAX, MAX ≥ 1 (argparse prints the error with the option)."""
+    low, sep, high = text.partition(":")
+    if not sep or not low.strip().isdigit() or not high.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not MIN:MAX, e.g. 1:4")
+    low, high = int(low), int(high)
+    if low > high or high < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: need 0 <= MIN <= MAX and MAX >= 1")
+    return low, high
 
 
 def add_serve_bench_parser(actions) -> None:
@@ -72,6 +94,9 @@ def add_serve_bench_parser(actions) -> None:
     bench.add_argument("--layout", choices=(*d.layouts, "both"), default="both",
                        help="for an app started here: the shards as ShardSearcher deployments, colocated in the "
                             "Router's process (vismem serve --colocate), or both side by side in the same run")
+    bench.add_argument("--ingress", choices=("proxy", "direct"), default=d.ingress,
+                       help="for an app started here: HTTP through Serve's proxy, or answered by the Router replica "
+                            "itself (vismem serve --ingress direct; a local Ray only)")
     add_common(bench)
 
 
@@ -120,21 +145,31 @@ def add_client_parsers(sub) -> None:
 
 
 def cmd_serve(args) -> dict:
+    import os
     import time
 
-    from cluster.runtime import ray_session
-    from index.serve import start
+    from cluster.runtime import named_cluster, ray_session
+    from index.serve import direct_ingress_env, start
     from index.serve.auth import token_digest
     check_positive(args, "port", "replicas", "shard_timeout")
     if args.memory is None:
         raise ValueError("--memory is required: the URL of the memory to serve (or `vismem serve bench ...`)")
+    if args.ingress == "direct" and (args.config_out or named_cluster(args.address)):
+        raise ValueError("--ingress direct is set in the environment of the Ray that vismem serve starts; a cluster "
+                         "(--address, RAY_ADDRESS) or a Serve config (--config-out) must have its nodes started "
+                         "under that environment instead: serve them with the default proxy ingress")
     if args.config_out:
         return write_config(args)
+    if args.autoscale:
+        raise ValueError("--autoscale goes with --config-out (Serve autoscaling from a config file); "
+                         "`vismem serve` itself serves --replicas fixed replicas")
     digest = token_digest(args.token_file)
+    if args.ingress == "direct":
+        os.environ.update(direct_ingress_env(args.port))           # before Ray starts: its processes read it
     with ray_session(args.address, serve_too=True):        # on the way out, Stopped included: Serve, then Ray
         stop_on_signals("Serve and Ray shut down")
         start(args.memory, host=args.host, port=args.port, replicas=args.replicas, shard_timeout_s=args.shard_timeout,
-              token_digest=digest, mmap=args.mmap, colocate=args.colocate)
+              token_digest=digest, mmap=args.mmap, colocate=args.colocate, ingress=args.ingress)
         print(f"serving {args.memory}: the page at http://{args.host}:{args.port}/ (API: POST /v1/classify, "
               f"/v1/search; GET /v1/info, /docs; editing "
               f"{'on: /v1/memory/add, /v1/memory/remove, /v1/memory/rollback' if digest else 'off (no token)'}); "
@@ -150,7 +185,8 @@ def write_config(args) -> dict:
     token = {"token_file": args.token_file} if args.token_file else {"token_env": "VISMEM_TOKEN"}
     served = ServeArgs(memory=args.memory, replicas=args.replicas, shard_timeout_s=args.shard_timeout,
                        mmap=args.mmap, colocate=args.colocate, **token)
-    config = serve_config(served, len(read_manifest(args.memory).shards), host=args.host, port=args.port)
+    config = serve_config(served, len(read_manifest(args.memory).shards), host=args.host, port=args.port,
+                          autoscale=args.autoscale)
     write_serve_config(args.config_out, config)
     print(f"wrote {args.config_out}: serve {args.memory} with `serve run {args.config_out}` or `serve deploy "
           f"{args.config_out}` (HTTP on {args.host}:{args.port}; editing token from "
@@ -159,17 +195,25 @@ def write_config(args) -> dict:
 
 
 def cmd_serve_bench(args) -> dict:
+    import os
+
     from cluster.cli.common import record_printer
-    from cluster.runtime import ray_session
+    from cluster.runtime import named_cluster, ray_session
     from index.bench.serve_bench import ServeBenchConfig, run
+    from index.serve import direct_ingress_env, free_port
     d = ServeBenchConfig()
     check_positive(args, "synthetic", "dim", "shards", "singles", "clients", "seconds", "batch", "batches", "k")
     cfg = ServeBenchConfig(url=args.url, memory=args.bench_memory, synthetic=args.synthetic, dim=args.dim,
                            shards=args.shards, singles=args.singles, clients=args.clients, seconds=args.seconds,
                            batch=args.batch, batches=args.batches, k=args.k, workdir=args.workdir,
-                           layouts=d.layouts if args.layout == "both" else (args.layout,))
+                           layouts=d.layouts if args.layout == "both" else (args.layout,), ingress=args.ingress)
     if args.url:
         return run(cfg, record_printer(args))
+    if cfg.ingress == "direct":
+        if named_cluster(args.address):
+            raise ValueError("--ingress direct needs the local Ray this bench starts, not --address / RAY_ADDRESS")
+        cfg.port = free_port()                                   # one port an app, from this one up
+        os.environ.update(direct_ingress_env(cfg.port, ports=len(cfg.layouts)))
     with ray_session(args.address, serve_too=True):
         return run(cfg, record_printer(args))
 

@@ -4,7 +4,9 @@ Against a running app (``url``), or one this process starts over ``memory`` (or 
 synthetic memory it builds first, ``synthetic`` vectors): single queries one after another
 (p50 / p99), ``clients`` concurrent clients for ``seconds`` (queries/s, p50 / p99), and batches of
 ``batch`` vectors (vectors/s), over HTTP and, when this process started the app, through a Serve
-handle to the Router (no HTTP). The same queries go to the memory opened in this process
+handle to the Router (no HTTP). With ``ingress="direct"`` (Ray started under
+``index.serve.direct_ingress_env``) the Router replica answers HTTP itself (``http``) and Serve's
+proxy still answers the same app (``http_proxy``), both in the same run. The same queries go to the memory opened in this process
 (``VisualMemory``) and to bare FAISS (each shard's index searched at the same nprobe, no merge),
 so every figure has its floor measured in the same run on the same (shared, noisy) machine.
 
@@ -55,6 +57,8 @@ class ServeBenchConfig:
     workdir: str | None = None
     seed: int = 0
     layouts: tuple[str, ...] = LAYOUTS  # of an app started here: ShardSearcher deployments, or shards in the Router
+    ingress: str = "proxy"              # of an app started here: Serve's proxy, or the Router replica's own HTTP
+    port: int | None = None             # direct ingress: the first app's port (Ray started under direct_ingress_env)
 
 
 def percentiles(seconds) -> dict:
@@ -144,14 +148,23 @@ def build_synthetic(cfg: ServeBenchConfig, work: str, emit) -> str:
     return f"{work}/mem"
 
 
-def start_app(memory_url: str, layouts: tuple[str, ...]) -> dict[str, tuple[str, object]]:
-    """Serve ``memory_url`` once per layout on one free loopback port (one Serve proxy, a route
-    prefix each); {layout: (base URL, the Router's handle)}."""
-    from index.serve import free_port, start                    # Ray Serve: see the module docstring
-    port = free_port()
-    return {layout: (f"http://127.0.0.1:{port}/{layout}",
-                     start(memory_url, port=port, name=f"{APP}-{layout}", route_prefix=f"/{layout}",
-                           colocate=layout == "colocated")) for layout in layouts}
+def start_app(memory_url: str, cfg: ServeBenchConfig) -> dict[str, tuple[list[str], object]]:
+    """Serve ``memory_url`` once per layout, a route prefix each, on one free loopback port (one
+    Serve proxy); with direct ingress also on the ports from ``cfg.port`` up, one an app, in order,
+    so that each app answers both ways in the same run. {layout: ([URL, ...], the Router's handle)},
+    the URL its replica answers first."""
+    from ray import serve                                       # Ray Serve: see the module docstring
+
+    from index.serve import free_port, start
+    direct, proxy = cfg.ingress == "direct", free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": proxy})      # start() below keeps this proxy
+    apps = {}
+    for n, layout in enumerate(cfg.layouts):
+        at = cfg.port + n if direct else proxy
+        handle = start(memory_url, port=at, name=f"{APP}-{layout}", route_prefix=f"/{layout}", ingress=cfg.ingress,
+                       colocate=layout == "colocated")
+        apps[layout] = ([f"http://127.0.0.1:{port}/{layout}" for port in dict.fromkeys((at, proxy))], handle)
+    return apps
 
 
 def run(cfg: ServeBenchConfig, emit=print) -> dict:
@@ -169,13 +182,14 @@ def run(cfg: ServeBenchConfig, emit=print) -> dict:
             return measure(cfg, cfg.url, {"http": Http(cfg.url, cfg.k).search}, VisualMemory, emit)
         apps = {}
         try:
-            apps = start_app(memory_url, cfg.layouts)
+            apps = start_app(memory_url, cfg)
             served = {}
-            for layout, (url, handle) in apps.items():
+            for layout, (urls, handle) in apps.items():
                 suffix = "" if layout == "shards" else f"_{layout}"
-                served[f"http{suffix}"] = Http(url, cfg.k).search
+                for url, way in zip(urls, ("http", "http_proxy")):
+                    served[f"{way}{suffix}"] = Http(url, cfg.k).search
                 served[f"handle{suffix}"] = handle_search(handle, cfg.k)
-            return measure(cfg, next(iter(apps.values()))[0], served, VisualMemory, emit)
+            return measure(cfg, next(iter(apps.values()))[0][0], served, VisualMemory, emit)
         finally:
             from ray import serve
             for layout in apps:
@@ -230,7 +244,8 @@ def measure(cfg: ServeBenchConfig, url: str, served: dict, VisualMemory, emit) -
         for q in queries[:20]:
             search(q[None])
     summary = {"memory": info["memory"], "vectors": info["count"], "shards": len(info["shards"]),
-               "factory": info["factory"], "nprobe": info["search"].get("nprobe"), "recall": info["recall"], "k": cfg.k}
+               "ingress": None if cfg.url else cfg.ingress, "factory": info["factory"],
+               "nprobe": info["search"].get("nprobe"), "recall": info["recall"], "k": cfg.k}
     emit({"what": "memory", **summary})
     singles = {}
     for name, search in paths.items():

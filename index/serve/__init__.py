@@ -25,6 +25,6 @@ HTTP API (JSON; the unversioned paths of the first three are kept as aliases):
 """
 
 from index.serve.api import Limits
-from index.serve.deployments import Router, ShardSearcher, build_app, free_port, start
+from index.serve.deployments import Router, ShardSearcher, build_app, direct_ingress_env, free_port, start
 
-__all__ = ["Limits", "Router", "ShardSearcher", "build_app", "free_port", "start"]
+__all__ = ["Limits", "Router", "ShardSearcher", "build_app", "direct_ingress_env", "free_port", "start"]

@@ -16,8 +16,11 @@ which memory is wrong.
 
 import asyncio
 import logging
+import os
 import re
 import socket
+import time
+import urllib.request
 from types import SimpleNamespace
 from typing import Annotated
 
@@ -430,17 +433,38 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(memory_url: str, host: str = "127.0.0.1", port: int = 8000, name: str = "vismem", route_prefix: str = "/",
-          **kwargs):
-    """Start Serve's HTTP proxy on ``host:port`` and deploy the app; returns the Router handle.
+def direct_ingress_env(port: int, ports: int = 1) -> dict[str, str]:
+    """The environment under which Serve's direct ingress (Ray 2.60) gives the Router replica its own
+    HTTP server on ``port`` (the next ``ports - 1`` for further apps, in deployment order): no proxy
+    actor in a query's path (docs/ARCHITECTURE.md §6). Ray reads it as its processes start. With no
+    load balancer in front, nothing needs a drain or a port quarantine: one second, and none."""
+    return {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + ports), "RAY_SERVE_PORT_QUARANTINE_S": "0",
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
 
-    ``kwargs`` go to ``build_app``. Raises ValueError with the failing replica's own message when
-    a deployment cannot start (and removes the half-deployed app, unless it replaced a running one).
+
+def start(memory_url: str, host: str = "127.0.0.1", port: int = 8000, name: str = "vismem", route_prefix: str = "/",
+          ingress: str = "proxy", **kwargs):
+    """Start Serve and deploy the app answering HTTP on ``host:port``; returns the Router handle.
+
+    ``ingress="proxy"``: Serve's HTTP proxy binds the port and forwards to the Router replica;
+    ``"direct"``: the Router replica binds it, under a Ray started with ``direct_ingress_env(port)``
+    (``vismem serve --ingress direct``); Serve's head proxy gets a free port. ``kwargs`` go to
+    ``build_app``. Raises ValueError with the failing replica's own message when a deployment
+    cannot start (and removes the half-deployed app, unless it replaced a running one).
     """
-    serve.start(http_options={"host": host, "port": port})
+    if ingress not in ("proxy", "direct"):
+        raise ValueError(f"unknown ingress {ingress!r}; choose 'proxy' or 'direct'")
+    env = os.environ
+    low, high = (int(env.get(f"RAY_SERVE_DIRECT_INGRESS_{end}_HTTP_PORT", 0)) for end in ("MIN", "MAX"))
+    if ingress == "direct" and (env.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") != "1" or not low <= port < high):
+        raise ValueError(f"direct ingress on port {port} needs Ray started under direct_ingress_env({port}) (as "
+                         f"vismem serve --ingress direct starts it); here: direct ingress "
+                         f"{env.get('RAY_SERVE_ENABLE_DIRECT_INGRESS', 'off')}, ports [{low}, {high})")
+    serve.start(http_options={"host": host, "port": free_port() if ingress == "direct" else port})
     replacing = name in serve.status().applications
     try:
-        return serve.run(build_app(memory_url, **kwargs), name=name, route_prefix=route_prefix)
+        handle = serve.run(build_app(memory_url, **kwargs), name=name, route_prefix=route_prefix)
     except RuntimeError:
         failure = deployment_failure(name)
         if failure is None:
@@ -448,6 +472,22 @@ def start(memory_url: str, host: str = "127.0.0.1", port: int = 8000, name: str 
         if not replacing:
             serve.delete(name)
         raise ValueError(failure) from None
+    if ingress == "direct":
+        check_direct_answer(f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}{route_prefix}", name)
+    return handle
+
+
+def check_direct_answer(url: str, name: str, timeout_s: float = 30.0) -> None:
+    """The app ``name`` answers at ``url`` from its own replica, else it is removed and the error says so."""
+    url, deadline = url.rstrip("/") + "/v1/info", time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            return urllib.request.urlopen(url, timeout=2).close()
+        except OSError:
+            time.sleep(0.2)
+    serve.delete(name)                         # Serve hands its range's ports out in deployment order
+    raise ValueError(f"direct ingress: the app {name!r} was deployed but nothing answered {url} within "
+                     f"{timeout_s:.0f}s (did another app take that port of the direct-ingress range?)")
 
 
 def deployment_failure(app_name: str) -> str | None:

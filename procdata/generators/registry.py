@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from procdata.allocator import keep_heap
+from procdata.catalog import GENERATOR_NAMES
 from procdata.generators.streams import image_uniforms
 
 Generator = Callable[..., torch.Tensor]
@@ -17,6 +18,9 @@ GENERATORS: dict[str, Generator] = {}
 
 
 def register(name: str):
+    if name not in GENERATOR_NAMES:
+        raise ValueError(f"generator {name!r} is not in procdata.catalog.GENERATOR_NAMES (the CLI reads names there)")
+
     def wrap(fn: Generator) -> Generator:
         GENERATORS[name] = fn
         fn.generator_name = name

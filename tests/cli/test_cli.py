@@ -25,6 +25,15 @@ def subcommands(p):
                 yield from ((f"{name} {n}", s) for n, s in subcommands(sub))
 
 
+def test_help_imports_no_torch_ray_or_faiss():
+    """`vismem --help` and every parser are built without torch, Ray or FAISS (seconds a process)."""
+    probe = ("import sys; from cluster.cli import parser; parser(); "
+             "print(sorted(m for m in ('torch', 'ray', 'faiss', 'timm') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
 def test_every_option_has_help():
     for name, sub in [("vismem", parser()), *subcommands(parser())]:
         for action in sub._actions:

@@ -4,6 +4,7 @@ down, print one line and exit 0 or 130, with no traceback or stack dump."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -47,23 +48,27 @@ def wait_for_info(proc: subprocess.Popen, url: str, timeout: float = 150) -> Non
         time.sleep(0.5)
 
 
-SIGNALS = [(signal.SIGTERM, False, 0), (signal.SIGINT, True, 130)]      # (signal, to the whole group, exit code)
+# (signal, to the whole group, exit code, options): the SIGTERM server is also the direct-ingress one
+SIGNALS = [(signal.SIGTERM, False, 0, ["--colocate", "--ingress", "direct"]), (signal.SIGINT, True, 130, [])]
 
 
 def test_serve_stops_cleanly_on_a_signal(memory):
     """SIGTERM to the process and Ctrl-C to its group, each to its own `vismem serve`; the two
-    servers run side by side (each start-up is mostly waiting on Ray)."""
+    servers run side by side (each start-up is mostly waiting on Ray). The first serves with
+    `--colocate --ingress direct` (the Router replica answers HTTP on --port itself, no proxy): its
+    answers are the memory's own, and it stops as cleanly as the proxied one."""
     servers = []
     try:
-        for signum, whole_group, code in SIGNALS:
+        for signum, whole_group, code, options in SIGNALS:
             port = free_port()
             proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", "--memory", memory, "--port",
-                                     str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     str(port), *options], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                     start_new_session=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
             servers.append((proc, port, signum, whole_group, code))
         for proc, port, signum, whole_group, _ in servers:
             wait_for_info(proc, f"http://127.0.0.1:{port}/info", timeout=240)
             assert proc.stdout.readline().startswith(f"serving {memory}: the page at http://127.0.0.1:{port}/")
+        check_answers_are_the_memorys(memory, servers[0][1])
         for proc, _, signum, whole_group, _ in servers:
             if whole_group:
                 os.killpg(proc.pid, signum)
@@ -77,6 +82,34 @@ def test_serve_stops_cleanly_on_a_signal(memory):
                 proc.wait()
     for (proc, port, signum, _, code), err in zip(servers, errors):
         check_stopped(proc, port, signum, code, err)
+
+
+def check_answers_are_the_memorys(memory: str, port: int) -> None:
+    """Five queries over HTTP: the ids and similarities of the memory searched in this process."""
+    from index.memory import VisualMemory
+    queries = unit(np.random.default_rng(1).normal(size=(5, 48)))
+    body = json.dumps({"vectors": queries.tolist(), "k": 4}).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/search", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        results = json.load(response)["results"]
+    found = VisualMemory.open(memory).search(queries, 4)
+    assert [[n["id"] for n in r["neighbours"]] for r in results] == found.ids.tolist()
+    assert np.allclose([[n["similarity"] for n in r["neighbours"]] for r in results], found.similarities, atol=1e-5)
+
+
+def test_direct_ingress_is_refused_where_vismem_does_not_start_ray(memory, capsys):
+    """Direct ingress lives in the environment of the Ray that `vismem serve` starts: with a cluster
+    address or for a written config it is refused by name, and `start` refuses it under a Ray that
+    was not started for it, before deploying anything."""
+    from cluster.cli import main
+    from index.serve import start
+    assert main(["serve", "--memory", memory, "--ingress", "direct", "--address", "127.0.0.1:1"]) == 2
+    assert main(["serve", "--memory", memory, "--ingress", "direct", "--config-out", "x.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("--ingress direct is set in the environment of the Ray that vismem serve starts") == 2, err
+    assert not os.path.exists("x.yaml")
+    with pytest.raises(ValueError, match="direct ingress on port 8123 needs Ray started under direct_ingress_env"):
+        start(memory, port=8123, ingress="direct")
 
 
 def check_stopped(proc: subprocess.Popen, port: int, signum: int, code: int, err: str) -> None:

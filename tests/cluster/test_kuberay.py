@@ -115,3 +115,12 @@ def test_the_written_manifest_reads_back_the_same_with_the_config_as_a_block(con
     manifest = rayservice(config)
     text = dump(manifest)
     assert "serveConfigV2: |" in text and yaml.safe_load(text) == manifest
+
+
+def test_an_autoscaled_config_rides_in_the_rayservice(memory):
+    config = serve_config(ServeArgs(memory=memory, token_env="VISMEM_TOKEN"), shards=3, autoscale=(1, 6))
+    manifest = rayservice(config)
+    check_rayservice(manifest)
+    shards = yaml.safe_load(manifest["spec"]["serveConfigV2"])["applications"][0]["deployments"][1:]
+    assert [s["autoscaling_config"]["max_replicas"] for s in shards] == [6, 6, 6]
+    assert manifest["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] is True   # pods follow the replicas

@@ -111,3 +111,50 @@ def test_a_token_file_named_for_the_cluster_need_not_exist_where_the_config_is_w
     assert application["args"]["token_file"] == "/etc/vismem/token"
     with pytest.raises(ValueError, match="cannot read the token file /etc/vismem/token"):
         build_from(application)                           # where the app is built, the file must be there
+
+
+def test_autoscaled_shard_searchers_as_serve_deploys_them(memory, tmp_path):
+    from cluster.serve_config import deployed
+    out = tmp_path / "serve.yaml"
+    assert main(["serve", "--config-out", str(out), "--memory", memory, "--replicas", "2", "--autoscale", "1:4"]) == 0
+    config = yaml.safe_load(out.read_text())
+    (application,) = config["applications"]
+    router, *shards = application["deployments"]
+    assert router == {"name": "Router", "num_replicas": 1, "health_check_period_s": 10.0,
+                      "health_check_timeout_s": 30.0}                # one Router: never autoscaled
+    assert [s["name"] for s in shards] == ["ShardSearcher-0", "ShardSearcher-1", "ShardSearcher-2"]
+    assert all(s["num_replicas"] == "auto" and s["autoscaling_config"]["min_replicas"] == 1 and
+               s["autoscaling_config"]["max_replicas"] == 4 for s in shards)
+    check_serve_config(config)
+    # the config laid over the app's code as Serve's controller does it (the code alone says 2 fixed replicas)
+    app = serve_build(build_from(application), name=application["name"])
+    effective = {name: info.deployment_config for name, info in deployed(application, app).items()}
+    for n in range(3):
+        scaling = effective[f"ShardSearcher-{n}"].autoscaling_config
+        assert (scaling.min_replicas, scaling.initial_replicas, scaling.max_replicas) == (1, 2, 4)
+        assert scaling.target_ongoing_requests == 16 and effective[f"ShardSearcher-{n}"].num_replicas is None
+    assert effective["Router"].num_replicas == 1 and effective["Router"].autoscaling_config is None
+    assert all(c.health_check_period_s == 10 and c.health_check_timeout_s == 30 for c in effective.values())
+    fixed = serve_config(ServeArgs(memory=memory, replicas=2), shards=3)["applications"][0]
+    assert deployed(fixed, app)["ShardSearcher-0"].deployment_config.num_replicas == 2   # without: the code's
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: d["autoscaling_config"].update(min_replicas=5), "max_replicas .* must be greater than or equal"),
+    (lambda d: d.update(num_replicas=3), "Manually setting num_replicas is not allowed"),
+    (lambda d: d["autoscaling_config"].update(target_ongoing_request=4), "did you mean 'target_ongoing_requests'"),
+    (lambda d: d.update(health_check_timeout_s=-1), "health_check_timeout_s"),
+])
+def test_bad_autoscaling_or_health_checks_are_refused(memory, change, message):
+    config = serve_config(ServeArgs(memory=memory), shards=3, autoscale=(1, 4))
+    change(config["applications"][0]["deployments"][2])
+    with pytest.raises(ValueError, match=message):
+        check_serve_config(config)
+
+
+def test_autoscaling_needs_shard_deployments_and_a_config_file(memory, tmp_path):
+    with pytest.raises(ValueError, match="colocated shards have no replicas"):
+        serve_config(ServeArgs(memory=memory, colocate=True), shards=3, autoscale=(1, 2))
+    assert main(["serve", "--memory", memory, "--autoscale", "1:2"]) != 0          # serving itself: fixed replicas
+    with pytest.raises(SystemExit):
+        main(["serve", "--config-out", str(tmp_path / "s.yaml"), "--memory", memory, "--autoscale", "3:2"])

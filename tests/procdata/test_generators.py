@@ -178,3 +178,13 @@ def test_kml_mixup_keeps_the_contrast_of_its_parts():
     plain_mean = ((first + second) / 2).flatten(1).std(1)
     assert float(mixed.mean()) > 0.85 * float(target.mean()) > float(plain_mean.mean())
     assert (mixed <= 2 * plain_mean + 1e-4).all() and (mixed >= plain_mean.clamp(max=0.5) * 0.9).all()
+
+
+def test_the_catalog_names_every_registered_generator_in_order():
+    """The CLI reads generator names from procdata.catalog (no torch); the registry holds exactly
+    those, in that order, and refuses to register one the catalog does not name."""
+    from procdata.catalog import GENERATOR_NAMES
+    from procdata.generators import GENERATORS, register
+    assert tuple(GENERATORS) == GENERATOR_NAMES
+    with pytest.raises(ValueError, match="not in procdata.catalog.GENERATOR_NAMES"):
+        register("unlisted")
