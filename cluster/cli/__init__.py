@@ -20,7 +20,7 @@ from cluster.cli.common import Stopped, one_line
 from cluster.cli.demo import add_demo_parser, cmd_demo
 from cluster.cli.embed import add_embed_parser, cmd_embed
 from cluster.cli.encoder import add_encoder_parsers, cmd_compare, cmd_encoder_bench, cmd_eval_knn, cmd_train
-from cluster.cli.eval import add_eval_parsers, cmd_eval_pruning, cmd_eval_unlearning, cmd_eval_voting
+from cluster.cli.eval import EVAL_COMMANDS, add_eval_parsers
 from cluster.cli.index import add_index_parsers, cmd_build, cmd_index_bench, cmd_tune
 from cluster.cli.memory import (add_memory_parsers, cmd_info, cmd_memory_add, cmd_memory_bench, cmd_memory_compact,
                                 cmd_memory_diff, cmd_memory_log, cmd_memory_prune, cmd_memory_remove,
@@ -101,8 +101,7 @@ def main(argv: list[str] | None = None) -> int:
 COMMANDS = {("demo", None): cmd_demo, ("procdata", "generate"): cmd_generate, ("procdata", "preview"): cmd_preview,
             ("procdata", "bench"): cmd_bench, ("procdata", "stats"): cmd_stats, ("encoder", "train"): cmd_train,
             ("encoder", "eval-knn"): cmd_eval_knn, ("encoder", "bench"): cmd_encoder_bench,
-            ("encoder", "compare"): cmd_compare, ("eval", "voting"): cmd_eval_voting,
-            ("eval", "pruning"): cmd_eval_pruning, ("eval", "unlearning"): cmd_eval_unlearning,
+            ("encoder", "compare"): cmd_compare, **EVAL_COMMANDS,
             ("embed", None): cmd_embed,
             ("index", "build"): cmd_build, ("index", "bench"): cmd_index_bench,
             ("index", "tune"): cmd_tune, ("memory", "info"): cmd_info,

@@ -11,10 +11,13 @@ import shutil
 import numpy as np
 import pytest
 
+import eval.pruning
 import eval.unlearning
 from cluster.cli import main
 from eval.knn import knn_sweep
-from eval.memory_eval import accuracy, open_in_process
+from eval.influence import InfluenceConfig
+from eval.influence import run as run_influence
+from eval.memory_eval import accuracy, as_memory, memory_items, open_in_process
 from eval.pruning import PruningConfig
 from eval.pruning import run as run_pruning
 from eval.unlearning import UnlearningConfig
@@ -22,6 +25,8 @@ from eval.unlearning import run as run_unlearning
 from eval.voting import VotingConfig
 from eval.voting import run as run_voting
 from index.build.build import build_memory
+from index.edit import edits
+from index.edit import prune as prune_module
 from index.exact import exact_search
 from index.ingest.embeddings import write_vectors
 from index.memory import VisualMemory
@@ -123,6 +128,48 @@ def test_pruning_sweeps_equal_committed_pruning_and_leave_the_memory_alone(data,
         assert (tmp_path / "p" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.parametrize("outside", [False, True])
+def test_one_shared_search_gives_every_points_counts(data, monkeypatch, outside):
+    memory = open_in_process(data["mem"])
+    x, y = (data["query_vectors"], list(data["query_labels"])) if outside else (None, None)
+    calls = []
+    real = eval.pruning.pruning.query_batches
+    monkeypatch.setattr(eval.pruning.pruning, "query_batches", lambda *a: calls.append(a[-1]) or real(*a))
+    shared = eval.pruning.SharedNeighbours(memory, x, y, 20, progress=False)
+    assert calls == [20]                                               # searched once, at the largest k
+    for k in (1, 3, 10, 20):
+        ids, counts, _ = prune_module.wrong_label_counts(memory, x, y, k)     # prune's own count, searched at k
+        found, found_counts = shared.counts(k)
+        assert np.array_equal(found, ids) and np.array_equal(found_counts, counts), k
+    with pytest.raises(ValueError, match="outside the shared search"):
+        shared.counts(21)
+
+
+def test_identifiable_items_are_those_whose_removal_flips_a_decision(data, tmp_path, rule="softmax"):
+    cfg = InfluenceConfig(data["mem"], str(tmp_path / "i"), queries=data["queries"], k=5, rule=rule, ks=(1, 5, 20),
+                          progress=False)
+    summary = run_influence(cfg, lambda r: None)
+    memory = open_in_process(data["mem"])
+    x = data["query_vectors"]
+    base = np.asarray(as_memory(memory).classify(x, 5, rule).decisions, dtype=object)
+    brute = {}
+    for item in memory_items(memory)[0]:                      # every item removed in turn, classified again
+        edited, _ = edits.remove(memory, ids=np.array([item]))
+        changed = np.flatnonzero(np.asarray(as_memory(edited).classify(x, 5, rule).decisions, dtype=object) != base)
+        if len(changed):
+            brute[int(item)] = changed.tolist()
+    listed = {i["id"]: i for i in summary["identifiable_items"]}
+    assert set(listed) == set(brute) and len(brute) > 0
+    assert all(listed[i]["flips"] == len(qs) for i, qs in brute.items())
+    assert all(listed[i]["uri"] == f"mem://{i}.png" for i in listed)           # ids are the rows here
+    assert summary["identifiable"] == len(brute) and summary["identifiable_fraction"] == round(len(brute) / 400, 6)
+    assert [p["k"] for p in summary["sweep"]] == [1, 5, 20] and summary["sweep"][1]["identifiable"] == len(brute)
+    _, nearest = exact_search(data["vectors"], x, 2)          # k = 1: the nearest flips where the second differs
+    differs = data["labels"][nearest[:, 0]] != data["labels"][nearest[:, 1]]
+    assert summary["sweep"][0]["identifiable"] == len(set(nearest[differs, 0].tolist())) > 0
+    assert (tmp_path / "i" / "influence.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_unlearning_a_class_is_exact_and_forgets_it(data, tmp_path):
     before = files_of(data["mem"])
     summary = run_unlearning(UnlearningConfig(data["mem"], str(tmp_path / "u"), forget="class:c1",
@@ -170,7 +217,7 @@ def test_the_unlearning_check_fails_when_the_edit_is_not_exact(data, tmp_path, m
 def test_the_commands_print_records_and_a_summary(data, tmp_path, capsys):
     for name, extra in (("voting", ["--ks", "1,10", "--temperatures", "0.07", "--alphas", "2"]),
                         ("pruning", ["--thresholds", "2", "--prune-ks", "0,3"]),
-                        ("unlearning", ["--forget", "random:0.02"])):
+                        ("unlearning", ["--forget", "random:0.02"]), ("influence", ["-k", "5", "--ks", "1,5"])):
         assert main(["eval", name, "--memory", data["mem"], "--holdout", "0.1", "--out", str(tmp_path / name),
                      "--json"]) == 0
         lines = capsys.readouterr().out.strip().splitlines()
