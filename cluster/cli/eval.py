@@ -114,7 +114,8 @@ def add_unlearning_parser(group) -> None:
 
 
 ENCODER_HELP = ("an encoder to evaluate, as `vismem encoder eval-knn --encoder` takes it: a checkpoint URL, "
-                "random-init:PRESET[:SEED] or raw-pixels:SIZE; repeat it to compare several in one run")
+                "random-init:PRESET[:SEED] or raw-pixels:SIZE; comma-separated to compare several in one run, as "
+                "vismem embed --bench takes them")
 
 
 def add_influence_parser(group) -> None:
@@ -144,23 +145,23 @@ def add_similarity_parser(group) -> None:
                                 "an encoder by the cosine of embeddings, psnr and ssim by the pixels. Agreement is "
                                 "DreamSim's 2AFC score (the judges' share for the pick, 1/2 on a tie). Triplets: "
                                 "--nights ROOT (data.csv with ref/ and distort/, as NIGHTS unpacks; DreamSim's "
-                                "filter: --split test, --min-votes 6), or --synthetic URL: any collection of "
+                                "filter: --split test, --min-votes 6), or --synthetic-from URL: any collection of "
                                 "same-size images, each distorted twice by one kind at two strengths, where the "
                                 "weaker is the right answer, or (kind 'class', from the labels) shown beside "
                                 "another image of its class and one of another class, where the same class is the "
                                 "right answer: the semantic part that ranks encoders. JSON key: agreement ({method: fraction}). Writes "
                                 "OUT/similarity.json and similarity.png.",
                     epilog="examples:\n"
-                           "  vismem eval similarity --synthetic cifar10/test.parquet --limit 2000 --encoder "
+                           "  vismem eval similarity --synthetic-from cifar10/test.parquet --limit 2000 --encoder "
                            "raw-pixels:32 --encoder random-init:tiny-cpu --out runs/s\n"
                            "  vismem eval similarity --nights s3://bucket/nights --encoder runs/a/encoder --out runs/s "
                            "--json\n")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--nights", metavar="URL", help="a NIGHTS root: data.csv, ref/, distort/")
-    source.add_argument("--synthetic", metavar="URL",
+    source.add_argument("--synthetic-from", metavar="URL",
                         help="a collection (folder tree or Parquet) of same-size images to make triplets from")
     p.add_argument("--out", required=True, help="folder URL for the report: similarity.json and similarity.png")
-    p.add_argument("--encoder", action="append", default=None, help=ENCODER_HELP + " (default: raw-pixels:32)")
+    p.add_argument("--encoder", default="raw-pixels:32", help=ENCODER_HELP + " (default: raw-pixels:32)")
     p.add_argument("--baselines", default="psnr,ssim", help="comma-separated pixel baselines: psnr, ssim ('' none)")
     p.add_argument("--kinds", default=",".join(KINDS), help="synthetic distortions, comma-separated")
     p.add_argument("--limit", type=int, default=None,
@@ -190,13 +191,13 @@ def add_segmentation_parser(group) -> None:
                                 "OUT/segmentation.json, segmentation.png and segmentation_examples.png.",
                     epilog="examples:\n"
                            "  vismem eval segmentation --memory s3://bucket/seg/train --queries s3://bucket/seg/val "
-                           "--encoder runs/a/encoder --encoder random-init:tiny-cpu --out runs/seg\n"
+                           "--encoder runs/a/encoder,random-init:tiny-cpu --out runs/seg\n"
                            "  vismem eval segmentation --memory scenes/mem --queries scenes/q --encoder "
                            "raw-pixels:32 --out runs/seg --json\n")
     p.add_argument("--memory", required=True, help="annotated images the patch labels are transferred from")
     p.add_argument("--queries", required=True, help="held-out annotated images: R² and the transfer are scored here")
     p.add_argument("--out", required=True, help="folder URL for the report: segmentation.json and PNG plots")
-    p.add_argument("--encoder", action="append", default=None, help=ENCODER_HELP + " (default: raw-pixels:32)")
+    p.add_argument("--encoder", default="raw-pixels:32", help=ENCODER_HELP + " (default: raw-pixels:32)")
     p.add_argument("--classes", default=None, metavar="URL",
                    help="class names, one a line, line i naming class i (default: classes.txt beside the images)")
     add_k(p, 10)
@@ -312,9 +313,9 @@ def cmd_eval_similarity(args) -> dict:
     check_positive(args, "size", "batch_size")
     if args.limit is not None and args.limit < 0:
         raise ValueError(f"--limit must be 0 (all) or more, got {args.limit}")
-    limit = (1000 if args.synthetic else None) if args.limit is None else args.limit or None
-    cfg = SimilarityConfig(out=args.out, nights=args.nights, synthetic=args.synthetic,
-                           encoders=tuple(args.encoder or ("raw-pixels:32",)), baselines=names(args.baselines),
+    limit = (1000 if args.synthetic_from else None) if args.limit is None else args.limit or None
+    cfg = SimilarityConfig(out=args.out, nights=args.nights, synthetic=args.synthetic_from,
+                           encoders=tuple(names(args.encoder)), baselines=names(args.baselines),
                            kinds=names(args.kinds), limit=limit, size=args.size,
                            split=args.split or None, min_votes=args.min_votes, batch_size=args.batch_size,
                            seed=args.seed, device=args.device)
@@ -332,7 +333,7 @@ def cmd_eval_segmentation(args) -> dict:
     if min(args.components, args.memory_limit, args.query_limit) < 0:
         raise ValueError("--components, --memory-limit and --query-limit must be 0 or more")
     cfg = SegmentationConfig(memory=args.memory, queries=args.queries, out=args.out,
-                             encoders=tuple(args.encoder or ("raw-pixels:32",)), classes=args.classes, k=args.k,
+                             encoders=tuple(names(args.encoder)), classes=args.classes, k=args.k,
                              temperature=args.temperature, components=args.components,
                              memory_limit=args.memory_limit or None, query_limit=args.query_limit or None,
                              batch_size=args.batch_size, device=args.device)

@@ -97,7 +97,7 @@ def test_transfer_from_the_same_images_recovers_their_patch_labels(sets):
 
 def test_the_command_reports_every_encoder(sets, tmp_path, capsys):
     assert main(["eval", "segmentation", "--memory", sets["memory"], "--queries", sets["parquet"], "--encoder",
-                 "raw-pixels:16", "--encoder", "random-init:tiny-cpu", "--out", str(tmp_path), "--json"]) == 0
+                 "raw-pixels:16,random-init:tiny-cpu", "--out", str(tmp_path), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for key in ("r2", "miou", "pixel_accuracy", "foreground_accuracy"):
         assert set(summary[key]) == {"raw-pixels:16", "random-init:tiny-cpu"}

@@ -122,8 +122,8 @@ def test_class_triplets_put_an_image_of_the_references_class_against_another(sce
 
 
 def test_the_command_compares_encoders_and_baselines(scenes, tmp_path, capsys):
-    assert main(["eval", "similarity", "--synthetic", scenes, "--limit", "30", "--encoder", "raw-pixels:16",
-                 "--encoder", "random-init:tiny-cpu", "--out", str(tmp_path), "--json"]) == 0
+    assert main(["eval", "similarity", "--synthetic-from", scenes, "--limit", "30", "--encoder",
+                 "raw-pixels:16,random-init:tiny-cpu", "--out", str(tmp_path), "--json"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     summary = json.loads(lines[-1])
     assert set(summary["agreement"]) == {"psnr", "ssim", "raw-pixels:16", "random-init:tiny-cpu"}
@@ -132,5 +132,5 @@ def test_the_command_compares_encoders_and_baselines(scenes, tmp_path, capsys):
     assert json.loads(lines[0])["method"] == "psnr" and summary["triplet_count"] == 30
     assert open(summary["plots"]["agreement"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert json.load(open(tmp_path / "similarity.json"))["agreement"] == summary["agreement"]
-    assert main(["eval", "similarity", "--synthetic", scenes, "--baselines", "lpips", "--out", str(tmp_path)]) == 2
+    assert main(["eval", "similarity", "--synthetic-from", scenes, "--baselines", "lpips", "--out", str(tmp_path)]) == 2
     assert "unknown pixel baseline 'lpips'" in capsys.readouterr().err
