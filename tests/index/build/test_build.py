@@ -148,6 +148,9 @@ def test_another_encoder_is_refused_unless_replace(tmp_path):
     ({"factory": "IVF16,PQ7"}, "FAISS cannot build the index factory string 'IVF16,PQ7' for 8-d vectors"),
     ({"factory": "Nonsense12"}, "FAISS cannot build the index factory string 'Nonsense12'"),
     ({"factory": "IVF4,Flat", "nprobe": 5}, "nprobe must be between 1 and nlist = 4, got 5"),
+    ({"factory": "IVF4,PQ4x4fs,Refine(SQfp16)", "k_factor": 0}, "k_factor must be a positive whole number, got 0"),
+    ({"factory": "IVF4,PQ4x4fs,Refine(SQ8)"}, r"re-rank tier .* as float16 or float32 vectors, not "
+                                              r"IndexScalarQuantizer: end the factory with Refine\(SQfp16\) or RFlat"),
 ])
 def test_bad_build_arguments_fail_before_anything_is_written(tmp_path, kwargs, message):
     v = np.random.default_rng(1).normal(size=(50, 8)).astype(np.float32)
@@ -194,7 +197,7 @@ def test_index_bench_command_measures_recall_beside_bare_faiss(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "cluster.cli", "index", "bench", "--vectors", "20000", "--dim", "32", "--clusters", "256",
          "--held-out", "200", "--shards", "3", "--factory", "IVF128,SQ8", "--nprobes", "1,4", "--workers", "2",
-         "--json"],
+         "--memories", "IVF128,PQ16x4fs,Refine(SQfp16)", "--json"],
         capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": os.getcwd()})
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
@@ -212,6 +215,13 @@ def test_index_bench_command_measures_recall_beside_bare_faiss(tmp_path):
     default = next(r for r in searches if r["default"])
     assert default["recall_at_10"] >= 0.93
     assert min(r["recall_at_10"] for r in searches) < 0.9            # nprobe=1 would not do
+    resident = {r["factory"]: r for r in records if r["what"] == "resident"}     # each opened in a fresh process
+    assert set(resident) == {"IVF128,SQ8", "IVF128,PQ16x4fs,Refine(SQfp16)"}
+    for r in resident.values():
+        assert r["recall_at_10"] >= 0.93 and r["qps"] > 0 and r["single_p50_ms"] > 0 and r["rss_anon_bytes_per_vector"] > 0
+    two = resident["IVF128,PQ16x4fs,Refine(SQfp16)"]
+    assert 64 <= two["tier_file_bytes_per_vector"] < 65 and two["k_factor"] >= 1 and "qps_ratio_to_default" in two
+    assert two["index_file_bytes_per_vector"] < resident["IVF128,SQ8"]["index_file_bytes_per_vector"]
 
 
 def test_the_ray_or_not_rule():
