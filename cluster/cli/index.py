@@ -63,6 +63,10 @@ def add_index_parsers(sub) -> None:
     tune.add_argument("--reason", default=None, metavar="TEXT", help="why: recorded in the memory's log")
     add_common(tune, ray=False)
 
+    add_bench_parser(idx)
+
+
+def add_bench_parser(idx) -> None:
     bench = add_command(
         idx, "bench", "recall@10 and queries/s of a memory across nprobe, beside bare FAISS (synthetic vectors)",
         description="Writes clustered synthetic vectors as embedding Parquet, builds a memory from them with "

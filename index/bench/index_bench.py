@@ -167,18 +167,24 @@ def run(cfg: IndexBenchConfig, emit=print, start_ray=None):
             if record["default"]:
                 summary.update(default_recall_at_10=record["recall_at_10"], default_qps_ratio=record["qps_ratio"])
         del bare
-        compared = {manifest.factory: memory_url}
-        for factory in cfg.memories:
-            url = f"{work}/memory-{len(compared)}"
-            build = in_own_process(timed_build, f"{work}/embeddings", url, cfg.shards, factory, 1, start_ray)
-            emit(build_run_record(cfg, factory, 1, build, bare_build, sample_gb))
-            compared[read_manifest(url).factory] = url
         del memory, mapped
-        for factory, url in compared.items():
-            emit(resident_record(cfg, url, queries, truth, summary))
+        compare_memories(cfg, work, {manifest.factory: memory_url}, queries, truth, summary, emit,
+                         lambda factory, build: build_run_record(cfg, factory, 1, build, bare_build, sample_gb))
         for factory in cfg.also:
             bare_factory_figures(cfg, factory, vectors, queries, truth, emit)
     return summary
+
+
+def compare_memories(cfg: IndexBenchConfig, work: str, compared: dict, queries: np.ndarray, truth: np.ndarray,
+                     summary: dict, emit, build_record) -> None:
+    """``--memories``: build each factory as a memory (one worker, in its own process), then open
+    the default memory and each of them in a fresh process and emit their ``resident_record``."""
+    for factory in cfg.memories:
+        url = f"{work}/memory-{len(compared)}"
+        emit(build_record(factory, in_own_process(timed_build, f"{work}/embeddings", url, cfg.shards, factory, 1)))
+        compared[factory] = url
+    for url in compared.values():
+        emit(resident_record(cfg, url, queries, truth, summary))
 
 
 def resident_record(cfg: IndexBenchConfig, url: str, queries: np.ndarray, truth: np.ndarray, summary: dict) -> dict:

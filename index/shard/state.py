@@ -30,35 +30,17 @@ import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from index.shard.faiss_io import (STREAM_BLOCK, check_mappable, copy_index, map_index, mapped, merge_codes, read_index,
                                   reconstruct, write_index)
-from index.shard import tiers
+from index.shard import columns, tiers
+from index.shard.columns import metadata_table  # noqa: F401 (at home in columns, imported from here too)
 from index.shard.search import merge_topk, plain_ivf, search_parameters, search_preassigned
 from index.store import commit
 from index.store.manifest import Segment, ShardEntry, sha256
-from procdata.storage import parquet_bytes
 
 OVERFETCH_LIMIT = 4096         # removed ids per shard up to which Flat parts over-fetch (see Shard.overfetch)
-METADATA_SCHEMA = pa.schema([("id", pa.int64()), ("uri", pa.string()), ("label", pa.string()),
-                             ("source_id", pa.int64())])
-
-
-def metadata_table(ids, uris, labels, source_ids=None) -> pa.Table:
-    """The metadata of memory items: the memory's id, and the uri, label and id in its collection
-    (each column a sequence, or an Arrow array that is used without a trip through Python objects)."""
-    def column(values, kind):
-        if isinstance(values, (pa.Array, pa.ChunkedArray)):
-            return values.cast(kind)
-        return pa.array(list(values), kind)
-    return pa.table({"id": pa.array(ids, pa.int64()), "uri": column(uris, pa.string()),
-                     "label": column(labels, pa.string()),
-                     "source_id": column(source_ids if source_ids is not None else [None] * len(ids), pa.int64())},
-                    schema=METADATA_SCHEMA)
-
-
 def ids_bytes(ids: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.asarray(ids, dtype=np.int64), allow_pickle=False)
@@ -105,13 +87,13 @@ class Part:
     tier: np.ndarray | None = None     # two-tier format: re-rank vectors, one row per metadata row (index.shard.tiers)
 
     def __post_init__(self):
-        ids = self.metadata.column("id").to_numpy()
-        if self.tier is not None and len(ids) > 1 and (np.diff(ids) < 0).any():
-            self.tier = self.tier[np.argsort(ids, kind="stable")]         # rows follow the metadata into id order
-        self.metadata = self.metadata.sort_by("id")
-        self.ids = self.metadata.column("id").to_numpy()
-        self.uris = np.array(self.metadata.column("uri").to_pylist(), dtype=object)
-        self.labels = np.array(self.metadata.column("label").to_pylist(), dtype=object)
+        id_column = self.metadata.column("id")                # one chunk (a stored part): no copy, mapped or not
+        ids = id_column.chunk(0).to_numpy() if id_column.num_chunks == 1 else id_column.to_numpy()
+        if len(ids) > 1 and (np.diff(ids) < 0).any():        # sorted already (a stored part): kept as it is,
+            order = np.argsort(ids, kind="stable")           # mapped columns included
+            self.metadata, ids = self.metadata.take(order), ids[order]
+            self.tier = None if self.tier is None else self.tier[order]    # rows follow the metadata
+        self.ids = ids
         if self.index.ntotal != len(self.ids):
             raise ValueError(f"index holds {self.index.ntotal} vectors but metadata {len(self.ids)} rows")
         if self.tier is not None and len(self.tier) != len(self.ids):
@@ -125,6 +107,11 @@ class Part:
             return np.zeros(len(ids), dtype=np.int64), np.zeros(len(ids), dtype=bool)
         pos = np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)
         return pos, (ids >= 0) & (self.ids[pos] == ids)
+
+    def values(self, column: str, rows: np.ndarray | None = None) -> np.ndarray:
+        """The ``column`` ("uri" or "label") of ``rows`` (all when None), read from the metadata
+        columns, which are not held as Python objects (``index.shard.columns``)."""
+        return columns.values(self.metadata, column, rows)
 
     def decoded(self, ids: np.ndarray) -> np.ndarray:
         """The stored vectors of ``ids`` (ids this part holds): the re-rank tier's rows where the part
@@ -242,7 +229,7 @@ class Shard:
         for part in self.parts:
             live = live_mask(part.ids, self.deleted)
             ids.append(part.ids[live])
-            labels.append(part.labels[live])
+            labels.append(part.values("label")[live])
             vectors.append(part.decoded(part.ids[live]))
         return np.concatenate(ids), np.concatenate(labels), np.concatenate(vectors)
 
@@ -252,7 +239,8 @@ class Shard:
 
     def live_labels(self) -> set:
         """The labels of the vectors this shard answers with."""
-        return set().union(*(part.labels[live_mask(part.ids, self.deleted)] for part in self.parts))
+        return set().union(*(part.values("label", np.flatnonzero(live_mask(part.ids, self.deleted)))
+                             for part in self.parts))
 
     def held(self, ids: np.ndarray) -> np.ndarray:
         """Whether each of ``ids`` is in some part of the shard, removed or not."""
@@ -267,7 +255,7 @@ class Shard:
         ids, seen = [np.zeros(0, dtype=np.int64)], set()
         if wanted:
             for part in self.parts:
-                values = part.uris if column == "uri" else part.labels
+                values = part.values(column)
                 hit = np.fromiter((v in wanted for v in values), dtype=bool, count=len(values))
                 hit &= live_mask(part.ids, self.deleted)
                 ids.append(part.ids[hit])
@@ -393,7 +381,8 @@ class Shard:
         labels = np.full(flat.shape, None, dtype=object)
         for part in self.parts:
             pos, found = part.positions(flat)
-            uris[found], labels[found] = part.uris[pos[found]], part.labels[pos[found]]
+            if found.any():
+                uris[found], labels[found] = part.values("uri", pos[found]), part.values("label", pos[found])
         return uris.reshape(np.shape(ids)), labels.reshape(np.shape(ids))
 
     # storage -----------------------------------------------------------------------------------
@@ -406,10 +395,11 @@ class Shard:
                 stem = name if j == 0 else f"{name}-segment-{j:04d}"
                 digest = []
                 commit.write(fs, f"{root}/{stem}.faiss", lambda f: digest.append(write_index(part.index, f)))
-                commit.write(fs, f"{root}/{stem}.parquet", parquet_bytes(part.metadata))
+                meta = f"{stem}{columns.suffix(part.tier is not None)}"
+                commit.write(fs, f"{root}/{meta}", columns.table_bytes(part.metadata, meta))
                 if part.tier is not None:
                     commit.write(fs, f"{root}/{stem}.tier.npy", lambda f: digest.append(tiers.write(part.tier, f)))
-                part.stored = Segment(f"{stem}.faiss", f"{stem}.parquet", len(part.ids), digest[0],
+                part.stored = Segment(f"{stem}.faiss", meta, len(part.ids), digest[0],
                                       *((f"{stem}.tier.npy", digest[1]) if part.tier is not None else ()))
         if len(self.deleted) and self.deleted_file is None:
             blob = ids_bytes(self.deleted)
@@ -444,7 +434,9 @@ class Shard:
         stored = [Segment(entry.index, entry.metadata, entry.base_count, entry.sha256, entry.tier, entry.tier_sha256),
                   *entry.segments]
         reused = {s.index: loaded[s.index] for s in stored if loaded and s.index in loaded and loaded[s.index].stored == s}
-        paths = [f"{root}/{s.metadata}" for s in stored if s.index not in reused]
+        local = isinstance(fs, LocalFileSystem)
+        paths = [f"{root}/{s.metadata}" for s in stored if s.index not in reused
+                 and not (local and s.metadata.endswith(columns.ARROW))]          # those are mapped instead
         paths += [f"{root}/{p}" for p in (entry.deleted, entry.weights) if p]
         blobs = fs.cat(paths) if paths else {}               # a dict; s3fs fetches them concurrently
 
@@ -471,11 +463,11 @@ class Shard:
                 index = index_file(s.index, s.sha256)
             except ValueError as e:
                 raise ValueError(f"shard {number} of {root_url}: {s.index} {e}") from None
-            tier = tiers.load(fs, f"{root}/{s.tier}", s.tier_sha256, isinstance(fs, LocalFileSystem),
+            tier = tiers.load(fs, f"{root}/{s.tier}", s.tier_sha256, local,
                               f"shard {number} of {root_url}: {s.tier}") if s.tier else None
             try:
-                parts.append(Part(index, pq.read_table(pa.BufferReader(blobs[f"{root}/{s.metadata}"])), s,
-                                  f"{root}/{s.index}" if mapped(index) else None, tier))
+                metadata = columns.read_table(f"{root}/{s.metadata}", blobs.get(f"{root}/{s.metadata}"))
+                parts.append(Part(index, metadata, s, f"{root}/{s.index}" if mapped(index) else None, tier))
             except ValueError as e:
                 raise ValueError(f"shard {number} of {root_url}: {s.index} {e}") from None
         deleted = np.zeros(0, dtype=np.int64)

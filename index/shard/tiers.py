@@ -25,6 +25,7 @@ from index.shard.faiss_io import STREAM_BLOCK
 
 DEFAULT_K_FACTOR = 8
 TIER_DTYPES = {"float16": "Refine(SQfp16)", "float32": "RFlat"}
+RERANK_BLOCK = 16_384                                   # candidates scored at once (25 MB of float32 at d=384)
 MISSING = np.float32(-np.finfo(np.float32).max)        # what FAISS reports where fewer than k exist
 
 
@@ -101,13 +102,12 @@ def rerank(queries: np.ndarray, ids: np.ndarray, parts) -> np.ndarray:
     rows_of_query = np.repeat(np.arange(len(queries)), ids.shape[1])
     for part in parts:
         pos, found = part.positions(flat)
-        if not found.any():
-            continue
-        where = np.flatnonzero(found)
-        order = np.argsort(pos[where], kind="stable")     # read the tier in file order
-        where = where[order]
-        rows = np.asarray(part.tier[pos[where]], dtype=np.float32)
-        out[where] = np.einsum("ij,ij->i", rows, queries[rows_of_query[where]])
+        held = np.flatnonzero(found)
+        for start in range(0, len(held), RERANK_BLOCK):    # a block of rows at a time: bounded scratch memory
+            where = held[start:start + RERANK_BLOCK]
+            where = where[np.argsort(pos[where], kind="stable")]     # read the tier in file order
+            rows = np.asarray(part.tier[pos[where]], dtype=np.float32)
+            out[where] = np.einsum("ij,ij->i", rows, queries[rows_of_query[where]])
     return out.reshape(ids.shape)
 
 

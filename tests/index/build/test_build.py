@@ -64,6 +64,8 @@ def test_a_two_tier_memory_answers_at_the_cheapest_calibrated_setting_from_a_map
     assert recall["bytes_per_query"] == round(cost[f"{recall['nprobe']},{recall['k_factor']}"])
     memory = VisualMemory.open(url)
     assert all(isinstance(p.tier, np.memmap) and p.tier.dtype == np.float16 for s in memory.shards for p in s.parts)
+    assert all(entry.metadata.endswith(".arrow") for entry in manifest.shards)   # its metadata is mapped too
+    assert not any(p.ids.flags.owndata for s in memory.shards for p in s.parts)  # ids: a view of the mapping
     truth = exact_ids(vectors, queries, 10)
     at_default = recall_at_k(memory.search(queries, 10).ids, truth)
     assert at_default >= 0.94 and abs(at_default - recall["recall"]) < 0.03
