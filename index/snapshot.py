@@ -140,5 +140,5 @@ def two_tier_topk(shards: list[Shard], queries: np.ndarray, k: int, nprobe: int 
     for n, shard in enumerate(shards):
         mine = found["shards"] == n
         if mine.any():
-            found["exact"] = np.where(mine, shard.rerank(queries, np.where(mine, found["ids"], -1)), found["exact"])
+            found["exact"] = np.where(mine, shard.rerank(queries, found["ids"], mine), found["exact"])
     return best_exact(found, k)

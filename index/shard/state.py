@@ -292,10 +292,11 @@ class Shard:
             return best["similarities"], best["ids"]
         return self.candidates(queries, k, nprobe, coarse)
 
-    def rerank(self, queries: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        """Exact similarities ``[nq, m]`` of ``queries`` with the candidates ``ids`` this two-tier
-        shard holds, from its re-rank tier (``tiers.MISSING`` for ids it does not hold)."""
-        return tiers.rerank(np.ascontiguousarray(queries, dtype=np.float32), ids, self.parts)
+    def rerank(self, queries: np.ndarray, ids: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+        """Exact similarities ``[nq, m]`` of ``queries`` with the candidates ``ids`` (those in
+        ``mask``, when given) this two-tier shard holds, from its re-rank tier (``tiers.MISSING``
+        for the others)."""
+        return tiers.rerank(np.ascontiguousarray(queries, dtype=np.float32), ids, self.parts, mask)
 
     def candidates(self, queries: np.ndarray, k: int, nprobe: int | None = None,
                    coarse: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:

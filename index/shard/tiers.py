@@ -93,21 +93,23 @@ def load(fs, path: str, expected: str, local: bool, name: str) -> np.ndarray:
     return np.load(io.BytesIO(b"".join(chunks)), allow_pickle=False)
 
 
-def rerank(queries: np.ndarray, ids: np.ndarray, parts) -> np.ndarray:
+def rerank(queries: np.ndarray, ids: np.ndarray, parts, mask: np.ndarray | None = None) -> np.ndarray:
     """Exact inner products ``[nq, m]`` of each query with the tier rows of its candidate ``ids``
-    (``[nq, m]``), looked up in ``parts`` (each with ``positions`` and ``tier``); ``MISSING`` for
-    −1 and for ids no part holds. Only the candidates' rows are read (from disk pages when mapped)."""
+    (``[nq, m]``; only where ``mask``, when given), looked up in ``parts`` (each with ``positions``
+    and ``tier``); ``MISSING`` elsewhere, for −1 and for ids no part holds. Only the candidates'
+    rows are read (from disk pages when mapped)."""
     flat = ids.ravel()
     out = np.full(flat.shape, MISSING, dtype=np.float32)
-    rows_of_query = np.repeat(np.arange(len(queries)), ids.shape[1])
+    asked = np.flatnonzero((flat >= 0) & (True if mask is None else mask.ravel()))
+    query_of = asked // ids.shape[1]
     for part in parts:
-        pos, found = part.positions(flat)
+        pos, found = part.positions(flat[asked])
         held = np.flatnonzero(found)
         for start in range(0, len(held), RERANK_BLOCK):    # a block of rows at a time: bounded scratch memory
-            where = held[start:start + RERANK_BLOCK]
-            where = where[np.argsort(pos[where], kind="stable")]     # read the tier in file order
-            rows = np.asarray(part.tier[pos[where]], dtype=np.float32)
-            out[where] = np.einsum("ij,ij->i", rows, queries[rows_of_query[where]])
+            mine = held[start:start + RERANK_BLOCK]
+            mine = mine[np.argsort(pos[mine], kind="stable")]       # read the tier in file order
+            rows = np.asarray(part.tier[pos[mine]], dtype=np.float32)
+            out[asked[mine]] = np.einsum("ij,ij->i", rows, queries[query_of[mine]])
     return out.reshape(ids.shape)
 
 
