@@ -162,7 +162,7 @@ class Shard:
 
     def k_factor(self, asked: int | None = None) -> int:
         """Candidates per answer a two-tier search re-ranks: ``asked``, else the manifest's default."""
-        k_factor = asked or self.defaults.get("k_factor") or tiers.DEFAULT_K_FACTOR
+        k_factor = asked if asked is not None else self.defaults.get("k_factor") or tiers.DEFAULT_K_FACTOR
         if int(k_factor) != k_factor or k_factor < 1:
             raise ValueError(f"k_factor must be a positive whole number, got {k_factor}")
         return int(k_factor)

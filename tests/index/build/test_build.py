@@ -70,6 +70,8 @@ def test_a_two_tier_memory_answers_at_the_cheapest_calibrated_setting_from_a_map
     at_default = recall_at_k(memory.search(queries, 10).ids, truth)
     assert at_default >= 0.94 and abs(at_default - recall["recall"]) < 0.03
     assert recall_at_k(memory.search(queries, 10, k_factor=1).ids, truth) < 0.85       # the re-rank is what reaches it
+    with pytest.raises(ValueError, match="k_factor must be a positive whole number, got 0"):
+        memory.search(queries, 10, k_factor=0)
     found = memory.search(queries, 10)
     np.testing.assert_allclose(found.similarities, np.einsum("qd,qkd->qk", queries, vectors[found.ids]), atol=2e-3)
 
