@@ -78,10 +78,11 @@ class VisualMemory:
         return self.snapshot.version
 
     # queries -----------------------------------------------------------------------------------
-    def search(self, queries, k: int = 10, nprobe: int | None = None) -> Neighbours:
+    def search(self, queries, k: int = 10, nprobe: int | None = None, k_factor: int | None = None) -> Neighbours:
         """The ``k`` nearest memory items of each query (unit-normalised first; see index.queries).
-        ``nprobe`` overrides the manifest's default for this call."""
-        return self.snapshot.search(queries, k, nprobe)
+        ``nprobe`` and ``k_factor`` (a two-tier memory's candidates re-ranked per answer)
+        override the manifest's defaults for this call."""
+        return self.snapshot.search(queries, k, nprobe, k_factor)
 
     def classify(self, queries, k: int = 10, rule: str = "plurality", nprobe: int | None = None) -> Classification:
         found = self.search(queries, k, nprobe)

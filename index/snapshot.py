@@ -16,6 +16,7 @@ import numpy as np
 from index.queries import check_vectors
 from index.shard.faiss_io import load_trained
 from index.shard.search import coarse_assignment, merge_topk
+from index.shard.tiers import MISSING, best_exact
 from index.shard.state import Part, Shard
 from index.store import commit
 from index.store.manifest import Manifest, next_manifest, read_manifest
@@ -58,15 +59,19 @@ class Snapshot:
         return sum(len(s) for s in self.shards)
 
     # queries -----------------------------------------------------------------------------------
-    def search(self, queries, k: int = 10, nprobe: int | None = None) -> Neighbours:
+    def search(self, queries, k: int = 10, nprobe: int | None = None, k_factor: int | None = None) -> Neighbours:
         """The ``k`` nearest memory items of each query (unit-normalised first; see index.queries).
-        ``nprobe`` overrides the manifest's default for this call."""
+        ``nprobe`` (and ``k_factor``, candidates re-ranked per answer in a two-tier memory)
+        override the manifest's defaults for this call."""
         queries = check_vectors(queries, self.manifest.dim, "query vectors")
         if k < 1:
             raise ValueError(f"k must be a positive whole number, got {k}")
         coarse = coarse_assignment(self.shards, queries, nprobe)          # once for every shard
-        answers = [dict(zip(("similarities", "ids"), s.search(queries, k, nprobe, coarse))) for s in self.shards]
-        found = merge_topk(answers, k)
+        if self.shards[0].two_tier:
+            found = two_tier_topk(self.shards, queries, k, nprobe, coarse, k_factor)
+        else:
+            answers = [dict(zip(("similarities", "ids"), s.search(queries, k, nprobe, coarse))) for s in self.shards]
+            found = merge_topk(answers, k)
         uris, labels = np.full(found["ids"].shape, None, object), np.full(found["ids"].shape, None, object)
         weights = np.ones(found["ids"].shape)
         for n, shard in enumerate(self.shards):            # metadata of the k answers only, from their shards
@@ -121,3 +126,19 @@ class Snapshot:
             txn.manifest = next_manifest(self.manifest, [s.save(txn.fs, txn.root, txn.folder) for s in shards],
                                          **changes)
         return replace(self, manifest=txn.manifest, shards=shards)
+
+
+def two_tier_topk(shards: list[Shard], queries: np.ndarray, k: int, nprobe: int | None, coarse,
+                  k_factor: int | None) -> dict:
+    """The top-k of two-tier shards: the memory's ``k·k_factor`` best candidates by their codes
+    (every shard's best, merged), then each shard re-ranks those it holds exactly. The same answer
+    as one index holding every live vector, whatever the number of shards or segments."""
+    wanted = k * shards[0].k_factor(k_factor)
+    answers = [dict(zip(("similarities", "ids"), s.candidates(queries, wanted, nprobe, coarse))) for s in shards]
+    found = merge_topk(answers, wanted)
+    found["exact"] = np.full(found["ids"].shape, MISSING, dtype=np.float32)
+    for n, shard in enumerate(shards):
+        mine = found["shards"] == n
+        if mine.any():
+            found["exact"] = np.where(mine, shard.rerank(queries, found["ids"], mine), found["exact"])
+    return best_exact(found, k)

@@ -24,13 +24,18 @@ def add_index_parsers(sub) -> None:
     build.add_argument("--shards", type=int, default=2, help="number of shards")
     build.add_argument("--factory", default=None,
                        help="FAISS factory string (default: exact Flat below 100k vectors, IVF with 8-bit scalar "
-                            "codes above, e.g. IVF8192,SQ8 at 1M; see README 'Recall')")
+                            "codes above, e.g. IVF8192,SQ8 at 1M; see README 'Recall'). Two tiers: "
+                            "IVF8192,PQ48x4fs,Refine(SQfp16) keeps 4-bit fast-scan codes in RAM and re-ranks "
+                            "k·k_factor candidates from fp16 vectors memory-mapped from local disk")
     build.add_argument("--replace", action="store_true",
                        help="let the new version replace a memory that holds another encoder's vectors (without "
                             "it, that is an error: their vectors cannot be compared)")
     add_nprobe(build, "the IVF lists a query visits unless it asks for another number, recorded in the manifest "
                       "(default: the smallest nprobe whose recall@10, measured by the build against exact search "
                       "on the collection's own vectors, reaches 0.95)")
+    build.add_argument("--k-factor", type=int, default=None, metavar="F",
+                       help="two-tier factories: candidates re-ranked per answer (k·F), recorded in the manifest "
+                            "(default: calibrated with nprobe, the cheapest pair whose recall@10 reaches 0.95)")
     build.add_argument("--local", action="store_true",
                        help="build in this process, one file after another, without Ray (default from 100,000 "
                             "vectors, or with --address: Ray tasks encode the embedding files in parallel and merge "
@@ -58,6 +63,10 @@ def add_index_parsers(sub) -> None:
     tune.add_argument("--reason", default=None, metavar="TEXT", help="why: recorded in the memory's log")
     add_common(tune, ray=False)
 
+    add_bench_parser(idx)
+
+
+def add_bench_parser(idx) -> None:
     bench = add_command(
         idx, "bench", "recall@10 and queries/s of a memory across nprobe, beside bare FAISS (synthetic vectors)",
         description="Writes clustered synthetic vectors as embedding Parquet, builds a memory from them with "
@@ -79,6 +88,10 @@ def add_index_parsers(sub) -> None:
     bench.add_argument("--factory", default=None, help="FAISS factory string (default: the build's choice)")
     bench.add_argument("--nprobes", default=",".join(map(str, d.nprobes)), help="comma-separated nprobes to sweep")
     bench.add_argument("--also", default=None, help="semicolon-separated factory strings measured with bare FAISS too")
+    bench.add_argument("--memories", default=None,
+                       help="semicolon-separated factory strings also built as memories and measured beside the "
+                            "default in fresh processes: resident RAM per vector (RssAnon), recall@10, batched "
+                            "queries/s, single-query latency; e.g. 'IVF4096,PQ48x4fs,Refine(SQfp16)'")
     bench.add_argument("--workdir", default=None,
                        help="folder or URL for the embeddings and the memory (default: a temporary folder, removed)")
     bench.add_argument("--workers", type=int, default=None,
@@ -95,12 +108,13 @@ def cmd_build(args) -> dict:
     from cluster.runtime import named_cluster, ray_session
     from index.build.build import build_memory, runs_in_process
     from index.build.parallel_add import plan_files
-    check_positive(args, "shards", "nprobe")
+    check_positive(args, "shards", "nprobe", "k_factor")
     options = {}                                     # only what was asked for: build_memory's defaults otherwise
     if args.replace:
         options["replace"] = True
-    if args.nprobe is not None:
-        options["nprobe"] = args.nprobe
+    for name in ("nprobe", "k_factor"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
     bars = {}
 
     def progress(stage: str, done: int, total: int) -> None:
@@ -135,9 +149,11 @@ def cmd_tune(args) -> dict:
         queries = read_memory_embeddings(memory.manifest, memory.url, args.queries)[1]
     before = memory.manifest.search.get("nprobe")
     version, result = tune(memory, args.target_recall, queries, args.held_out, args.k, args.reason)
-    print(f"memory {args.memory}: version {version}, nprobe {before} -> {result['nprobe']}: recall@{result['k']} "
-          f"{result['recall']:.4f} on {result['queries']} {result['held_out']} (target {result['target']}; by nprobe "
-          f"{result['by_nprobe']})")
+    k_factor = f", k_factor {result['k_factor']}" if "k_factor" in result else ""     # a two-tier memory
+    print(f"memory {args.memory}: version {version}, nprobe {before} -> {result['nprobe']}{k_factor}: "
+          f"recall@{result['k']} {result['recall']:.4f} on {result['queries']} {result['held_out']} (target "
+          f"{result['target']}; by {'nprobe' if 'by_nprobe' in result else 'nprobe,k_factor'} "
+          f"{result.get('by_nprobe') or result['by_setting']})")
     return {"memory": args.memory, "version": version, **result}
 
 
@@ -148,6 +164,7 @@ def cmd_index_bench(args) -> dict:
                            shards=args.shards, queries=args.held_out, factory=args.factory,
                            nprobes=tuple(parse_ints(args.nprobes, "--nprobes")),
                            also=tuple(f for f in (args.also or "").split(";") if f.strip()), workdir=args.workdir,
+                           memories=tuple(f for f in (args.memories or "").split(";") if f.strip()),
                            workers=args.workers)
     from cluster.runtime import init_ray
     return run(cfg, record_printer(args), start_ray=init_ray)

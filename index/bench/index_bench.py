@@ -48,6 +48,8 @@ class IndexBenchConfig:
     factory: str | None = None            # None: the build's default for this size
     nprobes: tuple[int, ...] = NPROBES
     also: tuple[str, ...] = ()            # more factory strings, bare FAISS only
+    memories: tuple[str, ...] = ()        # more factory strings built as memories, measured beside the default
+    latency_queries: int = 200            # single queries timed one at a time, per memory
     workdir: str | None = None            # where embeddings and the memory go (default: a temporary folder)
     file_rows: int = 100_000              # vectors per embedding Parquet file
     workers: int | None = None            # CPUs of the local Ray for the parallel build (default: all)
@@ -165,9 +167,82 @@ def run(cfg: IndexBenchConfig, emit=print, start_ray=None):
             if record["default"]:
                 summary.update(default_recall_at_10=record["recall_at_10"], default_qps_ratio=record["qps_ratio"])
         del bare
+        del memory, mapped
+        compare_memories(cfg, work, {manifest.factory: memory_url}, queries, truth, summary, emit,
+                         lambda factory, build: build_run_record(cfg, factory, 1, build, bare_build, sample_gb))
         for factory in cfg.also:
             bare_factory_figures(cfg, factory, vectors, queries, truth, emit)
     return summary
+
+
+def compare_memories(cfg: IndexBenchConfig, work: str, compared: dict, queries: np.ndarray, truth: np.ndarray,
+                     summary: dict, emit, build_record) -> None:
+    """``--memories``: build each factory as a memory (one worker, in its own process), then open
+    the default memory and each of them in a fresh process and emit their ``resident_record``."""
+    for factory in cfg.memories:
+        url = f"{work}/memory-{len(compared)}"
+        emit(build_record(factory, in_own_process(timed_build, f"{work}/embeddings", url, cfg.shards, factory, 1)))
+        compared[factory] = url
+    for url in compared.values():
+        emit(resident_record(cfg, url, queries, truth, summary))
+
+
+def resident_record(cfg: IndexBenchConfig, url: str, queries: np.ndarray, truth: np.ndarray, summary: dict) -> dict:
+    """One memory opened in a fresh process (``resident_search``): its resident anonymous bytes per
+    vector, recall@10, batched queries/s and single-query latency at its calibrated defaults, and
+    the bytes of its files per vector (codes and ids; a two-tier memory's re-rank tier apart)."""
+    from index.build.recall import recall_at_k                 # FAISS underneath: see the module docstring
+    from index.store.manifest import read_manifest
+    manifest = read_manifest(url)
+    fs, root = fsspec.core.url_to_fs(url)
+    indexes = sum(fs.size(f"{root}/{p}") for s in manifest.shards for p in [s.index] + [g.index for g in s.segments])
+    tier = sum(fs.size(f"{root}/{s.tier}") for s in manifest.shards if s.tier)
+    measured = in_own_process(resident_search, url, queries, cfg.k, cfg.latency_queries)
+    record = {"what": "resident", "vectors": cfg.vectors, "dim": cfg.dim, "shards": cfg.shards,
+              "factory": manifest.factory, **manifest.search,
+              "recall_at_10": round(recall_at_k(measured.pop("ids"), truth), 4),
+              "index_file_bytes_per_vector": round(indexes / cfg.vectors, 1),
+              "tier_file_bytes_per_vector": round(tier / cfg.vectors, 1), **measured}
+    if record["factory"] == summary["factory"]:
+        summary["resident"] = record
+    else:
+        base = summary.get("resident")
+        if base:
+            record["qps_ratio_to_default"] = round(record["qps"] / base["qps"], 2)
+            record["latency_ratio_to_default"] = round(record["single_p50_ms"] / base["single_p50_ms"], 2)
+            record["ram_ratio_to_default"] = round(record["rss_anon_bytes_per_vector"]
+                                                   / base["rss_anon_bytes_per_vector"], 3)
+    return record
+
+
+def resident_search(url: str, queries: np.ndarray, k: int, single: int) -> dict:
+    """In this (fresh) process: RssAnon before ``VisualMemory.open``, after it and after a batch of
+    searches (codes, ids, metadata, search buffers: what the memory keeps in anonymous memory; a
+    mapped tier's pages are file pages, reported apart as RssFile), the batch's ids and best
+    queries/s, and the latency of ``single`` queries asked one at a time."""
+    from index.memory import VisualMemory                       # FAISS underneath: see the module docstring
+    before = rss_kb()
+    memory = VisualMemory.open(url)
+    opened = rss_kb()
+    ids, qps = timed_search(lambda q: memory.search(q, k).ids, queries)
+    searched = rss_kb()
+    latencies = []
+    for query in queries[:single]:
+        start = time.perf_counter()
+        memory.search(query[None], k)
+        latencies.append(time.perf_counter() - start)
+    n = len(memory)
+    return {"ids": ids, "qps": round(qps), "single_p50_ms": round(float(np.percentile(latencies, 50)) * 1000, 3),
+            "single_p95_ms": round(float(np.percentile(latencies, 95)) * 1000, 3),
+            "rss_anon_bytes_per_vector_open": round((opened["RssAnon"] - before["RssAnon"]) * 1024 / n, 1),
+            "rss_anon_bytes_per_vector": round((searched["RssAnon"] - before["RssAnon"]) * 1024 / n, 1),
+            "rss_file_mb_after_search": round((searched["RssFile"] - before["RssFile"]) / 1024, 1)}
+
+
+def rss_kb(pid: int | str = "self") -> dict:
+    """A process's resident memory by kind (``RssAnon``, ``RssFile``, ``RssShmem``), in kB."""
+    with open(f"/proc/{pid}/status") as f:
+        return {line.split(":")[0]: int(line.split()[1]) for line in f if line.startswith("Rss")}
 
 
 def build_run_record(cfg: IndexBenchConfig, factory: str, workers: int, build: dict, bare_build: dict,

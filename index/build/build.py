@@ -22,9 +22,11 @@ from typing import Callable
 import faiss
 import numpy as np
 
+from index.build.recall import K_FACTORS
 from index.build.parallel_add import EmbeddingFile, Runner, parallel_add, plan_files, training_sample
 from index.ingest.embeddings import check_embeddings_encoder, embedding_encoder
 from index.shard.faiss_io import serialize
+from index.shard import tiers
 from index.shard.placement import Placement
 from index.shard.search import plain_ivf
 from index.store import commit
@@ -67,7 +69,18 @@ def training_size(factory: str) -> int:
 
 
 def empty_index(dim: int, factory: str) -> faiss.Index:
-    """The untrained index ``factory`` describes, or a ValueError naming the factory string."""
+    """The untrained index ``factory`` describes, or a ValueError naming the factory string; for a
+    two-tier factory (an IVF index refined, ``index.shard.tiers``) its IVF base."""
+    return tiers.split(factory_index(dim, factory))[0]
+
+
+def tier_dtype(dim: int, factory: str) -> str | None:
+    """The dtype a two-tier ``factory`` keeps its re-rank vectors in (None: one tier)."""
+    dtype = tiers.split(factory_index(dim, factory))[1]
+    return None if dtype is None else dtype.name
+
+
+def factory_index(dim: int, factory: str) -> faiss.Index:
     try:
         return faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
@@ -83,7 +96,7 @@ def with_ids(factory: str, dim: int) -> str:
     owner = empty_index(dim, factory)                  # owns the C++ object the downcast view points to
     index = faiss.downcast_index(owner)
     if factory.startswith("IDMap") or (faiss.try_extract_index_ivf(index) is not None
-                                       and not isinstance(index, faiss.IndexRefine)):
+                                       and not isinstance(index, faiss.IndexRefine)):     # two-tier: its IVF base
         return factory
     return f"IDMap2,{factory}"
 
@@ -108,14 +121,16 @@ def build_memory(embeddings_url: str, memory_url: str, shards: int = 2, factory:
                  encoder: dict | None = None, replace: bool = False, nprobe: int | None = None,
                  target_recall: float = TARGET_RECALL, trained: faiss.Index | None = None,
                  progress: Callable[[str, int, int], object] | None = None, use_ray: bool | None = None,
-                 plan: tuple[list[EmbeddingFile], int] | None = None) -> Manifest:
+                 plan: tuple[list[EmbeddingFile], int] | None = None, k_factor: int | None = None) -> Manifest:
     """Build the next version of the memory at ``memory_url`` (version 1 for a new one).
 
     A parallel add (``index.build.parallel_add``): the driver reads the files' footers and a training
     sample, trains the empty index, and tasks (Ray's when it is connected) encode the files into
     per-shard pieces and merge each shard. ``nprobe`` fixes the default search depth; by default
     the build picks the smallest nprobe whose recall@10 against exact search, measured on vectors
-    of the collection, reaches ``target_recall``. A memory that holds another encoder's vectors is
+    of the collection, reaches ``target_recall``; a two-tier factory (``index.shard.tiers``) also
+    picks ``k_factor``, the candidates re-ranked per answer (the cheapest pair: ``recall.cheapest_setting``)
+    unless one is given. A memory that holds another encoder's vectors is
     refused unless ``replace``. ``trained`` is a trained empty index of ``factory`` to fill instead
     of training one (another memory's): two memories over one trained index answer comparably.
     ``progress(stage, done, total)`` is called as tasks finish. ``use_ray``: None runs the tasks on
@@ -132,7 +147,7 @@ def build_memory(embeddings_url: str, memory_url: str, shards: int = 2, factory:
     encoder = encoder or embedding_encoder(embeddings_url)
     factory = with_ids(factory or choose_factory(count, dim), dim)
     empty = empty_index(dim, factory)
-    check_nprobe(nprobe, empty)
+    check_nprobe(nprobe, empty, k_factor)
     check_lists(shards, empty, factory)
     previous = current_manifest(memory_url)
     if previous is not None and not replace:
@@ -166,7 +181,8 @@ def build_memory(embeddings_url: str, memory_url: str, shards: int = 2, factory:
         folder = txn.folder
         commit.write(txn.fs, f"{txn.root}/{folder}/trained.faiss", serialize(empty))
         entries, recall = parallel_add(runner, files, empty, placement, memory_url, folder, calibration, candidates,
-                                       target_recall, k=max(1, min(10, count - 1)))
+                                       target_recall, max(1, min(10, count - 1)), tier_dtype(dim, factory),
+                                       (k_factor,) if k_factor else K_FACTORS)
         check_written(txn.fs, txn.root, entries)
         if recall is not None and recall["recall"] < target_recall:
             log.warning("recall@%d is %.3f at nprobe %d, below the target %.2f: the factory's codes are too coarse "
@@ -174,7 +190,8 @@ def build_memory(embeddings_url: str, memory_url: str, shards: int = 2, factory:
                         target_recall)
         txn.manifest = Manifest(version=version, encoder=encoder, dim=dim, metric="inner_product",
                                 factory=factory, trained_index=f"{folder}/trained.faiss", shards=entries,
-                                next_id=count, search={"nprobe": recall["nprobe"]} if recall else {}, recall=recall,
+                                next_id=count, search={key: recall[key] for key in ("nprobe", "k_factor") if key in recall}
+                                if recall else {}, recall=recall,
                                 placement=placement.record(),
                                 parent=previous.version if previous else None, operation="build",
                                 counts={"vectors": count})
@@ -214,8 +231,11 @@ def check_shards(shards: int, count: int) -> None:
                          "(a shard of a few million vectors is typical)")
 
 
-def check_nprobe(nprobe: int | None, empty: faiss.Index) -> None:
-    """A pinned nprobe must name between 1 and nlist lists of the ``empty`` index (Flat indexes ignore it)."""
+def check_nprobe(nprobe: int | None, empty: faiss.Index, k_factor: int | None = None) -> None:
+    """A pinned nprobe must name between 1 and nlist lists of the ``empty`` index (Flat indexes ignore
+    it); a pinned k_factor must be a positive whole number."""
+    if k_factor is not None and (int(k_factor) != k_factor or k_factor < 1):
+        raise ValueError(f"k_factor must be a positive whole number, got {k_factor}")
     if nprobe is None:
         return
     ivf = faiss.try_extract_index_ivf(empty)

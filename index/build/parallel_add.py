@@ -33,13 +33,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from index.build.recall import NprobeSweep, RunningTopk, drop_self, recall_at_k, stopped_rising
+from index.build.recall import (K_FACTORS, NprobeSweep, RunningTopk, cheapest_setting, drop_self, query_bytes,
+                                recall_at_k, stopped_rising)
 from index.exact import exact_topk
 from index.ingest.embeddings import embedding_dim, embedding_files, embedding_matrix
 from index.shard.faiss_io import deserialize, merge_codes, serialize
 from index.shard.placement import Placement, encode
 from index.shard.search import merge_topk
 from index.shard.state import Shard, metadata_table
+from index.shard.tiers import best_exact, tier_of
 from index.store import commit
 from index.store.manifest import ShardEntry
 
@@ -136,10 +138,12 @@ def sample_rows(file: EmbeddingFile, positions: np.ndarray) -> np.ndarray:
 
 
 @hands_back_memory
-def encode_file(file: EmbeddingFile, trained: np.ndarray, placement: Placement, queries: np.ndarray, k: int):
+def encode_file(file: EmbeddingFile, trained: np.ndarray, placement: Placement, queries: np.ndarray, k: int,
+                tier_dtype: str | None = None):
     """Encode one file into one piece per shard, plus the exact top-``k`` of ``queries`` among its
     vectors. Returns ``(piece_0, …, piece_{shards−1}, (similarities, ids))``; a piece is
-    ``(serialised index, metadata table)``, empty when the file holds no vector of that shard.
+    ``(serialised index, metadata table, re-rank rows or None)``, empty when the file holds no
+    vector of that shard (``tier_dtype``: the two-tier format's, ``index.shard.tiers``).
     Each vector's list is found once: it picks the shard and is the list the piece files it in."""
     table = read_file(file)
     vectors = embedding_matrix(table)
@@ -150,7 +154,8 @@ def encode_file(file: EmbeddingFile, trained: np.ndarray, placement: Placement, 
     for rows, lists in placement.split(empty, vectors, ids):
         index = encode(empty, vectors[rows], ids[rows], lists)
         mine = columns.take(rows)
-        pieces.append((serialize(index), metadata_table(ids[rows], mine["uri"], mine["label"], mine["id"])))
+        pieces.append((serialize(index), metadata_table(ids[rows], mine["uri"], mine["label"], mine["id"]),
+                       tier_of(vectors[rows], tier_dtype)))
     return (*pieces, exact_topk(queries, vectors, ids, k))
 
 
@@ -162,6 +167,8 @@ class Calibration:
     truth: np.ndarray          # [nq, k] exact neighbours, own id dropped
     candidates: list[int]      # nprobes to try, in order
     target: float
+    cost: tuple | None = None  # two-tier: (vectors per list, code bytes, re-rank row bytes): see recall.query_bytes
+    k_factors: tuple = K_FACTORS     # two-tier: the k_factors to try, in order
 
 
 @hands_back_memory
@@ -173,13 +180,14 @@ def merge_shard(number: int, trained: np.ndarray, memory_url: str, folder: str,
     recall can be lower than any shard's, so the driver asks for more nprobes if it needs them
     (``search_shard``). Returns the shard's manifest entry and ``{nprobe: (similarities, ids)}``."""
     index = deserialize(trained)
-    for blob, _ in pieces:
+    for blob, *_ in pieces:
         merge_codes(index, deserialize(blob))
-    shard = Shard(index, pa.concat_tables([metadata for _, metadata in pieces]), number)
+    tier = np.concatenate([rows for *_, rows in pieces]) if pieces and pieces[0][2] is not None else None
+    shard = Shard(index, pa.concat_tables([metadata for _, metadata, _ in pieces]), number, tier=tier)
     fs, root = commit.filesystem(memory_url)
     entry = shard.save(fs, root, folder)
     found: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    if calibration is not None:
+    if calibration is not None and not shard.two_tier:        # two tiers: calibrate_two_tier searches them
         k = calibration.truth.shape[1]
         mine = shard.held(calibration.truth.ravel()).reshape(calibration.truth.shape)   # the true neighbours it holds
         history, sweep = [], NprobeSweep(shard, calibration.queries, k + 1)
@@ -194,10 +202,55 @@ def merge_shard(number: int, trained: np.ndarray, memory_url: str, folder: str,
 
 
 def search_shard(memory_url: str, entry: ShardEntry, number: int, queries: np.ndarray, k: int,
-                 nprobes: list[int]) -> dict:
-    """Shard ``number`` of a written (not yet committed) build, read back, searched at ``nprobes``."""
-    sweep = NprobeSweep(Shard.load(memory_url, entry, number), queries, k)
+                 nprobes: list[int], k_factor: int | None = None) -> dict:
+    """Shard ``number`` of a written (not yet committed) build, read back, searched at ``nprobes``
+    (a two-tier shard: its candidates at ``k_factor``, ``two_tier_answers``)."""
+    shard = Shard.load(memory_url, entry, number)
+    if shard.two_tier:
+        return two_tier_answers(shard, queries, k, nprobes, k_factor)
+    sweep = NprobeSweep(shard, queries, k)
     return {n: sweep.at(n) for n in sorted(nprobes)}
+
+
+def two_tier_answers(shard: Shard, queries: np.ndarray, k: int, nprobes: list[int], k_factor: int) -> dict:
+    """``{nprobe: (code similarities, ids, exact similarities)}`` of a two-tier shard's ``k·k_factor``
+    best candidates: merged across shards by their codes and then ordered exactly, they give what
+    the memory answers (``Snapshot.search``)."""
+    out = {}
+    for nprobe in nprobes:
+        sims, ids = shard.candidates(queries, k * k_factor, nprobe)
+        out[nprobe] = (sims, ids, shard.rerank(queries, ids))
+    return out
+
+
+def calibrate_two_tier(runner: "Runner", entries: list[ShardEntry], calibration: Calibration,
+                       memory_url: str) -> dict:
+    """The cheapest (nprobe, k_factor) of a two-tier memory whose merged recall reaches the target
+    (``recall.cheapest_setting``; cost: the bytes a query reads, ``recall.query_bytes``). In this
+    process the shards are read once; on Ray each measurement is one task per shard."""
+    k, queries = calibration.truth.shape[1], calibration.queries
+    local = None if runner.ray else [Shard.load(memory_url, e, s) for s, e in enumerate(entries)]
+
+    def recall_of(nprobe: int, k_factor: int) -> float:
+        if local is not None:
+            answers = [two_tier_answers(shard, queries, k + 1, [nprobe], k_factor) for shard in local]
+        else:
+            answers = runner.get([runner.submit(search_shard, memory_url, e, s, queries, k + 1, [nprobe], k_factor)
+                                  for s, e in enumerate(entries)], "calibrate")
+        found = merge_topk([dict(zip(("similarities", "ids", "exact"), a[nprobe])) for a in answers],
+                           (k + 1) * k_factor)
+        recall = recall_at_k(drop_self(best_exact(found, k + 1)["ids"], calibration.own, k), calibration.truth)
+        log.info("recall@%d at nprobe %d, k_factor %d: %.3f", k, nprobe, k_factor, recall)
+        return recall
+
+    def cost(nprobe: int, k_factor: int) -> float:
+        return query_bytes(nprobe, k_factor, k, *calibration.cost)
+
+    (nprobe, k_factor), by = cheapest_setting(recall_of, calibration.candidates, calibration.k_factors, cost,
+                                              calibration.target)
+    return {"k": k, "recall": by[(nprobe, k_factor)], "nprobe": nprobe, "k_factor": k_factor,
+            "target": calibration.target, "queries": len(calibration.own), "bytes_per_query": round(cost(nprobe, k_factor)),
+            "by_setting": {f"{n},{f}": round(r, 4) for (n, f), r in by.items()}}
 
 
 def merged_recall(results: list[dict], calibration: Calibration, nprobe: int) -> float:
@@ -333,25 +386,36 @@ def training_sample(runner: Runner, files: list[EmbeddingFile], dim: int, size: 
 
 def parallel_add(runner: Runner, files: list[EmbeddingFile], trained: faiss.Index, placement: Placement, memory_url: str,
                  folder: str, calibration_sample: tuple[np.ndarray, np.ndarray] | None, candidates: list[int],
-                 target: float, k: int = 10) -> tuple[list[ShardEntry], dict | None]:
-    """Encode every file into pieces, merge each shard, and measure recall: (entries, recall)."""
+                 target: float, k: int = 10, tier_dtype: str | None = None, k_factors: tuple = K_FACTORS,
+                 ) -> tuple[list[ShardEntry], dict | None]:
+    """Encode every file into pieces, merge each shard, and measure recall: (entries, recall).
+    ``tier_dtype``: the two-tier format's re-rank rows (``index.shard.tiers``), None for one tier;
+    its calibration tries ``k_factors``."""
     blob = runner.put(serialize(trained))
     queries, own = calibration_sample if calibration_sample is not None else (np.zeros((0, trained.d), np.float32),
                                                                               np.zeros(0, np.int64))
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     query_ref = runner.put(queries)
     shards = placement.shards
-    encoded = [runner.submit(encode_file, f, blob, placement, query_ref, k + 1, num_returns=shards + 1) for f in files]
+    encoded = [runner.submit(encode_file, f, blob, placement, query_ref, k + 1, tier_dtype, num_returns=shards + 1)
+               for f in files]
     best = RunningTopk(len(queries), k + 1)
     for _, (sims, ids) in runner.each([e[shards] for e in encoded], "encode"):
         best.add(sims, ids)
     calibration = None
     if calibration_sample is not None:
         calibration = Calibration(queries, own, drop_self(best.ids, own, k), candidates, target)
+        if tier_dtype is not None:
+            ivf = faiss.extract_index_ivf(trained)
+            calibration.cost = (sum(f.rows for f in files) / ivf.nlist, ivf.code_size,
+                                trained.d * np.dtype(tier_dtype).itemsize)
+            calibration.k_factors = tuple(k_factors)
     merged = [runner.submit(merge_shard, s, blob, memory_url, folder, calibration, *[e[s] for e in encoded],
                             num_returns=1) for s in range(shards)]
     results = runner.get(merged, "merge")
     entries = [entry for entry, _ in results]
     if calibration is None:
         return entries, None
+    if tier_dtype is not None:
+        return entries, calibrate_two_tier(runner, entries, calibration, memory_url)
     return entries, calibrate(runner, entries, [found for _, found in results], calibration, memory_url)

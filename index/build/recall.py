@@ -10,6 +10,7 @@ exact merge); a memory vector used as a query has its own id dropped from both l
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import numpy as np
 
@@ -47,6 +48,54 @@ class RunningTopk:
         merged = merge_topk([{"similarities": self.similarities, "ids": self.ids},
                              {"similarities": similarities, "ids": ids}], self.k)
         self.similarities, self.ids = merged["similarities"], merged["ids"]
+
+
+K_FACTORS = (2, 4, 8, 16, 32, 64)        # candidates re-ranked per answer a two-tier calibration tries, in order
+
+
+def query_bytes(nprobe: int, k_factor: int, k: int, per_list: float, code_bytes: int, row_bytes: int) -> float:
+    """The cost of a two-tier search, as the bytes one query reads: the codes of ``nprobe`` lists
+    of ``per_list`` vectors, and the ``k·k_factor`` re-rank rows of its candidates."""
+    return nprobe * per_list * code_bytes + k * k_factor * row_bytes
+
+
+def cheapest_setting(recall_of: Callable[[int, int], float], nprobes: list[int], k_factors, cost, target: float,
+                     ) -> tuple[tuple[int, int], dict]:
+    """The cheapest ``(nprobe, k_factor)`` by ``cost`` whose ``recall_of`` reaches ``target`` (else
+    the best seen), and every recall measured, ``{(nprobe, k_factor): recall}``.
+
+    Recall never falls as ``k_factor`` grows (the candidates are a superset, re-ranked exactly),
+    so the smallest nprobe for the next k_factor is at most the last one's: the first k_factor
+    climbs ``nprobes`` (until the target, or recall stops rising), the next ones step down from
+    there. The k_factors stop once re-ranking alone costs more than the best setting found."""
+    by: dict[tuple[int, int], float] = {}
+
+    def reaches(i: int, k_factor: int) -> bool:
+        key = (nprobes[i], k_factor)
+        if key not in by:
+            by[key] = recall_of(*key)
+        return by[key] >= target
+
+    best, low = None, None                 # low: index of the smallest nprobe reaching the target so far
+    for k_factor in k_factors:
+        if best is not None and cost(nprobes[0], k_factor) >= cost(*best):
+            break
+        if low is None:
+            for i in range(len(nprobes)):
+                if reaches(i, k_factor):
+                    low = i
+                    break
+                if stopped_rising([by[(n, k_factor)] for n in nprobes[:i + 1]]):
+                    break
+            if low is None:
+                continue
+        else:
+            reaches(low, k_factor)
+            while low > 0 and reaches(low - 1, k_factor):
+                low -= 1
+        if best is None or cost(nprobes[low], k_factor) < cost(*best):
+            best = (nprobes[low], k_factor)
+    return best or max(by, key=by.get), by
 
 
 def stopped_rising(recalls: list[float]) -> bool:

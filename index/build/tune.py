@@ -19,10 +19,9 @@ import faiss
 import numpy as np
 
 from index.build.build import nprobe_candidates
-from index.build.recall import RunningTopk, drop_self, recall_at_k
+from index.build.recall import K_FACTORS, RunningTopk, cheapest_setting, drop_self, query_bytes, recall_at_k
 from index.exact import exact_topk
 from index.memory import VisualMemory
-from index.shard.faiss_io import reconstruct
 from index.snapshot import Snapshot
 
 log = logging.getLogger("vismem.index.tune")
@@ -36,7 +35,7 @@ def exact_neighbours(snapshot: Snapshot, queries: np.ndarray, k: int) -> np.ndar
         for part in shard.parts:
             ids = shard.live_ids(part)
             if len(ids):
-                best.add(*exact_topk(queries, reconstruct(part.index, ids, part.mapped_from), ids, k))
+                best.add(*exact_topk(queries, part.decoded(ids), ids, k))
     return best.ids
 
 
@@ -50,7 +49,7 @@ def held_out_sample(snapshot: Snapshot, n: int, seed: int = 0) -> tuple[np.ndarr
     for _, part, part_ids in live:
         mine = part_ids[np.isin(part_ids, chosen)]
         if len(mine):
-            vectors.append(reconstruct(part.index, mine, part.mapped_from))
+            vectors.append(part.decoded(mine))
             ids.append(mine)
     return np.ascontiguousarray(np.concatenate(vectors)), np.concatenate(ids)
 
@@ -66,6 +65,8 @@ def measure(snapshot: Snapshot, queries: np.ndarray, own: np.ndarray | None, tar
     extra = 0 if own is None else 1
     truth = exact_neighbours(snapshot, queries, k + extra)
     truth = truth if own is None else drop_self(truth, own, k)
+    if snapshot.shards[0].two_tier:
+        return measure_two_tier(snapshot, queries, own, truth, target, k)
     by_nprobe: dict[int, float] = {}
     for nprobe in nprobe_candidates(ivf.nlist):
         found = snapshot.search(queries, k + extra, nprobe=nprobe).ids
@@ -76,6 +77,31 @@ def measure(snapshot: Snapshot, queries: np.ndarray, own: np.ndarray | None, tar
     best = next((n for n, r in by_nprobe.items() if r >= target), max(by_nprobe, key=by_nprobe.get))
     return {"k": k, "recall": by_nprobe[best], "nprobe": best, "target": target, "queries": len(queries),
             "by_nprobe": {str(n): round(r, 4) for n, r in by_nprobe.items()},
+            "measured_by": "tune", "truth": "exact search over the stored vectors",
+            "held_out": "leave-one-out memory vectors" if own is not None else "outside queries"}
+
+
+def measure_two_tier(snapshot: Snapshot, queries: np.ndarray, own: np.ndarray | None, truth: np.ndarray,
+                     target: float, k: int) -> dict:
+    """``measure`` for a two-tier memory: the cheapest (nprobe, k_factor) reaching ``target``, as the
+    build calibrates it (``recall.cheapest_setting``, cost ``recall.query_bytes``)."""
+    extra = 0 if own is None else 1
+    ivf = faiss.extract_index_ivf(snapshot.shards[0].index)
+    row_bytes = snapshot.manifest.dim * snapshot.shards[0].parts[0].tier.dtype.itemsize
+
+    def recall_of(nprobe: int, k_factor: int) -> float:
+        found = snapshot.search(queries, k + extra, nprobe=nprobe, k_factor=k_factor).ids
+        recall = recall_at_k(found if own is None else drop_self(found, own, k), truth)
+        log.info("recall@%d at nprobe %d, k_factor %d: %.4f", k, nprobe, k_factor, recall)
+        return recall
+
+    def cost(nprobe: int, k_factor: int) -> float:
+        return query_bytes(nprobe, k_factor, k, len(snapshot) / ivf.nlist, ivf.code_size, row_bytes)
+
+    (nprobe, k_factor), by = cheapest_setting(recall_of, nprobe_candidates(ivf.nlist), K_FACTORS, cost, target)
+    return {"k": k, "recall": by[(nprobe, k_factor)], "nprobe": nprobe, "k_factor": k_factor, "target": target,
+            "queries": len(queries), "bytes_per_query": round(cost(nprobe, k_factor)),
+            "by_setting": {f"{n},{f}": round(r, 4) for (n, f), r in by.items()},
             "measured_by": "tune", "truth": "exact search over the stored vectors",
             "held_out": "leave-one-out memory vectors" if own is not None else "outside queries"}
 
@@ -102,9 +128,10 @@ def tuned(snapshot: Snapshot, target: float, queries: np.ndarray | None = None, 
     result = measure(snapshot, np.ascontiguousarray(queries, dtype=np.float32), own, target, k)
     if result["recall"] < target:
         raise ValueError(f"no nprobe reaches recall@{k} {target} on memory {snapshot.url}: the best is "
-                         f"{result['recall']:.4f} at nprobe {result['nprobe']} ({result['by_nprobe']}); the codes "
+                         f"{result['recall']:.4f} at nprobe {result['nprobe']} "
+                         f"({result.get('by_nprobe') or result['by_setting']}); the codes "
                          f"of {snapshot.manifest.factory} are too coarse: rebuild with a finer factory (e.g. ...,SQ8)")
-    search = {**snapshot.manifest.search, "nprobe": result["nprobe"]}
+    search = {**snapshot.manifest.search, **{key: result[key] for key in ("nprobe", "k_factor") if key in result}}
     defaults = {**search, **({"nprobe": snapshot.nprobe} if snapshot.nprobe else {})}   # an override stays one
     shards = [s._derive() for s in snapshot.shards]
     for shard in shards:

@@ -44,7 +44,8 @@ def add(snapshot: Snapshot, vectors, labels, uris, source_ids=None, reason: str 
             continue
         index = encode(trained, vectors[rows], ids[rows], lists)
         shards[s] = shards[s].with_segment(index, metadata_table(
-            ids[rows], uris[rows], labels[rows], None if source_ids is None else source_ids[rows]))
+            ids[rows], uris[rows], labels[rows], None if source_ids is None else source_ids[rows]),
+            shards[s].tier_rows(vectors[rows]))
     after = snapshot.commit(shards, next_id=m.next_id + n, operation="add", counts={"added": n}, reason=reason)
     return after, ids
 

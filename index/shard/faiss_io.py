@@ -99,8 +99,8 @@ def map_index(path: str, expected: str) -> faiss.Index:
 
 def mapped(index: faiss.Index) -> bool:
     """Whether ``index``'s inverted lists are a read-only file mapping (see ``map_index``)."""
-    ivf = faiss.try_extract_index_ivf(index)
-    return ivf is not None and not isinstance(faiss.downcast_InvertedLists(ivf.invlists), faiss.ArrayInvertedLists)
+    ivf = faiss.try_extract_index_ivf(index)            # (fast-scan lists, BlockInvertedLists, are never mapped)
+    return ivf is not None and isinstance(faiss.downcast_InvertedLists(ivf.invlists), faiss.OnDiskInvertedLists)
 
 
 def copy_index(index: faiss.Index, mapped_from: str | None = None) -> faiss.Index:

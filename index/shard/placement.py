@@ -89,11 +89,12 @@ class Placement:
 
 def encode(trained: faiss.Index, vectors: np.ndarray, ids: np.ndarray, lists: np.ndarray | None) -> faiss.Index:
     """A copy of ``trained`` holding ``vectors`` as ``ids``: a segment or a build's piece. With the
-    lists already assigned (``Placement.split``) the coarse search is not repeated."""
+    lists already assigned (``Placement.split``) the coarse search is not repeated, except by a
+    fast-scan index, whose ``add_core`` takes no assignment (it files garbage), so it assigns again."""
     index = faiss.clone_index(trained)
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     ids = np.ascontiguousarray(ids, dtype=np.int64)
-    if lists is None:
+    if lists is None or isinstance(faiss.downcast_index(faiss.extract_index_ivf(index)), faiss.IndexIVFFastScan):
         index.add_with_ids(vectors, ids)
     else:
         add_preassigned(faiss.extract_index_ivf(index), vectors, np.ascontiguousarray(lists, dtype=np.int64), ids)

@@ -30,33 +30,17 @@ import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 
 from index.shard.faiss_io import (STREAM_BLOCK, check_mappable, copy_index, map_index, mapped, merge_codes, read_index,
                                   reconstruct, write_index)
+from index.shard import columns, tiers
+from index.shard.columns import metadata_table  # noqa: F401 (at home in columns, imported from here too)
 from index.shard.search import merge_topk, plain_ivf, search_parameters, search_preassigned
 from index.store import commit
 from index.store.manifest import Segment, ShardEntry, sha256
-from procdata.storage import parquet_bytes
 
 OVERFETCH_LIMIT = 4096         # removed ids per shard up to which Flat parts over-fetch (see Shard.overfetch)
-METADATA_SCHEMA = pa.schema([("id", pa.int64()), ("uri", pa.string()), ("label", pa.string()),
-                             ("source_id", pa.int64())])
-
-
-def metadata_table(ids, uris, labels, source_ids=None) -> pa.Table:
-    """The metadata of memory items: the memory's id, and the uri, label and id in its collection
-    (each column a sequence, or an Arrow array that is used without a trip through Python objects)."""
-    def column(values, kind):
-        if isinstance(values, (pa.Array, pa.ChunkedArray)):
-            return values.cast(kind)
-        return pa.array(list(values), kind)
-    return pa.table({"id": pa.array(ids, pa.int64()), "uri": column(uris, pa.string()),
-                     "label": column(labels, pa.string()),
-                     "source_id": column(source_ids if source_ids is not None else [None] * len(ids), pa.int64())},
-                    schema=METADATA_SCHEMA)
-
-
 def ids_bytes(ids: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.asarray(ids, dtype=np.int64), allow_pickle=False)
@@ -100,14 +84,20 @@ class Part:
     metadata: pa.Table
     stored: Segment | None = None
     mapped_from: str | None = None     # the local file whose lists ``index`` maps (``map_index``)
+    tier: np.ndarray | None = None     # two-tier format: re-rank vectors, one row per metadata row (index.shard.tiers)
 
     def __post_init__(self):
-        self.metadata = self.metadata.sort_by("id")
-        self.ids = self.metadata.column("id").to_numpy()
-        self.uris = np.array(self.metadata.column("uri").to_pylist(), dtype=object)
-        self.labels = np.array(self.metadata.column("label").to_pylist(), dtype=object)
+        id_column = self.metadata.column("id")                # one chunk (a stored part): no copy, mapped or not
+        ids = id_column.chunk(0).to_numpy() if id_column.num_chunks == 1 else id_column.to_numpy()
+        if len(ids) > 1 and (np.diff(ids) < 0).any():        # sorted already (a stored part): kept as it is,
+            order = np.argsort(ids, kind="stable")           # mapped columns included
+            self.metadata, ids = self.metadata.take(order), ids[order]
+            self.tier = None if self.tier is None else self.tier[order]    # rows follow the metadata
+        self.ids = ids
         if self.index.ntotal != len(self.ids):
             raise ValueError(f"index holds {self.index.ntotal} vectors but metadata {len(self.ids)} rows")
+        if self.tier is not None and len(self.tier) != len(self.ids):
+            raise ValueError(f"the re-rank tier holds {len(self.tier)} vectors but metadata {len(self.ids)} rows")
         if plain_ivf(self.index) is not None:           # threads over queries in search_preassigned too (FAISS's
             plain_ivf(self.index).parallel_mode = 3     # default, 0, runs it on one thread); set once, never on a query
 
@@ -118,13 +108,26 @@ class Part:
         pos = np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)
         return pos, (ids >= 0) & (self.ids[pos] == ids)
 
+    def values(self, column: str, rows: np.ndarray | None = None) -> np.ndarray:
+        """The ``column`` ("uri" or "label") of ``rows`` (all when None), read from the metadata
+        columns, which are not held as Python objects (``index.shard.columns``)."""
+        return columns.values(self.metadata, column, rows)
+
+    def decoded(self, ids: np.ndarray) -> np.ndarray:
+        """The stored vectors of ``ids`` (ids this part holds): the re-rank tier's rows where the part
+        has one (the vectors the memory answers with), else decoded from the codes (``reconstruct``)."""
+        if self.tier is None:
+            return reconstruct(self.index, ids, self.mapped_from)
+        return np.asarray(self.tier[self.positions(np.asarray(ids, dtype=np.int64))[0]], dtype=np.float32)
+
 
 class Shard:
     """A searchable shard: base + delta segments, minus the deletion set."""
 
-    def __init__(self, index: faiss.Index, metadata: pa.Table, number: int = 0, search: dict | None = None):
+    def __init__(self, index: faiss.Index, metadata: pa.Table, number: int = 0, search: dict | None = None,
+                 tier: np.ndarray | None = None):
         try:
-            base = Part(index, metadata)
+            base = Part(index, metadata, tier=tier)
         except ValueError as e:
             raise ValueError(f"shard {number}: {e}") from None
         self._set(number, search, [base], np.zeros(0, dtype=np.int64), None)
@@ -148,17 +151,37 @@ class Shard:
         """The base index (every part is encoded with the same trained index)."""
         return self.parts[0].index
 
+    @property
+    def two_tier(self) -> bool:
+        """Whether codes pick candidates that a re-rank tier scores (``index.shard.tiers``)."""
+        return self.parts[0].tier is not None
+
+    def tier_rows(self, vectors: np.ndarray) -> np.ndarray | None:
+        """``vectors`` as this shard's re-rank tier keeps them (None for a one-tier shard)."""
+        return tiers.tier_of(vectors, self.parts[0].tier.dtype if self.two_tier else None)
+
+    def k_factor(self, asked: int | None = None) -> int:
+        """Candidates per answer a two-tier search re-ranks: ``asked``, else the manifest's default."""
+        k_factor = asked if asked is not None else self.defaults.get("k_factor") or tiers.DEFAULT_K_FACTOR
+        if int(k_factor) != k_factor or k_factor < 1:
+            raise ValueError(f"k_factor must be a positive whole number, got {k_factor}")
+        return int(k_factor)
+
     def __len__(self) -> int:
         """Live vectors: base and segments, less the removed ones."""
         return sum(len(p.ids) for p in self.parts) - len(self.deleted)
 
     # edits -------------------------------------------------------------------------------------
-    def with_segment(self, index: faiss.Index, metadata: pa.Table) -> "Shard":
-        """This shard plus a delta segment (``index`` encodes ``metadata``'s ids)."""
+    def with_segment(self, index: faiss.Index, metadata: pa.Table, tier: np.ndarray | None = None) -> "Shard":
+        """This shard plus a delta segment (``index`` encodes ``metadata``'s ids; ``tier``: their
+        re-rank vectors, in the metadata's order, which a two-tier shard needs)."""
+        if (tier is None) == self.two_tier:
+            raise ValueError(f"shard {self.number} is {'two' if self.two_tier else 'one'}-tier: a segment "
+                             f"{'needs' if self.two_tier else 'cannot have'} re-rank vectors (index.shard.tiers)")
         overlap = self.held(metadata.column("id").to_numpy())
         if overlap.any():
             raise ValueError(f"shard {self.number} already holds ids {metadata.column('id').to_numpy()[overlap][:10].tolist()}")
-        return self._derive(parts=self.parts + [Part(index, metadata)])
+        return self._derive(parts=self.parts + [Part(index, metadata, tier=tier)])
 
     def without(self, ids: np.ndarray) -> "Shard":
         """This shard with ``ids`` (live ids it holds) added to its deletion set."""
@@ -192,10 +215,12 @@ class Shard:
                 raise RuntimeError(f"shard {self.number}: removed {dropped} of {len(self.deleted)} deleted ids")
         metadata = pa.concat_tables([p.metadata for p in self.parts],
                                     promote_options="default")          # a vismem-memory/1 base lacks source_id
-        metadata = metadata.filter(pc.invert(pc.is_in(metadata.column("id"), pa.array(self.deleted, pa.int64()))))
+        live = live_mask(metadata.column("id").to_numpy(), self.deleted)
+        metadata = metadata.filter(pa.array(live))
+        tier = np.concatenate([p.tier for p in self.parts])[live] if self.two_tier else None   # removed rows dropped
         keep = live_mask(self.weights[0], self.deleted)
         weights = (self.weights[0][keep], self.weights[1][keep])
-        shard = Shard(index, metadata, self.number, self.defaults)
+        shard = Shard(index, metadata, self.number, self.defaults, tier)
         return shard._derive(weights=weights, weights_file=self.weights_file if keep.all() else None)
 
     def vectors(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -204,8 +229,8 @@ class Shard:
         for part in self.parts:
             live = live_mask(part.ids, self.deleted)
             ids.append(part.ids[live])
-            labels.append(part.labels[live])
-            vectors.append(reconstruct(part.index, part.ids[live], part.mapped_from))
+            labels.append(part.values("label")[live])
+            vectors.append(part.decoded(part.ids[live]))
         return np.concatenate(ids), np.concatenate(labels), np.concatenate(vectors)
 
     def live_ids(self, part: Part) -> np.ndarray:
@@ -214,7 +239,8 @@ class Shard:
 
     def live_labels(self) -> set:
         """The labels of the vectors this shard answers with."""
-        return set().union(*(part.labels[live_mask(part.ids, self.deleted)] for part in self.parts))
+        return set().union(*(part.values("label", np.flatnonzero(live_mask(part.ids, self.deleted)))
+                             for part in self.parts))
 
     def held(self, ids: np.ndarray) -> np.ndarray:
         """Whether each of ``ids`` is in some part of the shard, removed or not."""
@@ -229,7 +255,7 @@ class Shard:
         ids, seen = [np.zeros(0, dtype=np.int64)], set()
         if wanted:
             for part in self.parts:
-                values = part.uris if column == "uri" else part.labels
+                values = part.values(column)
                 hit = np.fromiter((v in wanted for v in values), dtype=bool, count=len(values))
                 hit &= live_mask(part.ids, self.deleted)
                 ids.append(part.ids[hit])
@@ -253,11 +279,29 @@ class Shard:
         return self._selector[0]
 
     def search(self, queries: np.ndarray, k: int, nprobe: int | None = None,
-               coarse: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+               coarse: tuple[np.ndarray, np.ndarray] | None = None,
+               k_factor: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(similarities, ids) ``[nq, k]`` of live vectors; id −1 where the shard has fewer than k.
         ``nprobe`` overrides the default for this call (IVF indexes; ignored by Flat). ``coarse`` is
         the queries' assignment to IVF lists (``coarse_assignment``), computed once for all shards
-        and parts, which share one trained quantiser."""
+        and parts, which share one trained quantiser. A two-tier shard re-ranks its
+        ``k·k_factor`` best candidates exactly (``candidates``, ``rerank``)."""
+        if self.two_tier:
+            _, ids = self.candidates(queries, k * self.k_factor(k_factor), nprobe, coarse)
+            best = tiers.best_exact({"ids": ids, "exact": self.rerank(queries, ids)}, k)
+            return best["similarities"], best["ids"]
+        return self.candidates(queries, k, nprobe, coarse)
+
+    def rerank(self, queries: np.ndarray, ids: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+        """Exact similarities ``[nq, m]`` of ``queries`` with the candidates ``ids`` (those in
+        ``mask``, when given) this two-tier shard holds, from its re-rank tier (``tiers.MISSING``
+        for the others)."""
+        return tiers.rerank(np.ascontiguousarray(queries, dtype=np.float32), ids, self.parts, mask)
+
+    def candidates(self, queries: np.ndarray, k: int, nprobe: int | None = None,
+                   coarse: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` best live vectors by their codes' similarity (what ``search`` answers for a
+        one-tier shard), its parts' answers merged."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.index.d:
             raise ValueError(f"queries must be [n, {self.index.d}], got {list(queries.shape)}")
@@ -308,9 +352,9 @@ class Shard:
         return np.take_along_axis(sims, order, 1), np.take_along_axis(ids, order, 1)
 
     def query(self, queries: np.ndarray, k: int, nprobe: int | None = None,
-              coarse: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+              coarse: tuple[np.ndarray, np.ndarray] | None = None, k_factor: int | None = None) -> dict:
         """``search`` plus each neighbour's ``describe``: what one shard answers a router."""
-        sims, ids = self.search(queries, k, nprobe, coarse)
+        sims, ids = self.search(queries, k, nprobe, coarse, k_factor)
         uris, labels, weights = self.describe(ids)
         return {"similarities": sims, "ids": ids, "uris": uris, "labels": labels, "sample_weights": weights}
 
@@ -338,7 +382,8 @@ class Shard:
         labels = np.full(flat.shape, None, dtype=object)
         for part in self.parts:
             pos, found = part.positions(flat)
-            uris[found], labels[found] = part.uris[pos[found]], part.labels[pos[found]]
+            if found.any():
+                uris[found], labels[found] = part.values("uri", pos[found]), part.values("label", pos[found])
         return uris.reshape(np.shape(ids)), labels.reshape(np.shape(ids))
 
     # storage -----------------------------------------------------------------------------------
@@ -351,8 +396,12 @@ class Shard:
                 stem = name if j == 0 else f"{name}-segment-{j:04d}"
                 digest = []
                 commit.write(fs, f"{root}/{stem}.faiss", lambda f: digest.append(write_index(part.index, f)))
-                commit.write(fs, f"{root}/{stem}.parquet", parquet_bytes(part.metadata))
-                part.stored = Segment(f"{stem}.faiss", f"{stem}.parquet", len(part.ids), digest[0])
+                meta = f"{stem}{columns.suffix(part.tier is not None)}"
+                commit.write(fs, f"{root}/{meta}", columns.table_bytes(part.metadata, meta))
+                if part.tier is not None:
+                    commit.write(fs, f"{root}/{stem}.tier.npy", lambda f: digest.append(tiers.write(part.tier, f)))
+                part.stored = Segment(f"{stem}.faiss", meta, len(part.ids), digest[0],
+                                      *((f"{stem}.tier.npy", digest[1]) if part.tier is not None else ()))
         if len(self.deleted) and self.deleted_file is None:
             blob = ids_bytes(self.deleted)
             commit.write(fs, f"{root}/{name}-deleted.npy", blob)
@@ -366,7 +415,7 @@ class Shard:
         weights_path, weights_digest = self.weights_file if len(self.weights[0]) else (None, None)
         return ShardEntry(base.index, base.metadata, len(self), base.sha256, [p.stored for p in self.parts[1:]],
                           path, len(self.deleted), digest, base.count, weights_path, len(self.weights[0]),
-                          weights_digest)
+                          weights_digest, base.tier, base.tier_sha256)
 
     @classmethod
     def load(cls, root_url: str, entry: ShardEntry, number: int = 0, search: dict | None = None,
@@ -383,9 +432,12 @@ class Shard:
         fs, root = commit.filesystem(root_url)
         if mmap:
             check_mappable(root_url)
-        stored = [Segment(entry.index, entry.metadata, entry.base_count, entry.sha256), *entry.segments]
+        stored = [Segment(entry.index, entry.metadata, entry.base_count, entry.sha256, entry.tier, entry.tier_sha256),
+                  *entry.segments]
         reused = {s.index: loaded[s.index] for s in stored if loaded and s.index in loaded and loaded[s.index].stored == s}
-        paths = [f"{root}/{s.metadata}" for s in stored if s.index not in reused]
+        local = isinstance(fs, LocalFileSystem)
+        paths = [f"{root}/{s.metadata}" for s in stored if s.index not in reused
+                 and not (local and s.metadata.endswith(columns.ARROW))]          # those are mapped instead
         paths += [f"{root}/{p}" for p in (entry.deleted, entry.weights) if p]
         blobs = fs.cat(paths) if paths else {}               # a dict; s3fs fetches them concurrently
 
@@ -410,8 +462,13 @@ class Shard:
                 continue
             try:
                 index = index_file(s.index, s.sha256)
-                parts.append(Part(index, pq.read_table(pa.BufferReader(blobs[f"{root}/{s.metadata}"])), s,
-                                  f"{root}/{s.index}" if mapped(index) else None))
+            except ValueError as e:
+                raise ValueError(f"shard {number} of {root_url}: {s.index} {e}") from None
+            tier = tiers.load(fs, f"{root}/{s.tier}", s.tier_sha256, local,
+                              f"shard {number} of {root_url}: {s.tier}") if s.tier else None
+            try:
+                metadata = columns.read_table(f"{root}/{s.metadata}", blobs.get(f"{root}/{s.metadata}"))
+                parts.append(Part(index, metadata, s, f"{root}/{s.index}" if mapped(index) else None, tier))
             except ValueError as e:
                 raise ValueError(f"shard {number} of {root_url}: {s.index} {e}") from None
         deleted = np.zeros(0, dtype=np.int64)

@@ -8,9 +8,7 @@ import json
 from datetime import datetime, timezone
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
-
+from index.shard.columns import read_table
 from index.shard.state import live_mask, read_ids
 from index.store import commit
 from index.store.manifest import Manifest, list_versions, read_manifest
@@ -42,8 +40,7 @@ def live_ids(memory_url: str, manifest: Manifest) -> np.ndarray:
     for entry in manifest.shards:
         paths = [f"{root}/{p}" for p in [entry.metadata, *(s.metadata for s in entry.segments)]]
         blobs = fs.cat(paths + ([f"{root}/{entry.deleted}"] if entry.deleted else []))
-        ids = np.concatenate([pq.read_table(pa.BufferReader(blobs[p]), columns=["id"]).column("id").to_numpy()
-                              for p in paths])
+        ids = np.concatenate([read_table(p, blobs[p], ["id"]).column("id").to_numpy() for p in paths])
         if entry.deleted:
             ids = ids[live_mask(ids, read_ids(blobs[f"{root}/{entry.deleted}"]))]
         out.append(ids)

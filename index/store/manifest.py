@@ -8,7 +8,8 @@ the audit log. Paths are relative to ROOT, so a memory can be copied or moved be
 whole. A version's files are never modified: an edit writes new files and references unchanged
 ones. How a version is committed and found is ``index.store.commit``'s job.
 
-Format ``vismem-memory/3`` (``placement``: which shard holds which vectors, ``index.shard.placement``);
+Format ``vismem-memory/4`` (``tier``: a two-tier shard's re-rank vectors, ``index.shard.tiers``);
+``vismem-memory/3`` (``placement``: which shard holds which vectors, ``index.shard.placement``);
 ``vismem-memory/2`` (placed by id) and ``vismem-memory/1`` manifests (no segments, no deletions, no
 operation) are still read, and an edit writes its version in the current format. A newer format is refused, naming it, rather than half understood.
 """
@@ -25,8 +26,8 @@ from dataclasses import asdict, dataclass, field, replace
 from index.store.commit import (POINTER, commit, current_version, exists, filesystem, manifest_path, move_pointer,
                                 version_dir)
 
-FORMAT = "vismem-memory/3"
-READABLE = ("vismem-memory/1", "vismem-memory/2", FORMAT)
+FORMAT = "vismem-memory/4"
+READABLE = ("vismem-memory/1", "vismem-memory/2", "vismem-memory/3", FORMAT)
 __all__ = ["FORMAT", "POINTER", "Manifest", "Segment", "ShardEntry", "list_versions", "next_manifest", "read_manifest",
            "sha256", "version_dir", "write_manifest"]
 
@@ -38,6 +39,8 @@ class Segment:
     metadata: str              # relative path of the metadata Parquet (id, uri, label, source_id)
     count: int
     sha256: str
+    tier: str | None = None            # relative path of the .npy of re-rank vectors (two-tier format), id order
+    tier_sha256: str | None = None
 
 
 @dataclass
@@ -54,6 +57,8 @@ class ShardEntry:
     weights: str | None = None          # relative path of the .npy of (id, weight) vote weights (soft pruning)
     weights_count: int = 0
     weights_sha256: str | None = None
+    tier: str | None = None             # relative path of the base's re-rank vectors (index.shard.tiers)
+    tier_sha256: str | None = None
 
     def __post_init__(self):
         self.segments = [s if isinstance(s, Segment) else Segment(**s) for s in self.segments]
@@ -62,8 +67,8 @@ class ShardEntry:
 
     def files(self) -> list[str]:
         """Every file of the shard, relative to the memory root."""
-        parts = [p for s in self.segments for p in (s.index, s.metadata)]
-        return [self.index, self.metadata, *parts, *(p for p in (self.deleted, self.weights) if p)]
+        parts = [p for s in self.segments for p in (s.index, s.metadata, s.tier) if p]
+        return [self.index, self.metadata, *parts, *(p for p in (self.deleted, self.weights, self.tier) if p)]
 
 
 def current_user() -> str:

@@ -8,7 +8,7 @@ import pytest
 
 from index.exact import exact_search
 from index.build.build import build_memory
-from index.build.recall import recall_at_k
+from index.build.recall import cheapest_setting, query_bytes, recall_at_k
 from index.memory import VisualMemory
 from index.store.manifest import list_versions, read_manifest
 from index.synthetic import ClusteredVectors
@@ -47,6 +47,64 @@ def test_ivf_memory_answers_at_the_recall_it_claims(clustered, tmp_path):
     assert pinned.search == {"nprobe": 2} and pinned.recall["nprobe"] == 2 and pinned.recall["recall"] < 0.95
     opened = VisualMemory.open(str(tmp_path / "mem"), nprobe=64)          # an override for every search
     assert recall_at_k(opened.search(queries, 10).ids, truth) >= at_default
+
+
+def test_a_two_tier_memory_answers_at_the_cheapest_calibrated_setting_from_a_mapped_tier(clustered, tmp_path):
+    """4-bit fast-scan codes pick candidates, the fp16 tier re-ranks them: the build records the
+    cheapest (nprobe, k_factor) it measured reaching 0.95, held-out queries get that recall, the
+    tier is a file mapping (not RAM) and a per-query k_factor overrides the default."""
+    emb, vectors, queries = clustered
+    url = str(tmp_path / "mem")
+    manifest = build_memory(emb, url, shards=3, factory="IVF256,PQ32x4fs,Refine(SQfp16)")
+    recall = manifest.recall
+    assert manifest.search == {"nprobe": recall["nprobe"], "k_factor": recall["k_factor"]} and recall["recall"] >= 0.95
+    cost = {key: query_bytes(*map(int, key.split(",")), 10, 20_000 / 256, 16, 64 * 2) for key in recall["by_setting"]}
+    reaching = [key for key, r in recall["by_setting"].items() if r >= 0.95]
+    assert min(reaching, key=cost.get) == f"{recall['nprobe']},{recall['k_factor']}"
+    assert recall["bytes_per_query"] == round(cost[f"{recall['nprobe']},{recall['k_factor']}"])
+    memory = VisualMemory.open(url)
+    assert all(isinstance(p.tier, np.memmap) and p.tier.dtype == np.float16 for s in memory.shards for p in s.parts)
+    assert all(entry.metadata.endswith(".arrow") for entry in manifest.shards)   # its metadata is mapped too
+    assert not any(p.ids.flags.owndata for s in memory.shards for p in s.parts)  # ids: a view of the mapping
+    truth = exact_ids(vectors, queries, 10)
+    at_default = recall_at_k(memory.search(queries, 10).ids, truth)
+    assert at_default >= 0.94 and abs(at_default - recall["recall"]) < 0.03
+    assert recall_at_k(memory.search(queries, 10, k_factor=1).ids, truth) < 0.85       # the re-rank is what reaches it
+    with pytest.raises(ValueError, match="k_factor must be a positive whole number, got 0"):
+        memory.search(queries, 10, k_factor=0)
+    found = memory.search(queries, 10)
+    np.testing.assert_allclose(found.similarities, np.einsum("qd,qkd->qk", queries, vectors[found.ids]), atol=2e-3)
+
+    tier = f"{url}/{manifest.shards[0].tier}"
+    with open(tier, "r+b") as f:                       # a damaged tier is refused like a damaged index
+        f.seek(-1, 2)
+        last = f.read(1)
+        f.seek(-1, 2)
+        f.write(bytes([last[0] ^ 1]))
+    with pytest.raises(ValueError, match=r"shard 0 of .*tier\.npy does not match its sha256"):
+        VisualMemory.open(url)
+
+
+def test_the_cheapest_setting_is_found_without_measuring_the_whole_grid():
+    """Recall rises with nprobe and k_factor; the search finds the cheapest pair reaching the
+    target (here nprobe 32 at k_factor 8, not the fewest lists, 16 at k_factor 32, nor the fewest
+    candidates, 64 lists at k_factor 4)."""
+    nprobes, k_factors = [1, 2, 4, 8, 16, 32, 64], (2, 4, 8, 16, 32)
+    asked = []
+
+    def curve(nprobe, k_factor):
+        return min(1.0, 0.5 + 0.061 * np.log2(nprobe) + 0.05 * np.log2(k_factor))
+
+    def recall_of(nprobe, k_factor):
+        asked.append((nprobe, k_factor))
+        return curve(nprobe, k_factor)
+
+    def cost(nprobe, k_factor):
+        return nprobe * 100 + k_factor * 80
+    best, by = cheapest_setting(recall_of, nprobes, k_factors, cost, 0.95)
+    grid = {(n, f): curve(n, f) for n in nprobes for f in k_factors}
+    assert best == min((key for key, r in grid.items() if r >= 0.95), key=lambda key: cost(*key)) == (32, 8)
+    assert len(asked) == len(set(asked)) == len(by) and len(by) <= 2 * len(grid) / 3          # 22 of the 35
 
 
 def test_codes_too_coarse_for_the_target_are_built_with_a_warning_and_their_real_recall(clustered, tmp_path,
@@ -94,6 +152,9 @@ def test_another_encoder_is_refused_unless_replace(tmp_path):
     ({"factory": "IVF16,PQ7"}, "FAISS cannot build the index factory string 'IVF16,PQ7' for 8-d vectors"),
     ({"factory": "Nonsense12"}, "FAISS cannot build the index factory string 'Nonsense12'"),
     ({"factory": "IVF4,Flat", "nprobe": 5}, "nprobe must be between 1 and nlist = 4, got 5"),
+    ({"factory": "IVF4,PQ4x4fs,Refine(SQfp16)", "k_factor": 0}, "k_factor must be a positive whole number, got 0"),
+    ({"factory": "IVF4,PQ4x4fs,Refine(SQ8)"}, r"re-rank tier .* as float16 or float32 vectors, not "
+                                              r"IndexScalarQuantizer: end the factory with Refine\(SQfp16\) or RFlat"),
 ])
 def test_bad_build_arguments_fail_before_anything_is_written(tmp_path, kwargs, message):
     v = np.random.default_rng(1).normal(size=(50, 8)).astype(np.float32)
@@ -140,7 +201,7 @@ def test_index_bench_command_measures_recall_beside_bare_faiss(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "cluster.cli", "index", "bench", "--vectors", "20000", "--dim", "32", "--clusters", "256",
          "--held-out", "200", "--shards", "3", "--factory", "IVF128,SQ8", "--nprobes", "1,4", "--workers", "2",
-         "--json"],
+         "--memories", "IVF128,PQ16x4fs,Refine(SQfp16)", "--json"],
         capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": os.getcwd()})
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
@@ -158,6 +219,13 @@ def test_index_bench_command_measures_recall_beside_bare_faiss(tmp_path):
     default = next(r for r in searches if r["default"])
     assert default["recall_at_10"] >= 0.93
     assert min(r["recall_at_10"] for r in searches) < 0.9            # nprobe=1 would not do
+    resident = {r["factory"]: r for r in records if r["what"] == "resident"}     # each opened in a fresh process
+    assert set(resident) == {"IVF128,SQ8", "IVF128,PQ16x4fs,Refine(SQfp16)"}
+    for r in resident.values():
+        assert r["recall_at_10"] >= 0.93 and r["qps"] > 0 and r["single_p50_ms"] > 0 and r["rss_anon_bytes_per_vector"] > 0
+    two = resident["IVF128,PQ16x4fs,Refine(SQfp16)"]
+    assert 64 <= two["tier_file_bytes_per_vector"] < 65 and two["k_factor"] >= 1 and "qps_ratio_to_default" in two
+    assert two["index_file_bytes_per_vector"] < resident["IVF128,SQ8"]["index_file_bytes_per_vector"]
 
 
 def test_the_ray_or_not_rule():

@@ -88,3 +88,19 @@ def test_a_sweep_over_nprobe_answers_as_each_search_would(memory_url):
         found = ids >= 0                        # past the neighbours found, FAISS and the merge differ on the fill
         np.testing.assert_allclose(sims[found], expected_sims[found], rtol=1e-6, atol=1e-6)
     assert (ids >= 0).all()                     # at nprobe 512 every query finds 11
+
+
+def test_tune_picks_both_knobs_of_a_two_tier_memory(tmp_path):
+    """Built pinned too shallow (nprobe 1, k_factor 2), a two-tier memory is tuned to the cheapest
+    (nprobe, k_factor) reaching the target, recorded in its manifest and met on unseen queries."""
+    data = ClusteredVectors(dim=48, clusters=256, spread=0.8, seed=12)
+    write_embeddings(str(tmp_path / "emb"), data.rows(0, 8_000), [str(i % 3) for i in range(8_000)])
+    url = str(tmp_path / "mem")
+    build_memory(str(tmp_path / "emb"), url, shards=2, factory="IVF64,PQ24x4fs,Refine(SQfp16)", nprobe=1,
+                 k_factor=2, use_ray=False)
+    memory = VisualMemory.open(url)
+    assert read_manifest(url).search == {"nprobe": 1, "k_factor": 2} and held_out_recall(memory, data) < 0.9
+    _, result = tune(memory, 0.95)
+    assert result["recall"] >= 0.95 and result["by_setting"][f"{result['nprobe']},{result['k_factor']}"] >= 0.95
+    assert read_manifest(url).search == {"nprobe": result["nprobe"], "k_factor": result["k_factor"]}
+    assert (result["nprobe"], result["k_factor"]) != (1, 2) and held_out_recall(VisualMemory.open(url), data) >= 0.93

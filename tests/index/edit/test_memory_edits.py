@@ -49,7 +49,8 @@ def same_answers(a, b, queries, k=10, id_map=None):
     np.testing.assert_allclose(fa.similarities, fb.similarities, rtol=0, atol=1e-6)
 
 
-FACTORIES = ["IDMap2,Flat", "IVF64,SQ8", "IVF64,PQ8np"]          # np: no polysemous training (seconds saved)
+FACTORIES = ["IDMap2,Flat", "IVF64,SQ8", "IVF64,PQ8np",          # np: no polysemous training (seconds saved)
+             "IVF64,PQ16x4fs,Refine(SQfp16)"]                   # two tiers: fast-scan codes, fp16 re-rank file
 
 
 @pytest.mark.parametrize("factory", FACTORIES)
@@ -301,10 +302,10 @@ def test_format_1_memories_are_read_and_edited_and_newer_formats_refused(small):
 
     with open(f"{mem}/v2/manifest.json") as f:
         m = json.load(f)
-    m["format"] = "vismem-memory/4"
+    m["format"] = "vismem-memory/99"
     with open(f"{mem}/v2/manifest.json", "w") as f:
         json.dump(m, f)
-    with pytest.raises(ValueError, match="'vismem-memory/4' manifest, which this vismem cannot read or edit"):
+    with pytest.raises(ValueError, match="'vismem-memory/99' manifest, which this vismem cannot read or edit"):
         VisualMemory.open(mem)
 
 

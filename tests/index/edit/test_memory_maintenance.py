@@ -59,7 +59,7 @@ def edited_memory(tmp_path, url, clustered, factory, shards=3):
 
 
 # compact ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("factory", ["IDMap2,Flat", "IVF16,SQ8", "IVF16,PQ8np"])
+@pytest.mark.parametrize("factory", ["IDMap2,Flat", "IVF16,SQ8", "IVF16,PQ8np", "IVF16,PQ16x4fs,Refine(SQfp16)"])
 def test_compact_answers_exactly_as_before_and_drops_removed_vectors(clustered, tmp_path, factory):
     _, _, queries = clustered
     url = str(tmp_path / "mem")
@@ -378,17 +378,20 @@ def test_soft_prune_weights_every_vote_and_follows_edits(noisy, noisy_memory):
 
 
 # purge -----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("store", ["local", "s3"])
-def test_purge_leaves_no_trace_of_the_removed_vectors(store, tmp_path, request):
-    url = (request.getfixturevalue("s3_bucket") + "/mem") if store == "s3" else str(tmp_path / "mem")
+@pytest.mark.parametrize("store,factory", [("local", None), ("s3", None), ("local", "IVF4,PQ8x4fs,Refine(SQfp16)"),
+                                           ("s3", "IVF4,PQ8x4fs,Refine(SQfp16)")])
+def test_purge_leaves_no_trace_of_the_removed_vectors(store, factory, tmp_path, request):
+    url = (request.getfixturevalue("s3_bucket") + f"/mem-{bool(factory)}") if store == "s3" else str(tmp_path / "mem")
     vectors = unit(np.random.default_rng(9).normal(size=(150, 16)))
     uris = [f"mem://secret/{i:04d}.png" for i in range(150)]
-    build_memory(write_collection(str(tmp_path / "emb"), vectors, ["a", "b", "c"] * 50, uris=uris), url, shards=2)
+    build_memory(write_collection(str(tmp_path / "emb"), vectors, ["a", "b", "c"] * 50, uris=uris), url, shards=2,
+                 factory=factory)
     memory = VisualMemory.open(url)
     memory.add(-vectors[:5], ["new"] * 5, [f"mem://secret/new-{i}.png" for i in range(5)])
     gone = [3, 80, 151]                                           # two from the build, one added
-    traces = [vectors[3].tobytes(), vectors[80].tobytes(), (-vectors[1]).tobytes(),
-              uris[3], uris[80], "mem://secret/new-1.png"]
+    stored = np.float16 if factory else np.float32                # a two-tier memory keeps them in its fp16 tier
+    traces = [vectors[3].astype(stored).tobytes(), vectors[80].astype(stored).tobytes(),
+              (-vectors[1]).astype(stored).tobytes(), uris[3], uris[80], "mem://secret/new-1.png"]
     fs, root = index.store.commit.filesystem(url)
 
     def holding():
