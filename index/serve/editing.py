@@ -119,7 +119,8 @@ class ShardState:
             return None
         index = encode(trained, vectors[mine], ids[mine], lists)
         metadata = metadata_table(ids[mine], [uris[i] for i in mine], [labels[i] for i in mine])
-        return self.stage(version, folder, self.shard.with_segment(index, metadata))
+        tier = self.shard.tier_rows(vectors[mine])                  # a two-tier shard's re-rank rows, else None
+        return self.stage(version, folder, self.shard.with_segment(index, metadata, tier))
 
     def stage(self, version: int, folder: str, shard: Shard):
         fs, root = commit.filesystem(self.memory_url)

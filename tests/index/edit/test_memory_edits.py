@@ -324,3 +324,31 @@ def test_live_ids_and_labels_follow_the_deletion_set(data, tmp_path):
     assert len(live) == len(memory) == 300 - 60 - 2 and memory.live(live).all()
     assert set().union(*(shard.live_labels() for shard in memory.shards)) == memory.labels()
     assert memory.diff(1, 3)["removed"].tolist() == np.setdiff1d(np.arange(300), live).tolist()
+
+
+def test_a_served_shard_stages_an_add_to_a_two_tier_memory(data, tmp_path):
+    """The served add path (``index.serve.editing.ShardState.stage_add``, what a shard replica runs)
+    hands a two-tier shard the new vectors' re-rank rows: every shard stages its share, the shares
+    hold each added id once, live, with its URI, and its re-rank row is the vector as the tier keeps it."""
+    import asyncio
+
+    from index.serve.editing import ShardState
+    from index.store.commit import new_folder
+    vectors, labels, _ = data
+    mem = str(tmp_path / "mem")
+    build_memory(write_collection(str(tmp_path / "all"), vectors[:1500], labels[:1500]), mem, shards=2,
+                 factory="IVF64,PQ16x4fs,Refine(SQfp16)", nprobe=8)
+    new, ids = vectors[1500:1520], np.arange(1500, 1520)
+    owned = []
+    for number in range(2):
+        state = ShardState()
+        state.open_shard(mem, 1, number, None)
+        asyncio.run(state.stage_add(2, new_folder(2), new, ids, [f"new://{i}" for i in ids], ["added"] * len(ids)))
+        if 2 in state.staged:
+            shard = state.staged[2][0]
+            mine = ids[shard.live(ids)]
+            assert shard.describe(mine)[0].tolist() == [f"new://{i}" for i in mine]
+            segment = shard.parts[-1]
+            np.testing.assert_array_equal(segment.tier, shard.tier_rows(new[mine - 1500]))
+            owned.extend(mine.tolist())
+    assert sorted(owned) == ids.tolist()
