@@ -106,7 +106,8 @@ class TrainConfig:
     # (eval/results/cpu_tiny_readouts_2026-12-03.json).
     arch: ArchConfig = field(default_factory=lambda: ArchConfig(readout="grid4"))
     # data
-    generators: tuple[str, ...] = ("kml_mixup", "shader", "dead_leaves", "fractal", "spectral")
+    # expression joined at no measured cost (eval/results/cpu_tiny_expression_2026-12-04.json)
+    generators: tuple[str, ...] = ("kml_mixup", "shader", "dead_leaves", "fractal", "spectral", "expression")
     natural_images: bool = True           # procdata.generators.render_natural: natural colour and spectrum statistics
     real_data: str | None = None          # set by eval.real_control: the real-data control run
     seed: int = 0

@@ -56,7 +56,7 @@ def add_procdata_parsers(sub) -> None:
                                "  vismem procdata stats --generators shader,dead_leaves\n"
                                "  vismem procdata stats --natural --reference ../shared/data/cifar10/test.parquet --json\n"
                                "\nA collection is measured for reference only: no generator is fit to it.\n")
-    stats.add_argument("--generators", default="kml_mixup,shader,dead_leaves,fractal,spectral",
+    stats.add_argument("--generators", default="kml_mixup,shader,dead_leaves,fractal,spectral,expression",
                        help="comma-separated generators")
     stats.add_argument("--reference", action="append", default=[], metavar="URL",
                        help="a real image collection (folder tree or Parquet, any URL) to measure beside them; repeatable")
