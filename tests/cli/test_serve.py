@@ -97,12 +97,13 @@ def check_answers_are_the_memorys(memory: str, port: int) -> None:
     assert np.allclose([[n["similarity"] for n in r["neighbours"]] for r in results], found.similarities, atol=1e-5)
 
 
-def test_direct_ingress_is_refused_where_vismem_does_not_start_ray(memory, capsys):
+def test_direct_ingress_is_refused_where_vismem_does_not_start_ray(memory, capsys, monkeypatch):
     """Direct ingress lives in the environment of the Ray that `vismem serve` starts: with a cluster
     address or for a written config it is refused by name, and `start` refuses it under a Ray that
     was not started for it, before deploying anything."""
     from cluster.cli import main
     from index.serve import start
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")     # --address sets it too: undone after, for the session's Ray
     assert main(["serve", "--memory", memory, "--ingress", "direct", "--address", "127.0.0.1:1"]) == 2
     assert main(["serve", "--memory", memory, "--ingress", "direct", "--config-out", "x.yaml"]) == 2
     err = capsys.readouterr().err
