@@ -145,19 +145,16 @@ def add_client_parsers(sub) -> None:
 
 
 def cmd_serve(args) -> dict:
-    import os
     import time
 
-    from cluster.runtime import named_cluster, ray_session
-    from index.serve import direct_ingress_env, start
+    from cluster.runtime import ray_session
+    from index.serve import start
     from index.serve.auth import token_digest
     check_positive(args, "port", "replicas", "shard_timeout")
     if args.memory is None:
         raise ValueError("--memory is required: the URL of the memory to serve (or `vismem serve bench ...`)")
-    if args.ingress == "direct" and (args.config_out or named_cluster(args.address)):
-        raise ValueError("--ingress direct is set in the environment of the Ray that vismem serve starts; a cluster "
-                         "(--address, RAY_ADDRESS) or a Serve config (--config-out) must have its nodes started "
-                         "under that environment instead: serve them with the default proxy ingress")
+    if args.ingress == "direct" and args.config_out:
+        raise_direct_ingress_refused()
     if args.config_out:
         return write_config(args)
     if args.autoscale:
@@ -165,7 +162,7 @@ def cmd_serve(args) -> dict:
                          "`vismem serve` itself serves --replicas fixed replicas")
     digest = token_digest(args.token_file)
     if args.ingress == "direct":
-        os.environ.update(direct_ingress_env(args.port))           # before Ray starts: its processes read it
+        set_direct_ingress(args.address, args.port)
     with ray_session(args.address, serve_too=True):        # on the way out, Stopped included: Serve, then Ray
         stop_on_signals("Serve and Ray shut down")
         start(args.memory, host=args.host, port=args.port, replicas=args.replicas, shard_timeout_s=args.shard_timeout,
@@ -176,6 +173,24 @@ def cmd_serve(args) -> dict:
               "Ctrl-C to stop", flush=True)
         while True:
             time.sleep(3600)
+
+
+def raise_direct_ingress_refused():
+    raise ValueError("--ingress direct is set in the environment of the Ray that vismem serve starts; a cluster "
+                     "(--address, RAY_ADDRESS) or a Serve config (--config-out) must have its nodes started "
+                     "under that environment instead: serve them with the default proxy ingress")
+
+
+def set_direct_ingress(address: str | None, port: int, ports: int = 1) -> None:
+    """Direct ingress on ``port`` (and the next ``ports - 1``) for the local Ray about to start; refused
+    for a cluster, whose nodes read their environment when they started."""
+    import os
+
+    from cluster.runtime import named_cluster
+    from index.serve import direct_ingress_env
+    if named_cluster(address):
+        raise_direct_ingress_refused()
+    os.environ.update(direct_ingress_env(port, ports))                # before Ray starts: its processes read it
 
 
 def write_config(args) -> dict:
@@ -195,12 +210,10 @@ def write_config(args) -> dict:
 
 
 def cmd_serve_bench(args) -> dict:
-    import os
-
     from cluster.cli.common import record_printer
-    from cluster.runtime import named_cluster, ray_session
+    from cluster.runtime import ray_session
     from index.bench.serve_bench import ServeBenchConfig, run
-    from index.serve import direct_ingress_env, free_port
+    from index.serve import free_port
     d = ServeBenchConfig()
     check_positive(args, "synthetic", "dim", "shards", "singles", "clients", "seconds", "batch", "batches", "k")
     cfg = ServeBenchConfig(url=args.url, memory=args.bench_memory, synthetic=args.synthetic, dim=args.dim,
@@ -210,10 +223,8 @@ def cmd_serve_bench(args) -> dict:
     if args.url:
         return run(cfg, record_printer(args))
     if cfg.ingress == "direct":
-        if named_cluster(args.address):
-            raise ValueError("--ingress direct needs the local Ray this bench starts, not --address / RAY_ADDRESS")
         cfg.port = free_port()                                   # one port an app, from this one up
-        os.environ.update(direct_ingress_env(cfg.port, ports=len(cfg.layouts)))
+        set_direct_ingress(args.address, cfg.port, ports=len(cfg.layouts))
     with ray_session(args.address, serve_too=True):
         return run(cfg, record_printer(args))
 

@@ -6,8 +6,8 @@ synthetic memory it builds first, ``synthetic`` vectors): single queries one aft
 ``batch`` vectors (vectors/s), over HTTP and, when this process started the app, through a Serve
 handle to the Router (no HTTP). With ``ingress="direct"`` (Ray started under
 ``index.serve.direct_ingress_env``) the Router replica answers HTTP itself (``http``) and Serve's
-proxy still answers the same app (``http_proxy``), both in the same run. The same queries go to the memory opened in this process
-(``VisualMemory``) and to bare FAISS (each shard's index searched at the same nprobe, no merge),
+proxy still answers the same app (``http_proxy``), both in the same run. The same queries go to
+the memory opened in this process (``VisualMemory``) and to bare FAISS (each shard's index searched at the same nprobe, no merge),
 so every figure has its floor measured in the same run on the same (shared, noisy) machine.
 
 Queries are drawn like the synthetic memory's vectors (held-out points of the same clusters), so
