@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 import faiss
 import numpy as np
 
+from index.counterfactual import Counterfactual, explain
 from index.edit import edits, maintenance
 from index.edit import prune as pruning
 from index.shard.state import Shard
@@ -32,6 +33,8 @@ class Classification:
     neighbours: Neighbours
     weights: np.ndarray        # [nq, k] each neighbour's vote weight
     scores: list[dict]
+    counterfactuals: list[Counterfactual] | None = None   # with ``classify(counterfactual=N)``
+    ranking: Neighbours | None = None   # [nq, k + N]: the neighbours the counterfactuals' columns index
 
 
 class VisualMemory:
@@ -84,10 +87,20 @@ class VisualMemory:
         override the manifest's defaults for this call."""
         return self.snapshot.search(queries, k, nprobe, k_factor)
 
-    def classify(self, queries, k: int = 10, rule: str = "plurality", nprobe: int | None = None) -> Classification:
-        found = self.search(queries, k, nprobe)
+    def classify(self, queries, k: int = 10, rule: str = "plurality", nprobe: int | None = None,
+                 counterfactual: int | None = None) -> Classification:
+        """Each query's decision by ``rule`` over its ``k`` neighbours. ``counterfactual``: also
+        find, with at most that many removals, the fewest memory items whose removal would change
+        each decision (index.counterfactual), from one search ``k + counterfactual`` deep."""
+        if counterfactual is not None and counterfactual < 1:
+            raise ValueError(f"counterfactual (the most removals to try) must be at least 1, got {counterfactual}")
+        ranking = self.search(queries, k + (counterfactual or 0), nprobe)
+        found = ranking.head(k)
         v = vote(found.labels, found.similarities, rule, sample_weights=found.sample_weights, ids=found.ids)
-        return Classification(v.decisions, found, v.weights, v.scores)
+        if counterfactual is None:
+            return Classification(v.decisions, found, v.weights, v.scores)
+        explained = explain(ranking.labels, ranking.similarities, ranking.ids, k, rule, ranking.sample_weights)
+        return Classification(v.decisions, found, v.weights, v.scores, explained, ranking)
 
     def live(self, ids) -> np.ndarray:
         """Whether each of ``ids`` is a vector this version answers with."""

@@ -31,6 +31,11 @@ class Neighbours:
     shards: np.ndarray         # [nq, k] which shard held each neighbour
     sample_weights: np.ndarray | None = None   # [nq, k] each neighbour's vote weight from soft pruning (1.0: none)
 
+    def head(self, k: int) -> "Neighbours":
+        """The first ``k`` of each query's neighbours."""
+        return Neighbours(*(None if a is None else a[:, :k] for a in (
+            self.similarities, self.ids, self.labels, self.uris, self.shards, self.sample_weights)))
+
 
 @dataclass(frozen=True)
 class Snapshot:

@@ -140,6 +140,9 @@ def add_client_parsers(sub) -> None:
         add_k(q, 10)
         if name == "classify":
             q.add_argument("--rule", default="plurality", choices=RULES, help="voting rule")
+            q.add_argument("--counterfactual", type=int, default=None, metavar="N",
+                           help="also explain each decision: the fewest memory items (at most N) whose removal "
+                                "would change it, and the neighbours that would enter in their place")
         add_nprobe(q, "IVF lists to visit in each shard (default: the memory's, set by `vismem index build`)")
         add_common(q, ray=False)
 
@@ -246,7 +249,9 @@ def cmd_client(args) -> dict:
     check_positive(args, "k", "nprobe")
     with Client(args.url) as client:
         if args.command == "classify":
-            answer = client.classify(images=args.images, k=args.k, rule=args.rule, nprobe=args.nprobe)
+            check_positive(args, "counterfactual")
+            answer = client.classify(images=args.images, k=args.k, rule=args.rule, nprobe=args.nprobe,
+                                     counterfactual=args.counterfactual)
         else:
             answer = client.search(images=args.images, k=args.k, nprobe=args.nprobe)
     answer = answer.model_dump()
@@ -256,4 +261,17 @@ def cmd_client(args) -> dict:
         for n in result["neighbours"]:
             weight = f"  w={n['weight']:.3g}" if "weight" in n else ""
             print(f"    {n['similarity']:.3f}  {n['label']!s:12s} {n['uri']}{weight}")
+        if result.get("counterfactual"):
+            print_counterfactual(result["decision"], result["counterfactual"])
     return answer
+
+
+def print_counterfactual(decision, cf: dict) -> None:
+    if cf["flipped_to"] is None:
+        print(f"  no removal of {cf['budget']} memory items or fewer changes {decision!r}")
+        return
+    print(f"  removing these {len(cf['removals'])} would make it {cf['flipped_to']!r}:")
+    for n in cf["removals"]:
+        print(f"    - {n['similarity']:.3f}  {n['label']!s:12s} id {n['id']}  {n['uri']}")
+    for n in cf["entrants"]:
+        print(f"    + {n['similarity']:.3f}  {n['label']!s:12s} id {n['id']}  {n['uri']}  (enters the top k)")

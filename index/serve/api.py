@@ -19,12 +19,16 @@ from ray import serve
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+import numpy as np
+
+from index.counterfactual import explain
 from index.queries import FLOAT32_MAX
 from index.serve.metrics import RequestMetrics
-from index.voting import RULES
+from index.voting import RULES, vote
 
 log = logging.getLogger("vismem.index.serve")
 MAX_K = 1000
+MAX_COUNTERFACTUAL = 100    # removals a counterfactual may try (its search goes k + this deep)
 MAX_ID = 2**53 - 1          # ids count up from 0; the largest integer every JSON client (JavaScript too) reads exactly
 MAX_NPROBE = 1 << 24        # more lists than any memory here has (nlist ≈ 16·√N); FAISS takes an int
 # an embedding: finite float32 numbers, not all zero (no direction to compare); served_openapi adds its length
@@ -93,6 +97,11 @@ class SearchRequest(BaseModel):
 class ClassifyRequest(SearchRequest):
     rule: str = Field("plurality", description=f"voting rule, one of {', '.join(RULES)}",
                       json_schema_extra={"enum": list(RULES)})
+    counterfactual: int | None = Field(
+        None, ge=1, le=MAX_COUNTERFACTUAL,
+        description="also explain each decision: the fewest memory items (at most this many) whose removal would "
+                    "change it, and the neighbours that would enter in their place; the search goes k + this "
+                    "deep. null: no explanation")
 
     @field_validator("rule")
     @classmethod
@@ -199,10 +208,20 @@ class SearchResult(BaseModel):
     neighbours: list[Neighbour]
 
 
+class CounterfactualResult(BaseModel):
+    flipped_to: str | None = Field(description="the decision once 'removals' are gone (null: no set of at most "
+                                               "'budget' removals changes it)")
+    removals: list[Neighbour] = Field(description="the fewest memory items whose removal changes the decision")
+    entrants: list[Neighbour] = Field(description="the neighbours that would enter the top k in their place")
+    scores: dict[str, float] = Field(description="the new vote: label → summed weight")
+    budget: int = Field(description="the most removals tried (the request's 'counterfactual')")
+
+
 class ClassifyResult(BaseModel):
     decision: str | None = Field(description="the winning label (null when no neighbour voted)")
     scores: dict[str, float] = Field(description="label → summed vote weight, in first-seen order")
     neighbours: list[WeightedNeighbour]
+    counterfactual: CounterfactualResult | None = Field(None, description="with the request's 'counterfactual'")
 
 
 class Answer(BaseModel):
@@ -218,6 +237,40 @@ class SearchResponse(Answer):
 class ClassifyResponse(Answer):
     rule: str
     results: list[ClassifyResult]
+
+
+def neighbour_list(found: dict, row: int, weights: np.ndarray | None = None, columns=None) -> list[dict]:
+    """Row ``row`` of a merged answer as a list of neighbours (with their vote weight if given);
+    ``columns``: only those, in that order."""
+    out = []
+    for col in range(len(found["ids"][row])) if columns is None else columns:
+        nid = found["ids"][row, col]
+        if nid < 0:
+            continue
+        item = {"id": int(nid), "label": found["labels"][row, col], "uri": found["uris"][row, col],
+                "similarity": float(found["similarities"][row, col]), "shard": int(found["shards"][row, col])}
+        if weights is not None:
+            item["weight"] = float(weights[col])
+        out.append(item)
+    return out
+
+
+def classify_results(ranking: dict, k: int, rule: str, counterfactual: int | None = None) -> list[dict]:
+    """Each query's decision, scores and weighted neighbours from the first ``k`` of a merged
+    ``ranking``, with its counterfactual (index.counterfactual) when asked: the ranking is then
+    ``k + counterfactual`` deep."""
+    top = {key: value[:, :k] for key, value in ranking.items()}
+    v = vote(top["labels"], top["similarities"], rule, sample_weights=top.get("sample_weights"), ids=top["ids"])
+    results = [{"decision": v.decisions[row], "scores": v.scores[row],
+                "neighbours": neighbour_list(top, row, v.weights[row])} for row in range(len(v.decisions))]
+    if counterfactual is not None:
+        explained = explain(ranking["labels"], ranking["similarities"], ranking["ids"], k, rule,
+                            ranking.get("sample_weights"))
+        for row, (result, cf) in enumerate(zip(results, explained)):
+            result["counterfactual"] = {"flipped_to": cf.flipped_to, "scores": cf.scores, "budget": counterfactual,
+                                        "removals": neighbour_list(ranking, row, columns=cf.removed),
+                                        "entrants": neighbour_list(ranking, row, columns=cf.entrants)}
+    return results
 
 
 class Health(BaseModel):

@@ -93,9 +93,12 @@ class Client:
         return SearchResponse.model_validate(self.call("POST", "/v1/search", query(images, vectors, k, nprobe)))
 
     def classify(self, images: Sequence[ImageLike] | None = None, vectors: np.ndarray | Sequence | None = None,
-                 k: int = 10, rule: str = "plurality", nprobe: int | None = None) -> ClassifyResponse:
-        """The decision, per-label totals and weighted neighbours of each query under ``rule``."""
-        body = {**query(images, vectors, k, nprobe), "rule": rule}
+                 k: int = 10, rule: str = "plurality", nprobe: int | None = None,
+                 counterfactual: int | None = None) -> ClassifyResponse:
+        """The decision, per-label totals and weighted neighbours of each query under ``rule``;
+        ``counterfactual``: with each, the fewest memory items (at most that many) whose removal
+        would change it, and the neighbours that would enter in their place."""
+        body = {**query(images, vectors, k, nprobe), "rule": rule, "counterfactual": counterfactual}
         return ClassifyResponse.model_validate(self.call("POST", "/v1/classify", body))
 
     # editing (needs the token) ------------------------------------------------------------

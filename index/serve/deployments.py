@@ -37,7 +37,8 @@ from ray.serve.schema import DeploymentStatus
 from index.queries import QueryError, check_vectors
 from index.serve.api import (EDIT_PROBLEMS, MAX_ID, QUERY_PROBLEMS, AddRequest, ClassifyRequest, ClassifyResponse,
                              EditResponse, Health, Info, Limits, LogResponse, RemoveRequest, RollbackRequest,
-                             SearchRequest, SearchResponse, VersionsResponse, app, problems, served_openapi)
+                             SearchRequest, SearchResponse, VersionsResponse, app, classify_results,
+                             neighbour_list, problems, served_openapi)
 from index.serve.auth import require_token
 from index.serve import metrics
 from index.serve.editing import EditConflict, ShardState, commit_edit, watch_storage
@@ -48,7 +49,6 @@ from index.shard.placement import Placement
 from index.shard.search import merge_topk
 from index.store.history import log as memory_log
 from index.store.manifest import list_versions, read_manifest
-from index.voting import vote
 
 log = logging.getLogger("vismem.index.serve")
 HEALTH_TIMEOUT_S = 2.0       # a shard slower than this to say its version is not ready
@@ -116,20 +116,6 @@ def search_grouped(shard, queries: list[np.ndarray], ks: list[int], nprobes: lis
         for i, end in zip(calls, ends):
             answers[i] = {key: value[end - len(queries[i]):end, :ks[i]] for key, value in found.items()}
     return answers
-
-
-def neighbour_list(found: dict, row: int, weights: np.ndarray | None = None) -> list[dict]:
-    """Row ``row`` of a merged answer as a list of neighbours (with their vote weight if given)."""
-    out = []
-    for col, nid in enumerate(found["ids"][row]):
-        if nid < 0:
-            continue
-        item = {"id": int(nid), "label": found["labels"][row, col], "uri": found["uris"][row, col],
-                "similarity": float(found["similarities"][row, col]), "shard": int(found["shards"][row, col])}
-        if weights is not None:
-            item["weight"] = float(weights[col])
-        out.append(item)
-    return out
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=32)
@@ -200,22 +186,23 @@ class Router:
             log.warning("shard %d failed: %r", n, results[n])
         return [r for r in results if not isinstance(r, BaseException)], missing
 
-    async def neighbours(self, q: SearchRequest) -> tuple[dict, dict]:
-        """The merged top-k, and the answer's envelope: the version it was computed on (the one
-        this Router answers from when the query starts) and which shards are missing."""
+    async def neighbours(self, q: SearchRequest, depth: int | None = None) -> tuple[dict, dict]:
+        """The merged top-k (``depth`` deep: default ``q.k``), and the answer's envelope: the version
+        it was computed on (the one this Router answers from when the query starts) and which shards are missing."""
+        depth = depth or q.k
         vectors = self.unit_vectors(q.images, q.vectors, self.limits.max_queries)
         if self.watching is None:                            # a task needs the replica's running loop
             self.watching = asyncio.create_task(watch_storage(self))
         version = self.manifest.version
         metrics.QUERIES.inc(len(vectors))
-        results, missing = await self.fan_out(vectors, q.k, q.nprobe, version)
+        results, missing = await self.fan_out(vectors, depth, q.nprobe, version)
         for n in missing:
             metrics.PARTIAL.labels(str(n)).inc()
         if not results:
             raise HTTPException(503, f"no shard answered within {self.timeout}s; shards {missing} failed")
         answered = [n for n in range(len(self.shards)) if n not in missing]
         envelope = {"version": version, "partial": bool(missing), "missing_shards": missing}
-        return merge_topk(results, q.k, answered), envelope
+        return merge_topk(results, depth, answered), envelope
 
     @app.post("/v1/search", responses=QUERY_PROBLEMS)
     @app.post("/search", responses=QUERY_PROBLEMS)
@@ -227,12 +214,8 @@ class Router:
     @app.post("/v1/classify", responses=QUERY_PROBLEMS)
     @app.post("/classify", responses=QUERY_PROBLEMS)
     async def classify(self, q: ClassifyRequest) -> ClassifyResponse:
-        found, envelope = await self.neighbours(q)
-        v = vote(found["labels"], found["similarities"], q.rule, sample_weights=found.get("sample_weights"),
-                 ids=found["ids"])
-        return ClassifyResponse(**envelope, rule=q.rule, results=[
-            {"decision": v.decisions[row], "scores": v.scores[row],
-             "neighbours": neighbour_list(found, row, v.weights[row])} for row in range(len(v.decisions))])
+        ranking, envelope = await self.neighbours(q, q.k + (q.counterfactual or 0))
+        return ClassifyResponse(**envelope, rule=q.rule, results=classify_results(ranking, q.k, q.rule, q.counterfactual))
 
     # ---- editing -------------------------------------------------------------------------------
     @app.post("/v1/memory/add", responses=EDIT_PROBLEMS)

@@ -148,6 +148,40 @@ def test_vectors_are_normalised_before_the_search(served):
     assert all(-1.0001 <= n["similarity"] <= 1.0001 for n in answer["results"][0]["neighbours"])
 
 
+def test_classify_explains_by_counterfactual_as_the_memory_does(served):
+    base, memory_url, _ = served
+    queries = np.random.default_rng(3).normal(size=(5, 48)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    local = VisualMemory.open(memory_url).classify(queries, k=5, rule="softmax", counterfactual=15)
+    status, answer = call(f"{base}/v1/classify", {"vectors": queries.tolist(), "k": 5, "rule": "softmax",
+                                                  "counterfactual": 15})
+    assert status == 200
+    for row, (result, cf) in enumerate(zip(answer["results"], local.counterfactuals)):
+        assert result["decision"] == local.decisions[row] and len(result["neighbours"]) == 5
+        served_cf = result["counterfactual"]
+        assert served_cf["flipped_to"] == cf.flipped_to and served_cf["budget"] == 15
+        assert [n["id"] for n in served_cf["removals"]] == local.ranking.ids[row, cf.removed].tolist()
+        assert [n["id"] for n in served_cf["entrants"]] == local.ranking.ids[row, cf.entrants].tolist()
+    assert sum(r["counterfactual"]["flipped_to"] is not None for r in answer["results"]) == 5   # 15 > the 12 of a colour
+    status, plain = call(f"{base}/v1/classify", {"vectors": queries.tolist(), "k": 5, "rule": "softmax"})
+    assert all(r["counterfactual"] is None for r in plain["results"])
+
+
+def test_vismem_classify_prints_the_counterfactual(served, tmp_path, capsys):
+    from cluster.cli import main
+    base, _, colours = served
+    image = tmp_path / "red.png"
+    image.write_bytes(png(colours["red"]))
+    assert main(["classify", "--url", base, "-k", "3", "--counterfactual", "15", "--json", str(image)]) == 0
+    out = capsys.readouterr().out
+    answer = json.loads(out.strip().splitlines()[-1])
+    cf = answer["results"][0]["counterfactual"]
+    assert answer["results"][0]["decision"] == "red" and cf["flipped_to"] in ("green", "blue")
+    assert 10 <= len(cf["removals"]) <= 12 and all(n["label"] == "red" for n in cf["removals"])   # of the 12 red
+    assert main(["classify", "--url", base, "-k", "3", "--counterfactual", "4", str(image)]) == 0
+    assert "no removal of 4 memory items or fewer changes 'red'" in capsys.readouterr().out
+
+
 GOOD = [0.1] * 48
 NOISE = encoded(Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)))
 
@@ -183,6 +217,8 @@ NOISE = encoded(Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 6
     ({"vectors": [GOOD], "nprobe": 0}, 422, "greater than or equal to 1"),
     ({"vectors": [GOOD], "nprobe": 10**30}, 422, "less than or equal to"),
     ({"vectors": [GOOD], "nprobes": 4}, 422, "Extra inputs are not permitted"),
+    ({"vectors": [GOOD], "counterfactual": 0}, 422, "greater than or equal to 1"),
+    ({"vectors": [GOOD], "counterfactual": 101}, 422, "less than or equal to 100"),
     ([GOOD], 422, "valid dictionary"),
 ])
 def test_bad_requests_get_a_4xx_naming_the_problem(served, body, status, message):
